@@ -1,0 +1,39 @@
+"""Inferers: how a batch reaches the network (precision and memory layout)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from monai.inferers import Inferer
+
+
+class AutocastInferer(Inferer):
+    """Run ``network(inputs)`` under ``torch.autocast`` and return float32 outputs.
+
+    Args:
+        device_type: ``"cpu"`` (bfloat16) or ``"cuda"`` (float16 or bfloat16).
+        dtype: autocast dtype; ``None`` picks bfloat16 on CPU and float16 on CUDA.
+        enabled: ``False`` runs in plain float32 (the inferer is then a ``SimpleInferer``).
+        channels_last: pass 4-D inputs in channels-last memory format (faster convolutions on CPU and GPU).
+    """
+
+    def __init__(
+        self,
+        device_type: str = "cpu",
+        dtype: torch.dtype | None = None,
+        enabled: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.device_type = "cuda" if str(device_type).startswith("cuda") else "cpu"
+        self.dtype = dtype or (torch.bfloat16 if self.device_type == "cpu" else torch.float16)
+        self.enabled = enabled
+        self.channels_last = channels_last
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+            out = network(inputs, *args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) else out

@@ -1,0 +1,338 @@
+"""The main job: data -> intermediate stage -> K target folds -> ensemble -> evaluation, as one command.
+
+Every stage is a run of the bundle's own configs (``configs/train.json`` + a stage override, ``configs/evaluate.json``)
+through :class:`monai.bundle.ConfigWorkflow`; this module only orders the runs, passes the stage weights on, and
+skips runs whose outputs are complete and were made by the same configuration and inputs (a fingerprint file
+beside each output).
+
+    python -m scripts.pipeline            # synthetic data, default size (see README for timings)
+    python -m scripts.pipeline --quick    # a small run for trying it out
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+BUNDLE_DIR = Path(__file__).resolve().parents[1]
+CONFIGS = BUNDLE_DIR / "configs"
+logger = logging.getLogger("pipeline")
+
+
+@dataclass
+class Settings:
+    """What the main job runs; every field is a command-line flag (``--n-target-train`` for ``n_target_train``)."""
+
+    workdir: str = "."
+    dataset_dir: str | None = None
+    arch: str = "resnext50_32x4d"
+    image_size: int = 128
+    init: str = "scratch"
+    imagenet_weights: str | None = None
+    folds: int = 3
+    n_intermediate: int = 300
+    n_target_train: int = 240
+    n_target_test: int = 200
+    epochs_intermediate: int = 4
+    epochs_target: int = 6
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    backbone_lr_factor: float = 0.1
+    amp: bool = True
+    seed: int = 0
+    threshold_rule: str = "youden"
+    threshold_value: float | None = None
+    n_boot: int = 1000
+    extra_overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **kw: Any) -> "Settings":
+        """A small setting for trying the pipeline out in a few minutes."""
+        base = dict(
+            n_intermediate=120, n_target_train=90, n_target_test=60, epochs_intermediate=2, epochs_target=2, n_boot=200
+        )
+        base.update(kw)
+        return cls(**base)
+
+
+def _sha(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(config_files: Sequence[Path], overrides: dict, inputs: Sequence[str | os.PathLike]) -> str:
+    """Hash of the config files' text, the overrides and the input files' contents."""
+    h = hashlib.sha256()
+    for c in config_files:
+        h.update(Path(c).read_bytes())
+    h.update(json.dumps(overrides, sort_keys=True, default=str).encode())
+    for p in inputs:
+        h.update(_sha(p).encode())
+    return h.hexdigest()
+
+
+def _fp_file(output: Path) -> Path:
+    return output.with_name(output.name + ".fingerprint")
+
+
+def is_current(output: Path, fp: str) -> bool:
+    """True when ``output`` exists and was recorded as made with fingerprint ``fp``."""
+    f = _fp_file(output)
+    return output.is_file() and f.is_file() and f.read_text().strip() == fp
+
+
+def mark_current(output: Path, fp: str) -> None:
+    from scripts.atomic import write_text
+
+    write_text(_fp_file(output), fp + "\n")
+
+
+def run_config(config_files: Sequence[Path], overrides: dict, workflow_type: str = "train") -> None:
+    """Run one bundle workflow in this process (``initialize`` -> ``run`` -> ``finalize``)."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=[str(c) for c in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        **overrides,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+
+
+def run_stage(
+    name: str, config_files: Sequence[Path], overrides: dict, output: Path, inputs: Sequence[Path]
+) -> tuple[Path, bool]:
+    """Run a stage unless ``output`` is current; returns (output, whether it ran)."""
+    fp = fingerprint(config_files, overrides, inputs)
+    if is_current(output, fp):
+        logger.info("[%s] up to date, skipped (%s)", name, output)
+        return output, False
+    _fp_file(output).unlink(missing_ok=True)
+    logger.info("[%s] running ...", name)
+    t0 = time.time()
+    run_config(config_files, overrides)
+    if not output.is_file():
+        raise RuntimeError(f"[{name}] finished without writing {output}")
+    mark_current(output, fp)
+    logger.info("[%s] done in %.0f s -> %s", name, time.time() - t0, output)
+    return output, True
+
+
+def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
+    """Generate (or reuse) the synthetic intermediate and target datalists."""
+    from scripts.synthetic import generate_dataset
+
+    common = dict(num_folds=s.folds, image_size=s.image_size, seed=s.seed)
+    inter = generate_dataset(dataset_dir, "intermediate", n_train=s.n_intermediate, n_test=0, **common)
+    target = generate_dataset(
+        dataset_dir, "target", n_train=s.n_target_train, n_test=s.n_target_test, **common
+    )
+    return Path(inter), Path(target)
+
+
+def run_pipeline(s: Settings) -> Path:
+    """Run the whole method; returns the path of ``metrics.json``."""
+    from scripts import metrics, report, schema
+    from scripts.atomic import write_json
+    from scripts.network import save_ensemble
+
+    t_start = time.time()
+    root = Path(s.workdir).resolve()
+    synthetic = s.dataset_dir is None
+    dataset_dir = root / "data" / "synthetic" if synthetic else Path(s.dataset_dir).resolve()
+    results = root / "results"
+    models = root / "models"
+    logger.info("bundle root: %s; data: %s%s", root, dataset_dir, " (synthetic)" if synthetic else "")
+
+    # 1. data
+    if synthetic:
+        inter_dl, target_dl = prepare_synthetic(s, dataset_dir)
+    else:
+        inter_dl, target_dl = dataset_dir / "intermediate" / "datalist.json", dataset_dir / "target" / "datalist.json"
+    for dl in (inter_dl, target_dl):
+        schema.read_datalist(dl)  # refuses a broken datalist before any training
+
+    common = {
+        "bundle_root": str(root),
+        "dataset_dir": str(dataset_dir),
+        "arch": s.arch,
+        "image_size": s.image_size,
+        "batch_size": s.batch_size,
+        "learning_rate": s.learning_rate,
+        "amp": s.amp,
+        "seed": s.seed,
+        **s.extra_overrides,
+    }
+    train = CONFIGS / "train.json"
+
+    # 2. intermediate stage: ImageNet (or scratch, when chosen) -> intermediate task
+    if s.init == "imagenet":
+        logger.info("stage 1 initialisation: ImageNet weights (%s)", s.imagenet_weights or "torchvision download")
+    else:
+        logger.info(
+            "stage 1 initialisation: %s, as chosen (full d-TL starts from ImageNet: --init imagenet "
+            "[--imagenet-weights FILE])",
+            s.init,
+        )
+    inter_over = dict(
+        common, datalist=str(inter_dl), init=s.init, init_weights=s.imagenet_weights, fold=0,
+        **{"train#trainer#max_epochs": s.epochs_intermediate},
+    )
+    inter_inputs = [inter_dl] + ([Path(s.imagenet_weights)] if s.imagenet_weights else [])
+    inter_model, _ = run_stage(
+        "intermediate", [train, CONFIGS / "stage_intermediate.json"], inter_over,
+        models / "intermediate" / "model.pt", inter_inputs,
+    )
+
+    # 3. target stage: one member per fold, each initialised from the intermediate model
+    members = []
+    for k in range(s.folds):
+        over = dict(
+            common, datalist=str(target_dl), fold=k, init_weights=str(inter_model),
+            backbone_lr_factor=s.backbone_lr_factor, **{"train#trainer#max_epochs": s.epochs_target},
+        )
+        m, _ = run_stage(
+            f"target fold {k + 1}/{s.folds}", [train, CONFIGS / "stage_target.json"], over,
+            models / f"target_fold{k}" / "model.pt", [target_dl, inter_model],
+        )
+        members.append(m)
+    ensemble_file = models / "model.pt"
+    save_ensemble(members, ensemble_file, arch=s.arch)
+    logger.info("ensemble of %d members -> %s", len(members), ensemble_file)
+
+    # 4. out-of-fold validation predictions (threshold) and test predictions (metrics)
+    evaluate = [train, CONFIGS / "evaluate.json"]
+    eval_common = dict(common, datalist=str(target_dl), num_folds=s.folds)
+    val_csvs = []
+    for k, m in enumerate(members):
+        csv = results / f"cases_validation_fold{k}.csv"
+        over = dict(eval_common, eval_split="validation", eval_fold=k, members=[str(m)], cases_csv=str(csv))
+        run_stage(f"validation predictions fold {k + 1}", evaluate, over, csv, [target_dl, m])
+        val_csvs.append(csv)
+    test_csv = results / "cases_test.csv"
+    over = dict(eval_common, eval_split="test", members=[str(m) for m in members], cases_csv=str(test_csv))
+    run_stage("test predictions", evaluate, over, test_csv, [target_dl, *members])
+
+    # 5. metrics and report
+    val_rows = [r for c in val_csvs for r in metrics.read_cases_csv(c)]
+    for r in val_rows:  # out-of-fold rows carry one member: its probability is the case's score
+        r.pop("member_0", None)
+    test_rows = metrics.read_cases_csv(test_csv)
+    metrics.write_cases_csv(results / "cases_validation.csv", val_rows)
+    target = schema.read_datalist(target_dl, check_files=False)
+    source = target.get("metadata", {}).get("source", "unknown")
+    summary = metrics.summarize(
+        test_rows, val_rows, threshold_rule=s.threshold_rule, threshold_value=s.threshold_value,
+        n_boot=s.n_boot, seed=s.seed, data_source=source,
+    )
+    summary["settings"] = {k: v for k, v in asdict(s).items() if k != "extra_overrides"}
+    summary["data"] = {"source": source, "target_datalist": str(target_dl), "intermediate_datalist": str(inter_dl)}
+    summary["elapsed_s"] = round(time.time() - t_start, 1)
+    metrics_file = write_json(results / "metrics.json", summary)
+    gallery = results / "saliency" / "gallery.png"
+    report.write_report(
+        results / "report.html", summary, test_rows, val_rows,
+        dataset_summary=dataset_summary(target, inter_dl),
+        gallery_png=str(gallery) if gallery.is_file() else None,
+    )
+    _print_headline(summary, results)
+    return metrics_file
+
+
+def dataset_summary(target: dict, inter_dl: Path) -> dict:
+    """Cases per class and split, and patients, for the report."""
+    from scripts import schema
+
+    out = {"source": target.get("metadata", {}).get("source"), "splits": {}}
+    names = schema.class_names(target)
+    for split in ("training", "test"):
+        items = target.get(split, [])
+        out["splits"][split] = {
+            "cases": len(items),
+            "patients": len({it["patient"] for it in items}),
+            **{name: sum(1 for it in items if it["label"] == i) for i, name in enumerate(names)},
+        }
+    inter = schema.read_datalist(inter_dl, check_files=False)
+    out["intermediate"] = {
+        "cases": len(inter.get("training", [])),
+        "classes": schema.class_names(inter),
+    }
+    return out
+
+
+def _print_headline(summary: dict, results: Path) -> None:
+    auc, thr, m = summary["auc"], summary["threshold"], summary["metrics"]
+    print("\n=== ensemble on the test split ===", flush=True)
+    print(f"AUC {auc['auc']:.3f} (95% CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}, DeLong)")
+    print(f"threshold {thr['threshold']:.3f}: {thr.get('description', thr['rule'])}")
+    for name in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
+        v = m.get(name, {})
+        if isinstance(v, dict) and v.get("value") is not None:
+            print(f"{name:12s} {v['value']:.3f}")
+    if summary.get("data", {}).get("source") == "synthetic":
+        print("NOTE: synthetic data; these numbers are not clinical evidence.")
+    print(f"results: {results}/metrics.json, {results}/cases_test.csv, {results}/report.html", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    p = argparse.ArgumentParser(prog="python -m scripts.pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes and 2 epochs per stage, for trying it out")
+    defaults = Settings()
+    for name, value in asdict(defaults).items():
+        if name == "extra_overrides":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = type(value) if value is not None else str
+            if name == "threshold_value":
+                typ = float
+            p.add_argument(flag, type=typ, default=None)
+    p.add_argument(
+        "--override", action="append", default=[], metavar="ID=JSON",
+        help="extra config override, e.g. --override 'train#dataloader#num_workers=2' (repeatable)",
+    )
+    a = p.parse_args(argv)
+    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "override")}
+    extra = {}
+    for o in a.override:
+        key, _, val = o.partition("=")
+        try:
+            extra[key] = json.loads(val)
+        except json.JSONDecodeError:
+            extra[key] = val
+    given["extra_overrides"] = extra
+    if given.get("init") not in (None, "scratch", "imagenet"):
+        p.error("--init must be 'scratch' or 'imagenet'")
+    return Settings.quick(**given) if a.quick else Settings(**given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
+    s = parse_args(argv)
+    try:
+        run_pipeline(s)
+    except Exception as e:  # a clear last line; the traceback above has the details
+        logger.exception("pipeline failed: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

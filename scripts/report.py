@@ -1,0 +1,518 @@
+"""One self-contained HTML evaluation report (figures embedded as base64 PNG, made with matplotlib's Agg canvas).
+
+:func:`write_report` takes the dict from :func:`scripts.metrics.summarize` and the per-case rows. The command line
+runs both steps on per-case CSVs::
+
+    python -m scripts.report --test cases_test.csv --val cases_val.csv --out report.html [--summary-out s.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import html
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from scripts.atomic import write_json, write_text
+from scripts.metrics import member_keys, read_cases_csv, roc_curve_points, summarize
+
+DEFAULT_TITLE = "Mammographic microcalcification classification: evaluation report"
+SYNTHETIC_BANNER = (
+    "These results are on SYNTHETIC data. They test that the pipeline runs; they are not clinical evidence and "
+    "say nothing about performance on real mammograms."
+)
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.4}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}
+th{background:#f0f0f0}td.l,th.l{text-align:left}
+.banner{background:#fff3cd;border:2px solid #d39e00;padding:.8em 1em;font-weight:bold;margin:1em 0}
+.note{color:#555;font-size:.92em}.figs{display:flex;flex-wrap:wrap;gap:1em}
+.figs figure{margin:0}img{max-width:100%}figcaption{font-size:.9em;color:#555}
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _num(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return str(int(x))
+    try:
+        return f"{float(x):.{nd}f}"
+    except (TypeError, ValueError):
+        return _e(x)
+
+
+def _ci(lo: Any, hi: Any, nd: int = 3) -> str:
+    if lo is None or hi is None:
+        return "n/a"
+    return f"{_num(lo, nd)}&ndash;{_num(hi, nd)}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left_cols: int = 1) -> str:
+    out = ["<table><thead><tr>"]
+    out += [f'<th class="{"l" if i < left_cols else ""}">{_e(h)}</th>' for i, h in enumerate(header)]
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        out.append("<tr>" + "".join(f'<td class="{"l" if i < left_cols else ""}">{c}</td>' for i, c in enumerate(r)))
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _fig_uri(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return _png_uri(buf.getvalue())
+
+
+def _img(uri: str, alt: str, caption: str = "") -> str:
+    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="{uri}" alt="{_e(alt)}">{cap}</figure>'
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------------------------------
+def _roc_figure(summary: dict, test_rows: Sequence[dict]) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 5.0))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="chance")
+    y = np.array([int(r["label"]) for r in test_rows])
+    for k in member_keys(test_rows):
+        sel = [i for i, r in enumerate(test_rows) if r.get(k) not in (None, "")]
+        ys = y[sel]
+        if 0 < ys.sum() < ys.size:
+            roc = roc_curve_points(ys, [float(test_rows[i][k]) for i in sel])
+            auc = (summary.get("members") or {}).get(k, {}).get("auc")
+            ax.plot(roc["fpr"], roc["tpr"], lw=0.8, alpha=0.6, label=f"{k} (AUC {_num(auc)})")
+    if 0 < y.sum() < y.size:
+        roc = roc_curve_points(y, [float(r["prob"]) for r in test_rows])
+        auc = (summary.get("auc") or {}).get("auc")
+        ax.plot(roc["fpr"], roc["tpr"], lw=2.2, color="C3", label=f"ensemble (AUC {_num(auc)})")
+        m = summary.get("metrics") or {}
+        if m.get("sensitivity", {}).get("value") is not None and m.get("specificity", {}).get("value") is not None:
+            ax.plot(
+                1 - m["specificity"]["value"],
+                m["sensitivity"]["value"],
+                "o",
+                color="C3",
+                ms=8,
+                mfc="white",
+                label=f"ensemble at threshold {_num(m.get('threshold'), 3)}",
+            )
+    rad = summary.get("radiologist")
+    bsel = [i for i, r in enumerate(test_rows) if r.get("birads") not in (None, "")]
+    if rad and bsel and "birads_auc" in rad:
+        yb = y[bsel]
+        roc = roc_curve_points(yb, [float(test_rows[i]["birads"]) for i in bsel])
+        ax.plot(
+            roc["fpr"],
+            roc["tpr"],
+            lw=1.8,
+            color="k",
+            ls="--",
+            marker=".",
+            label=f"BI-RADS (AUC {_num(rad['birads_auc']['auc'])})",
+        )
+        c = rad["birads_at_cut"]
+        ax.plot(
+            1 - c["specificity"]["value"],
+            c["sensitivity"]["value"],
+            "s",
+            color="k",
+            ms=8,
+            label=f"BI-RADS >= {rad['cut']}",
+        )
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title("ROC, test set")
+    return _fig_uri(fig)
+
+
+def _confusion_figure(metrics: dict) -> str:
+    from matplotlib.figure import Figure
+
+    c = metrics["confusion"]
+    mat = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    fig = Figure(figsize=(3.8, 3.4))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(int(mat.max()), 1))
+    for i in range(2):
+        for j in range(2):
+            ax.text(
+                j,
+                i,
+                str(mat[i, j]),
+                ha="center",
+                va="center",
+                fontsize=14,
+                color="white" if mat[i, j] > mat.max() / 2 else "black",
+            )
+    ax.set_xticks([0, 1], ["benign", "malignant"])
+    ax.set_yticks([0, 1], ["benign", "malignant"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("histopathology")
+    ax.set_title(f"Confusion matrix (threshold {_num(metrics.get('threshold'))})")
+    return _fig_uri(fig)
+
+
+def _calibration_figure(summary: dict, test_rows: Sequence[dict]) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 5.2))
+    ax, axh = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfect calibration")
+    bins = (summary.get("reliability") or {}).get("bins", [])
+    if bins:
+        x = np.array([b["mean_pred"] for b in bins])
+        yv = np.array([b["frac_pos"] for b in bins])
+        lo = np.array([b["ci_low"] for b in bins])
+        hi = np.array([b["ci_high"] for b in bins])
+        ax.errorbar(
+            x,
+            yv,
+            yerr=[np.clip(yv - lo, 0, None), np.clip(hi - yv, 0, None)],
+            fmt="o-",
+            color="C0",
+            capsize=3,
+            label="ensemble (Wilson 95% CI)",
+        )
+    ax.set_ylabel("observed malignant fraction")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(f"Reliability (Brier {_num(summary.get('brier'))})")
+    p = np.array([float(r["prob"]) for r in test_rows])
+    y = np.array([int(r["label"]) for r in test_rows])
+    edges = np.linspace(0, 1, 11)
+    axh.hist([p[y == 0], p[y == 1]], bins=edges, label=["benign", "malignant"], color=["C2", "C3"])
+    axh.set_xlabel("predicted malignant probability")
+    axh.set_ylabel("cases")
+    axh.legend(fontsize=7)
+    return _fig_uri(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------------------------------
+def _auc_section(summary: dict) -> str:
+    a = summary.get("auc") or {}
+    boot = a.get("bootstrap") or {}
+    rows = [
+        [
+            "ensemble (test)",
+            _num(a.get("auc")),
+            _ci(a.get("ci_low"), a.get("ci_high")),
+            _ci(boot.get("ci_low"), boot.get("ci_high")),
+        ]
+    ]
+    for k, m in (summary.get("members") or {}).items():
+        rows.append([_e(k), _num(m.get("auc")), _ci(m.get("ci_low"), m.get("ci_high")), "&mdash;"])
+    va = summary.get("validation_auc")
+    if va:
+        rows.append(["ensemble (validation)", _num(va.get("auc")), _ci(va.get("ci_low"), va.get("ci_high")), "&mdash;"])
+    note = ""
+    if boot:
+        note = (
+            f'<p class="note">Bootstrap: {boot.get("n_valid", "?")} valid of {boot.get("n_boot")} '
+            f'{_e(boot.get("method", ""))} resamples ({boot.get("n_clusters")} clusters).</p>'
+        )
+    return (
+        "<h2>Discrimination (AUC)</h2>"
+        + _table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows)
+        + note
+    )
+
+
+def _metrics_rows(m: dict) -> list[list[str]]:
+    rows = []
+    for name, label in (
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("ppv", "PPV"),
+        ("npv", "NPV"),
+        ("accuracy", "accuracy"),
+        ("f1", "F1"),
+    ):
+        e = m.get(name) or {}
+        frac = f"{e['num']}/{e['den']}" if "num" in e else "&mdash;"
+        rows.append(
+            [
+                label,
+                _num(e.get("value")),
+                frac,
+                _ci(e.get("ci_low"), e.get("ci_high")),
+                _ci(*(e.get("boot_ci") or [None, None])),
+            ]
+        )
+    return rows
+
+
+def _threshold_section(summary: dict) -> str:
+    thr = summary.get("threshold") or {}
+    m = summary.get("metrics") or {}
+    out = [
+        "<h2>Operating threshold and metrics</h2>",
+        f"<p>Threshold <b>{_num(thr.get('threshold'), 4)}</b>, rule <b>{_e(thr.get('rule'))}</b>: "
+        f"{_e(thr.get('description', ''))}. A case is called malignant when its ensemble probability is &ge; the "
+        "threshold. The threshold was not tuned on the test set.</p>",
+    ]
+    out.append(
+        _table(
+            ["metric (test)", "value", "count", "Wilson 95% CI", "patient-clustered bootstrap 95% CI"], _metrics_rows(m)
+        )
+    )
+    vm = summary.get("validation_metrics")
+    if vm:
+        out.append(
+            '<p class="note">Validation-set metrics at the same threshold (the data it was tuned on, so '
+            "optimistic):</p>"
+        )
+        out.append(_table(["metric (validation)", "value", "count", "Wilson 95% CI", "bootstrap"], _metrics_rows(vm)))
+    out.append(
+        f'<p>Brier score {_num(summary.get("brier"))}; expected calibration error '
+        f'{_num((summary.get("reliability") or {}).get("ece"))} ({(summary.get("reliability") or {}).get("n_bins")}'
+        " equal-width bins).</p>"
+    )
+    return "".join(out)
+
+
+def _radiologist_section(summary: dict) -> str:
+    rad = summary.get("radiologist")
+    if not rad:
+        return "<h2>Radiologist comparison</h2><p>No BI-RADS categories in these data: no radiologist comparison.</p>"
+    if "error" in rad:
+        return f"<h2>Radiologist comparison</h2><p>{_e(rad['error'])}</p>"
+    cut = rad["cut"]
+    ba, ma, pt = rad["birads_auc"], rad["model_auc"], rad["paired_delong"]
+    rows = [
+        [
+            "BI-RADS (ordinal)",
+            _num(ba["auc"]),
+            _ci(ba["ci_low"], ba["ci_high"]),
+            _ci(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ba.get("bootstrap") or {})),
+        ],
+        [
+            "model (ensemble)",
+            _num(ma["auc"]),
+            _ci(ma["ci_low"], ma["ci_high"]),
+            _ci(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ma.get("bootstrap") or {})),
+        ],
+    ]
+    out = [
+        "<h2>Radiologist comparison (same lesions)</h2>",
+        f"<p>{rad['n']} test cases with a BI-RADS category ({rad['n_pos']} malignant, {rad['n_neg']} benign; "
+        f"{rad['n_excluded_missing_birads']} without BI-RADS left out). BI-RADS counts: "
+        f"{_e(', '.join(f'{k}: {v}' for k, v in rad['birads_counts'].items()))}.</p>",
+        _table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows),
+        f"<p>Paired DeLong test, model &minus; BI-RADS: difference {_num(pt['diff'])} "
+        f"(95% CI {_ci(*pt['ci_diff'])}), z = {_num(pt['z'], 2)}, p = {_num(pt['p'], 4)}.</p>",
+        f"<p>BI-RADS &ge; {cut} as a positive call:</p>",
+        _table(
+            ["metric", "value", "count", "Wilson 95% CI", "patient-clustered bootstrap 95% CI"],
+            _metrics_rows(rad["birads_at_cut"]),
+        ),
+    ]
+    s = rad["model_at_radiologist_sensitivity"]
+    sp = rad["model_at_radiologist_specificity"]
+    out.append(
+        f"<p>Model at the radiologist's sensitivity ({_num(s['target_sensitivity'])}): specificity "
+        f"{_num(s['specificity'])} at threshold {_num(s['threshold'], 4)} (sensitivity {_num(s['sensitivity'])}; "
+        f"linearly interpolated ROC: specificity {_num(s['specificity_interpolated'])}). Model at the radiologist's "
+        f"specificity ({_num(sp['target_specificity'])}): sensitivity {_num(sp['sensitivity'])}.</p>"
+        f'<p class="note">{_e(s["method"])}. {_e(rad.get("note", ""))}</p>'
+    )
+    return "".join(out)
+
+
+def _count_rows(rows: Sequence[dict]) -> dict:
+    labels = [int(r["label"]) for r in rows]
+    return {
+        "cases": len(rows),
+        "benign": labels.count(0),
+        "malignant": labels.count(1),
+        "patients": len({str(r.get("patient")) for r in rows}),
+    }
+
+
+def _dataset_section(
+    summary: dict, test_rows: Sequence[dict], val_rows: Sequence[dict] | None, dataset_summary: dict | None
+) -> str:
+    splits: dict[str, dict] = {}
+    extra: dict[str, Any] = {}
+    if dataset_summary:
+        given = dataset_summary.get("splits")
+        if isinstance(given, dict):
+            splits.update({str(k): dict(v) for k, v in given.items() if isinstance(v, dict)})
+        for k, v in dataset_summary.items():
+            if k == "splits":
+                continue
+            if isinstance(v, dict) and given is None:
+                splits[str(k)] = dict(v)
+            elif not isinstance(v, (dict, list)):
+                extra[str(k)] = v
+    splits.setdefault("test (evaluated)", _count_rows(test_rows))
+    if val_rows:
+        splits.setdefault("validation (threshold)", _count_rows(val_rows))
+    cols: list[str] = []
+    for v in splits.values():
+        cols += [k for k in v if k not in cols]
+    rows = [[_e(name)] + [_num(v.get(c), 3) if c in v else "&mdash;" for c in cols] for name, v in splits.items()]
+    out = ["<h2>Data</h2>", _table(["split"] + cols, rows)]
+    if extra:
+        out.append(_table(["item", "value"], [[_e(k), _e(v)] for k, v in extra.items()], left_cols=2))
+    return "".join(out)
+
+
+def _gallery_section(gallery_png: str | os.PathLike | None) -> str:
+    head = "<h2>Saliency (Grad-CAM) gallery</h2>"
+    if gallery_png is None:
+        return head + "<p>No saliency maps were computed for this evaluation.</p>"
+    p = Path(gallery_png)
+    if not p.is_file():
+        return head + f"<p>Saliency gallery file not found ({_e(p.name)}); no maps shown.</p>"
+    return head + _img(_png_uri(p.read_bytes()), "saliency gallery", p.name)
+
+
+def _is_synthetic(summary: dict, dataset_summary: dict | None) -> bool:
+    vals = [summary.get("data_source"), summary.get("source")]
+    if dataset_summary:
+        vals += [dataset_summary.get("data_source"), dataset_summary.get("source")]
+    return any(isinstance(v, str) and "synthetic" in v.lower() for v in vals)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public
+# ----------------------------------------------------------------------------------------------------------------------
+def render_report(
+    summary: dict,
+    test_rows: Sequence[dict],
+    val_rows: Sequence[dict] | None = None,
+    dataset_summary: dict | None = None,
+    gallery_png: str | os.PathLike | None = None,
+    title: str = DEFAULT_TITLE,
+) -> str:
+    """The report as one HTML string."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+    ]
+    if _is_synthetic(summary, dataset_summary):
+        parts.append(f'<div class="banner">{_e(SYNTHETIC_BANNER)}</div>')
+    c = (summary.get("counts") or {}).get("test") or _count_rows(test_rows)
+    parts.append(
+        f"<p>Test set: {c['cases']} cases ({c['malignant']} malignant, {c['benign']} benign) from {c['patients']} "
+        f"patients. Reference standard: histopathology. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
+    )
+    figs = [_img(_roc_figure(summary, test_rows), "ROC curves", "ROC curves on the test set")]
+    if summary.get("metrics"):
+        figs.append(_img(_confusion_figure(summary["metrics"]), "confusion matrix", "Confusion matrix (test)"))
+    figs.append(_img(_calibration_figure(summary, test_rows), "reliability diagram", "Calibration (test)"))
+    parts.append('<div class="figs">' + "".join(figs) + "</div>")
+    parts.append(_auc_section(summary))
+    parts.append(_threshold_section(summary))
+    parts.append(_radiologist_section(summary))
+    parts.append(_dataset_section(summary, test_rows, val_rows, dataset_summary))
+    parts.append(_gallery_section(gallery_png))
+    parts.append(
+        '<p class="note">AUC CIs: DeLong et al. (1988) and a percentile bootstrap resampling patients. Proportions: '
+        "Wilson score interval and the same patient-clustered bootstrap. See docs/evaluation.md.</p>"
+    )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    path: str | os.PathLike,
+    summary: dict,
+    test_rows: Sequence[dict],
+    val_rows: Sequence[dict] | None = None,
+    dataset_summary: dict | None = None,
+    gallery_png: str | os.PathLike | None = None,
+    title: str = DEFAULT_TITLE,
+) -> Path:
+    """Write the self-contained HTML report atomically and return its path."""
+    return write_text(path, render_report(summary, test_rows, val_rows, dataset_summary, gallery_png, title))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Summarise per-case CSVs and write the report (and optionally the summary JSON)."""
+    ap = argparse.ArgumentParser(description="Evaluation summary and HTML report from per-case CSVs.")
+    ap.add_argument("--test", required=True, help="per-case CSV of the test split")
+    ap.add_argument("--val", default=None, help="per-case CSV of the validation split (threshold tuning)")
+    ap.add_argument("--out", required=True, help="HTML report path")
+    ap.add_argument("--summary-out", default=None, help="also write the summary JSON here")
+    ap.add_argument("--rule", default="youden", choices=("youden", "sensitivity", "fixed"))
+    ap.add_argument("--value", type=float, default=None, help="target sensitivity or fixed threshold")
+    ap.add_argument("--birads-cut", type=int, default=4)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-source", default=None, help="e.g. 'synthetic' or 'CBIS-DDSM'")
+    ap.add_argument("--gallery", default=None, help="saliency gallery PNG to embed")
+    ap.add_argument("--title", default=DEFAULT_TITLE)
+    args = ap.parse_args(argv)
+    test_rows = read_cases_csv(args.test)
+    val_rows = read_cases_csv(args.val) if args.val else None
+    try:
+        summary = summarize(
+            test_rows,
+            val_rows,
+            args.rule,
+            args.value,
+            args.birads_cut,
+            args.n_boot,
+            args.seed,
+            data_source=args.data_source,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.summary_out:
+        write_json(args.summary_out, summary)
+    out = write_report(
+        args.out,
+        summary,
+        test_rows,
+        val_rows,
+        {"data_source": args.data_source} if args.data_source else None,
+        args.gallery,
+        args.title,
+    )
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

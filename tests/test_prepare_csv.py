@@ -1,0 +1,201 @@
+"""Generic CSV source: every image format and ROI form, pseudonymous keys, bad input, leakage, atomic resume, CLI."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts.imageio import read_mask_png, read_roi_png
+from scripts.prepare.__main__ import main
+from scripts.prepare.csv_source import prepare_csv
+from scripts.prepare.dicom_writer import write_dicom
+from scripts.prepare.errors import PreparationFailed
+from scripts.prepare.pipeline import OutputFolder
+from scripts.schema import read_datalist
+
+SECRET_NAMES = ("DOE^JANE", "99887766", "hospital-patient")
+
+
+def _dot_image(n: int, centre: tuple, radius_px: float, dtype=np.uint16) -> np.ndarray:
+    rr, cc = np.mgrid[:n, :n]
+    img = np.full((n, n), 0.2)
+    img[(rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius_px**2] = 0.9
+    top = 65535 if dtype == np.uint16 else 255
+    return (img * top).astype(dtype)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """Six patients, four formats, four ROI forms; every lesion is a bright disc of 1 mm radius."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = []
+    # DICOM, 0.07 mm, identifiers in the header that must never come out
+    write_dicom(
+        src / "a.dcm",
+        _dot_image(300, (120, 160), 1 / 0.07),
+        pixel_spacing=(0.07, 0.07),
+        patient_name="DOE^JANE",
+        patient_id="99887766",
+    )
+    rows.append(
+        dict(
+            image="a.dcm",
+            label="malignant",
+            patient="hospital-patient-1",
+            x=11.235,
+            y=8.435,
+            size=2,
+            unit="mm",
+            birads="4a",
+        )
+    )
+    # 16-bit PNG at 0.05 mm (pitch from the CSV), ROI as a box in px
+    Image.fromarray(_dot_image(400, (200, 150), 20)).save(src / "b.png")
+    rows.append(
+        dict(image="b.png", label="0", patient="hospital-patient-2", x0=130, y0=180, x1=170, y1=220, spacing_mm=0.05)
+    )
+    # 8-bit TIFF at 0.1 mm, centre in mm
+    Image.fromarray(_dot_image(200, (80, 90), 10, np.uint8)).save(src / "c.tif")
+    rows.append(dict(image="c.tif", label="B", patient="hospital-patient-3", x=9.05, y=8.05, unit="mm", spacing_mm=0.1))
+    # NIfTI (axis 0 = x), pitch 0.1 from the header, ROI from a mask file
+    import nibabel as nib
+
+    arr = _dot_image(200, (60, 110), 10).astype(np.float32)
+    nib.save(nib.Nifti1Image(arr.T[:, :, None], np.diag([0.1, 0.1, 1.0, 1.0])), str(src / "d.nii.gz"))
+    Image.fromarray(((arr > 0.5 * arr.max()) * 255).astype(np.uint8)).save(src / "d_mask.png")
+    rows.append(dict(image="d.nii.gz", label="M", patient="hospital-patient-4", mask="d_mask.png"))
+    for k in (5, 6):
+        Image.fromarray(_dot_image(200, (100, 100), 10)).save(src / f"e{k}.png")
+        rows.append(
+            dict(image=f"e{k}.png", label=k % 2, patient=f"hospital-patient-{k}", x=100, y=100, size=20, spacing_mm=0.1)
+        )
+    return src, rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    cols = [
+        "image",
+        "label",
+        "patient",
+        "x",
+        "y",
+        "size",
+        "unit",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
+        "mask",
+        "birads",
+        "spacing_mm",
+        "split",
+    ]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_all_formats_and_roi_forms(dataset, tmp_path):
+    src, rows = dataset
+    out = tmp_path / "out"
+    res = prepare_csv(_write_csv(src / "rois.csv", rows), out, num_folds=2, test_fraction=0.3)
+    assert res["errors"] == [] and res["n_ok"] == 6
+    dl = read_datalist(out / "datalist_target.json")
+    items = dl["training"] + dl["test"]
+    assert len(items) == 6 and dl["test"]
+    for it in items:
+        roi = read_roi_png(out / it["image"])
+        # the 1 mm-radius disc sits at the ROI centre, at 0.1 mm/px: ~10 px radius
+        bright = roi > 0.5 * (roi.max() + roi.min())
+        rr, cc = np.nonzero(bright)
+        assert abs(rr.mean() - 63.5) < 1.5 and abs(cc.mean() - 63.5) < 1.5, it["csv_line"]
+        assert 250 < bright.sum() < 380, it["csv_line"]
+        if it["mask"]:
+            assert read_mask_png(out / it["mask"])[60:68, 60:68].all()
+    by_line = {it["csv_line"]: it for it in items}
+    assert by_line[2]["birads"] == 4 and by_line[2]["source_spacing_mm"] == [0.07, 0.07]
+    assert by_line[3]["label"] == 0 and by_line[5]["label"] == 1
+    # pseudonymous keys only: no name, id or hospital patient label anywhere in the output
+    assert all(it["patient"].startswith("pt_") and it["case"].startswith("case_") for it in items)
+    for f in out.rglob("*"):
+        if f.is_file() and f.name != ".pseudonym_salt":
+            data = f.read_bytes()
+            assert not any(s.encode() in data for s in SECRET_NAMES), f
+
+
+def test_bad_input_stop_and_skip(dataset, tmp_path):
+    src, rows = dataset
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (src / "photo.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 20)
+    (src / "trunc.dcm").write_bytes(write_dicom(src / "t.dcm", np.zeros((64, 64), np.uint16)).read_bytes()[:-500])
+    bad = [
+        dict(image="corrupt.png", label=0, patient="p7", x=5, y=5, spacing_mm=0.1),
+        dict(image="photo.jpg", label=0, patient="p8", x=5, y=5, spacing_mm=0.1),
+        dict(image="trunc.dcm", label=1, patient="p9", x=5, y=5, spacing_mm=0.1),
+        dict(image="e5.png", label=1, patient="p10", x=500, y=5, spacing_mm=0.1),  # centre outside the image
+        dict(image="e6.png", label="maybe", patient="p11", x=5, y=5, spacing_mm=0.1),
+    ]
+    table = _write_csv(src / "bad.csv", rows + bad)
+    with pytest.raises(PreparationFailed, match="--on-error skip"):
+        prepare_csv(table, tmp_path / "stop", num_folds=2)
+    assert not (tmp_path / "stop" / "datalist_target.json").exists()
+    res = prepare_csv(table, tmp_path / "skip", num_folds=2, on_error="skip")
+    assert res["n_ok"] == 6 and len(res["errors"]) == 5
+    reasons = " | ".join(f"{e['file']}: {e['reason']}" for e in res["errors"])
+    for needle in ("corrupt.png", "unsupported image format '.jpg'", "trunc.dcm", "outside the image", "maybe"):
+        assert needle in reasons
+    assert len(read_datalist(tmp_path / "skip" / "datalist_target.json")["training"]) > 0
+
+
+def test_patient_leakage_refused(dataset, tmp_path):
+    src, rows = dataset
+    for r in rows:
+        r["split"] = "train"
+    rows[1]["patient"] = rows[0]["patient"]
+    rows[1]["split"] = "test"
+    with pytest.raises(PreparationFailed, match="several splits"):
+        prepare_csv(_write_csv(src / "leak.csv", rows), tmp_path / "leak", num_folds=2)
+    assert not (tmp_path / "leak" / "datalist_target.json").exists()
+
+
+def test_interrupted_run_leaves_no_datalist_and_resumes(dataset, tmp_path, monkeypatch):
+    src, rows = dataset
+    table = _write_csv(src / "rois.csv", rows)
+    out = tmp_path / "out"
+    real_write, calls = OutputFolder.write, []
+
+    def crashing_write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # e.g. the user presses Ctrl-C, or the machine goes down
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutputFolder, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_csv(table, out, num_folds=2)
+    assert not list(out.glob("datalist_*.json")) and not list(out.rglob("*.tmp"))
+    monkeypatch.setattr(OutputFolder, "write", real_write)
+    res = prepare_csv(table, out, num_folds=2)
+    assert res["n_reused"] == 2 and res["n_ok"] == 6
+    # other settings in the same folder are refused unless --overwrite
+    with pytest.raises(PreparationFailed, match="other settings"):
+        prepare_csv(table, out, num_folds=3)
+
+
+def test_cli(dataset, tmp_path, capsys):
+    src, rows = dataset
+    table = _write_csv(src / "rois.csv", rows)
+    out = tmp_path / "cli"
+    assert main(["csv", "--in", str(table), "--out", str(out), "--folds", "2", "--fov-mm", "12.8", "--size", "64"]) == 0
+    dl = read_datalist(out / "datalist_target.json")
+    assert dl["metadata"]["pixel_spacing_mm"] == pytest.approx(0.2)
+    assert read_roi_png(out / dl["training"][0]["image"]).shape == (64, 64)
+    assert (
+        main(["csv", "--in", str(table), "--out", str(out), "--pitch-mm", "0.1", "--fov-mm", "10", "--size", "64"]) == 2
+    )
+    assert main(["csv", "--in", str(src / "nope.csv"), "--out", str(tmp_path / "x")]) == 1

@@ -1,0 +1,115 @@
+"""DICOM pixel handling: MONOCHROME1, rescale, VOI, BitsStored, spacing, missing decoder, corrupt files, real file."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.prepare.dicom_io import DicomReadError, missing_decoder_message, read_dicom
+from scripts.prepare.dicom_writer import write_dicom
+from scripts.prepare.loaders import load_image
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_CROP = DATA / "cbis-ddsm" / "Mass-Training_P_00004_LEFT_CC_1_cropped_000001.dcm"
+RAMP = (np.arange(32 * 32).reshape(32, 32) * 4).astype(np.uint16)  # 0 .. 4092 (12-bit)
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    m2 = read_dicom(write_dicom(tmp_path / "m2.dcm", RAMP, bits_stored=12)).pixels
+    m1 = read_dicom(write_dicom(tmp_path / "m1.dcm", RAMP, photometric="MONOCHROME1", bits_stored=12)).pixels
+    assert m2[0, 0] == 0.0 and m2[-1, -1] == 1.0
+    np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
+
+
+def test_rescale_and_window(tmp_path):
+    # stored 0..4092 with slope 2, intercept -1000 -> -1000..7184; window centre 3092 width 8184 spans it
+    d = read_dicom(write_dicom(tmp_path / "r.dcm", RAMP, slope=2.0, intercept=-1000.0, window=(3092.5, 8185)))
+    assert d.voi.startswith("window")
+    assert d.pixels[0, 0] == pytest.approx(0.0, abs=1e-3) and d.pixels[-1, -1] == pytest.approx(1.0, abs=1e-3)
+    # a narrow window saturates: values above centre + width/2 -> 1
+    d = read_dicom(write_dicom(tmp_path / "w.dcm", RAMP, slope=2.0, intercept=-1000.0, window=(0.0, 100.0)))
+    stored_at_zero = 500  # 2 * 500 - 1000 = 0 -> mid-grey
+    flat = d.pixels.ravel()
+    assert flat[stored_at_zero // 4] == pytest.approx(0.5, abs=0.02)
+    assert flat[-1] == 1.0 and flat[0] == 0.0
+    # no window: min-max of the rescaled values, rescale sign respected (negative slope flips)
+    d = read_dicom(write_dicom(tmp_path / "n.dcm", RAMP, slope=-1.0, intercept=0.0))
+    assert d.voi == "minmax" and d.pixels[0, 0] == 1.0 and d.pixels[-1, -1] == 0.0
+
+
+def test_voi_lut_sequence(tmp_path):
+    lut = [min(65535, 2 * v) for v in range(4096)]  # doubles intensities, clips at half range
+    d = read_dicom(write_dicom(tmp_path / "lut.dcm", RAMP, bits_stored=12, voi_lut=lut))
+    assert d.voi == "VOILUTSequence[0]"
+    assert d.pixels.ravel()[1] == pytest.approx(8 / 65535, rel=1e-3)
+    assert read_dicom(tmp_path / "lut.dcm", apply_voi=False).voi == "minmax"
+
+
+def test_bits_stored_masks_high_bits(tmp_path):
+    dirty = RAMP | np.uint16(0xF000)  # junk (e.g. overlay) in the 4 unused high bits of 12-bit data
+    d = read_dicom(write_dicom(tmp_path / "b.dcm", dirty, bits_stored=12))
+    clean = read_dicom(write_dicom(tmp_path / "c.dcm", RAMP, bits_stored=12))
+    np.testing.assert_allclose(d.pixels, clean.pixels)
+
+
+def test_spacing_attributes(tmp_path):
+    assert read_dicom(write_dicom(tmp_path / "p.dcm", RAMP, pixel_spacing=(0.07, 0.08))).spacing_mm == (0.07, 0.08)
+    d = read_dicom(write_dicom(tmp_path / "i.dcm", RAMP, imager_pixel_spacing=(0.1, 0.1)))
+    assert d.spacing_mm == (0.1, 0.1) and d.spacing_source == "ImagerPixelSpacing"
+    both = read_dicom(
+        write_dicom(tmp_path / "b.dcm", RAMP, pixel_spacing=(0.05, 0.05), imager_pixel_spacing=(0.1, 0.1))
+    )
+    assert both.spacing_mm == (0.05, 0.05)
+    assert read_dicom(write_dicom(tmp_path / "none.dcm", RAMP)).spacing_mm is None
+    assert load_image(tmp_path / "none.dcm", spacing_mm=0.05).spacing_mm == (0.05, 0.05)
+
+
+def test_compressed_without_decoder(tmp_path):
+    uid = "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+    if missing_decoder_message(uid) is None:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    path = write_dicom(tmp_path / "jls.dcm", RAMP, transfer_syntax=uid)
+    with pytest.raises(DicomReadError, match="pip install pylibjpeg pylibjpeg-libjpeg"):
+        read_dicom(path)
+
+
+def test_corrupt_and_truncated(tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not a dicom file" * 20)
+    with pytest.raises(DicomReadError, match="not a DICOM file"):
+        read_dicom(bad)
+    good = write_dicom(tmp_path / "good.dcm", RAMP)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(DicomReadError, match="pixel data"):
+        read_dicom(cut)
+    with pytest.raises(DicomReadError, match="not found"):
+        read_dicom(tmp_path / "missing.dcm")
+
+
+def test_messages_carry_no_identifiers(tmp_path):
+    path = write_dicom(tmp_path / "x.dcm", RAMP, patient_name="DOE^JANE", patient_id="99887766")
+    data = path.read_bytes()
+    (tmp_path / "y.dcm").write_bytes(data[: len(data) - 100])
+    with pytest.raises(DicomReadError) as err:
+        read_dicom(tmp_path / "y.dcm")
+    assert "DOE" not in str(err.value) and "99887766" not in str(err.value)
+    d = read_dicom(path)
+    assert not any("DOE" in str(v) for v in vars(d).values())
+
+
+@pytest.mark.skipif(not REAL_CROP.is_file(), reason=f"real CBIS-DDSM DICOM not found at {REAL_CROP}")
+def test_real_cbis_ddsm_crop():
+    import pydicom
+
+    ds = pydicom.dcmread(REAL_CROP)
+    raw = ds.pixel_array.astype(np.float64)
+    d = read_dicom(REAL_CROP)
+    assert d.pixels.shape == (466, 423) and d.pixels.dtype == np.float32
+    assert d.photometric == "MONOCHROME2" and d.spacing_mm is None  # CBIS-DDSM states no pitch
+    assert d.pixels.min() == 0.0 and d.pixels.max() == 1.0
+    # min-max mapping is monotone and linear in the stored values
+    expected = (raw - raw.min()) / (raw.max() - raw.min())
+    np.testing.assert_allclose(d.pixels, expected, atol=1e-6)
+    assert len(np.unique(d.pixels)) > 100  # a crop, not a binary mask

@@ -1,0 +1,320 @@
+"""Saliency: ensemble maps, the frozen-parameter path, localisation metrics, the randomisation check, the workflow
+and its bundle config (resnet18 members at 64 px, so that it runs in seconds on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts.imageio import read_roi_png, write_mask_png, write_roi_png  # noqa: E402
+from scripts.network import Ensemble  # noqa: E402
+from scripts.saliency import (  # noqa: E402
+    EnsembleCAM,
+    chance_levels,
+    energy_in_mask,
+    iou_at,
+    localisation_table,
+    map_similarity,
+    normalise_maps,
+    pointing_game,
+    randomisation_check,
+    run_saliency,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> Ensemble:
+    torch.manual_seed(0)
+    return Ensemble(2, "resnet18").eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(2, 1, 64, 64, generator=g)
+
+
+# ---- maps -------------------------------------------------------------------------------------------------------
+
+
+def test_maps_shape_range_probs(ensemble, x):
+    with EnsembleCAM(ensemble) as cam:
+        res = cam(x)
+        rect = cam(torch.rand(1, 1, 64, 96))
+    assert res.maps.shape == (2, 64, 64) and res.maps.dtype == np.float32
+    assert res.member_maps.shape == (2, 2, 64, 64)
+    assert np.isfinite(res.maps).all() and res.maps.min() >= 0 and res.maps.max() <= 1
+    assert np.isclose(res.maps.max(), 1.0)
+    with torch.no_grad():
+        expected = ensemble(x).numpy()
+    np.testing.assert_allclose(res.probs, expected, atol=1e-5)
+    assert rect.maps.shape == (1, 64, 96)
+    # hooks live only during a call
+    for m in ensemble.members:
+        assert not m.target_layer._forward_hooks
+
+
+def test_frozen_equals_plain_and_flags_restored(ensemble, x):
+    for p in ensemble.members[0].backbone.layer1.parameters():
+        p.requires_grad_(False)
+    before = [p.requires_grad for p in ensemble.parameters()]
+    with EnsembleCAM(ensemble, freeze=True) as cam:
+        frozen = cam(x)
+    assert [p.requires_grad for p in ensemble.parameters()] == before
+    with EnsembleCAM(ensemble, freeze=False) as cam:
+        plain = cam(x)
+    assert [p.requires_grad for p in ensemble.parameters()] == before
+    assert all(p.grad is None for p in ensemble.parameters())
+    np.testing.assert_allclose(frozen.maps, plain.maps, atol=1e-5)
+    np.testing.assert_allclose(frozen.member_maps, plain.member_maps, atol=1e-5)
+    for p in ensemble.parameters():
+        p.requires_grad_(True)
+
+
+def test_works_under_no_grad_inference_mode_and_bf16_autocast(ensemble, x):
+    with EnsembleCAM(ensemble) as cam:
+        ref = cam(x).maps
+        with torch.no_grad():
+            under_no_grad = cam(x).maps
+        with torch.inference_mode():
+            under_inference = cam(x).maps
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = cam(x).maps
+    for maps in (under_no_grad, under_inference, under_autocast):
+        np.testing.assert_allclose(maps, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "eigencam", "layercam"])
+def test_other_methods_and_predicted_target(ensemble, x, method):
+    with EnsembleCAM(ensemble, method=method, target="predicted") as cam:
+        res = cam(x)
+    assert res.maps.shape == (2, 64, 64)
+    assert np.isfinite(res.maps).all() and res.maps.min() >= 0 and res.maps.max() <= 1
+
+
+def test_bad_arguments(ensemble):
+    with pytest.raises(ValueError):
+        EnsembleCAM(ensemble, method="scorecam")
+    with pytest.raises(ValueError):
+        EnsembleCAM(ensemble, target="benign")
+
+
+def test_normalise_flat_and_nan_maps():
+    maps = np.stack([np.zeros((8, 8)), np.full((8, 8), 3.0), np.full((8, 8), np.nan), np.arange(64.0).reshape(8, 8)])
+    out = normalise_maps(maps)
+    assert np.isfinite(out).all()
+    assert (out[:3] == 0).all()
+    assert out[3].min() == 0 and out[3].max() == 1
+
+
+# ---- metrics on hand-made maps ----------------------------------------------------------------------------------
+
+
+def _square_mask() -> np.ndarray:
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True  # 25 pixels, nearest to (15, 15) is (9, 9)
+    return mask
+
+
+def test_pointing_game():
+    mask = _square_mask()
+    cam = np.zeros((20, 20))
+    cam[7, 7] = 1
+    assert pointing_game(cam, mask, tolerance_px=0)
+    cam = np.zeros((20, 20))
+    cam[15, 15] = 1  # sqrt(6^2 + 6^2) = 8.49 px from the mask
+    assert not pointing_game(cam, mask, tolerance_px=8)
+    assert pointing_game(cam, mask, tolerance_px=9)
+    assert not pointing_game(np.ones((20, 20)), mask, tolerance_px=100)  # a flat map points nowhere
+    with pytest.raises(ValueError):
+        pointing_game(cam, np.zeros((20, 20), bool))
+
+
+def test_energy_in_mask():
+    mask = _square_mask()
+    assert energy_in_mask(mask.astype(float), mask) == pytest.approx(1.0)
+    assert energy_in_mask(np.ones((20, 20)), mask) == pytest.approx(25 / 400)
+    cam = np.where(mask, 1.0, 0.25)
+    assert energy_in_mask(cam, mask) == pytest.approx(25 / (25 + 375 * 0.25))
+    assert energy_in_mask(np.zeros((20, 20)), mask) == 0.0
+
+
+def test_iou_at():
+    mask = _square_mask()
+    cam = np.full((20, 20), 0.4)
+    cam[5:10, 5:15] = 1.0  # 50 pixels, 25 of them in the mask
+    assert iou_at(cam, mask, 0.5) == pytest.approx(0.5)
+    assert iou_at(cam, mask, 0.3) == pytest.approx(25 / 400)
+    assert iou_at(mask.astype(float), mask) == pytest.approx(1.0)
+
+
+def test_chance_levels():
+    mask = _square_mask()
+    assert chance_levels(mask, 0) == {"area_fraction": 25 / 400, "pointing": 25 / 400}
+    # within 1 px (Euclidean): the 7x7 square without its 4 corners
+    assert chance_levels(mask, 1)["pointing"] == pytest.approx(45 / 400)
+
+
+def test_localisation_table():
+    def rec(label, correct, hit, energy, iou):
+        return {
+            "label": label,
+            "correct": correct,
+            "hit": hit,
+            "energy": energy,
+            "iou": iou,
+            "chance_area": 0.1,
+            "chance_pointing": 0.3,
+        }
+
+    records = [
+        rec(1, True, True, 0.8, 0.6),
+        rec(1, False, False, 0.2, 0.0),
+        rec(0, True, True, 0.5, 0.4),
+        rec(None, None, True, 0.5, 0.5),
+    ]
+    table = localisation_table(records)
+    assert table["all"]["n"] == 4
+    assert table["malignant"]["n"] == 2 and table["malignant"]["pointing_game"] == pytest.approx(0.5)
+    assert table["malignant/correct"]["energy_in_mask"] == pytest.approx(0.8)
+    assert table["malignant/misclassified"]["iou"] == pytest.approx(0.0)
+    assert table["correct"]["n"] == 2 and table["misclassified"]["n"] == 1
+    assert table["benign/misclassified"] == {
+        "n": 0,
+        "pointing_game": None,
+        "pointing_game_chance": None,
+        "energy_in_mask": None,
+        "energy_in_mask_chance": None,
+        "iou": None,
+        "iou_chance": None,
+    }
+    assert table["all"]["pointing_game_chance"] == pytest.approx(0.3)
+    assert table["all"]["energy_in_mask_chance"] == pytest.approx(0.1)
+
+
+# ---- randomisation ----------------------------------------------------------------------------------------------
+
+
+def test_map_similarity():
+    a = np.random.default_rng(0).random((16, 16))
+    assert map_similarity(a, a)["spearman"] == 1.0
+    assert map_similarity(a, np.zeros((16, 16)))["pearson"] == 0.0
+    assert map_similarity(a, 1 - a)["spearman"] == pytest.approx(-1.0)
+
+
+def test_randomisation_check_detects_change(ensemble, x):
+    before = {k: v.clone() for k, v in ensemble.state_dict().items()}
+    result = randomisation_check(ensemble, x, mode="full", seed=0)
+    assert result["n_images"] == 2 and result["final"]["randomised"] == "all"
+    assert result["final"]["spearman"] < 0.9
+    assert result["final"]["ssim"] < 0.9
+    after = ensemble.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the trained ensemble is untouched
+
+
+# ---- workflow ---------------------------------------------------------------------------------------------------
+
+
+def _write_rois(root: Path, shapes: list[tuple[int, int]]) -> list[dict]:
+    rng = np.random.default_rng(0)
+    items = []
+    for i, shape in enumerate(shapes):
+        roi = rng.random(shape) * 0.3
+        mask = np.zeros(shape, bool)
+        r, c = shape[0] // 3 + i, shape[1] // 2
+        mask[r : r + 6, c : c + 6] = True
+        roi[mask] = 0.9
+        img = write_roi_png(root / f"roi_{i}.png", roi)
+        write_mask_png(root / f"mask_{i}.png", mask)
+        items.append(
+            {
+                "image": str(img),
+                "label": i % 2,
+                "patient": f"PATIENT-SECRET-{i}",
+                "case": f"case{i:03d}",
+                "mask": str(root / f"mask_{i}.png") if i != 1 else None,
+                "spacing_mm": 0.07 if i != 2 else [0.05, 0.1],
+            }
+        )
+    return items
+
+
+def test_run_saliency_writes_outputs(ensemble, tmp_path):
+    import nibabel as nib
+
+    items = _write_rois(tmp_path / "data", [(64, 64), (64, 64), (64, 64), (96, 80)])
+    out = tmp_path / "sal"
+    summary = run_saliency(
+        items, ensemble, out, image_size=64, batch_size=2, randomisation="full", randomisation_images=2
+    )
+    assert summary["counts"]["n"] == 4 and summary["counts"]["with_mask"] == 3
+    assert summary["localisation"]["all"]["n"] == 3
+    assert 0 <= summary["localisation"]["all"]["energy_in_mask"] <= 1
+    assert summary["randomisation"]["n_images"] == 2
+    for it in items:
+        case = it["case"]
+        assert (out / "overlays" / f"{case}.png").is_file()
+        img = nib.load(out / "maps" / f"{case}.nii.gz")
+        data = np.asarray(img.dataobj).T
+        assert data.shape == read_roi_png(it["image"]).shape
+        assert data.min() >= 0 and data.max() <= 1
+        zooms = img.header.get_zooms()[:2]
+        expected = (0.07, 0.07) if case != "case002" else (0.1, 0.05)  # (x = column pitch, y = row pitch)
+        np.testing.assert_allclose(zooms, expected, rtol=1e-5)
+    assert (out / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loc = json.loads((out / "localisation.json").read_text())
+    assert loc["table"]["all"]["n"] == 3 and len(loc["cases"]) == 4
+    assert {"hit", "energy", "iou", "chance_area", "chance_pointing"} <= set(loc["cases"][0])
+    # anonymous outputs: no patient key anywhere
+    names = " ".join(str(p) for p in out.rglob("*"))
+    assert "SECRET" not in names and "SECRET" not in (out / "localisation.json").read_text()
+
+
+def test_run_saliency_native_size_mixed_shapes(ensemble, tmp_path):
+    items = _write_rois(tmp_path / "data", [(64, 64), (80, 64)])
+    summary = run_saliency(items, ensemble, tmp_path / "sal", image_size=None, batch_size=4, randomisation=None)
+    assert summary["counts"]["n"] == 2 and summary["randomisation"] is None
+    assert (tmp_path / "sal" / "gallery.png").is_file()
+
+
+def test_bundle_config_merged_after_inference(tmp_path, monkeypatch):
+    from monai.bundle import ConfigParser
+
+    from scripts.schema import make_datalist, write_datalist
+
+    items = _write_rois(tmp_path / "data", [(64, 64), (64, 64)])
+    for it in items:
+        it["image"] = Path(it["image"]).name
+        it["mask"] = Path(it["mask"]).name if it["mask"] else None
+        it["spacing_mm"] = 0.07
+    write_datalist(tmp_path / "data" / "datalist.json", make_datalist([], items, source="test", task="target"))
+    stub = {
+        "bundle_root": str(tmp_path),
+        "device": "$torch.device('cpu')",
+        "datalist": "$@bundle_root + '/data/datalist.json'",
+        "split": "test",
+        "output_dir": "$@bundle_root + '/eval'",
+        "network_def": {"_target_": "scripts.network.Ensemble", "num_members": 2, "arch": "resnet18"},
+        "network": "$@network_def.to(@device)",
+    }
+    (tmp_path / "inference.json").write_text(json.dumps(stub))
+    parser = ConfigParser()
+    parser.read_config([str(tmp_path / "inference.json"), str(ROOT / "configs" / "saliency.json")])
+    parser["saliency#randomisation"] = None
+    assert parser["saliency#method"] == "gradcam" and parser["saliency#target"] == "malignant"
+    monkeypatch.syspath_prepend(str(ROOT))
+    parser.get_parsed_content("saliency")
+    out = tmp_path / "eval" / "saliency"
+    assert (out / "gallery.png").is_file() and (out / "localisation.json").is_file()
+    assert (out / "maps" / "case000.nii.gz").is_file()
