@@ -21,7 +21,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -89,6 +89,7 @@ def _both_classes(y: np.ndarray) -> bool:
 
 
 def member_keys(rows: Sequence[dict]) -> list[str]:
+    """``member_k`` column names with a value in some row, in numeric order."""
     found: set[int] = set()
     for r in rows:
         for k in r:
@@ -324,7 +325,7 @@ def _weighted_auc(y: np.ndarray, level: np.ndarray, n_levels: int, w: np.ndarray
 
 
 def bootstrap_ci(
-    stat_fn,
+    stat_fn: Callable[[np.ndarray], Any],
     n: int,
     clusters: Iterable | None = None,
     n_boot: int = 2000,

@@ -44,6 +44,8 @@ class GrayResNeXt(nn.Module):
         num_classes: classifier outputs.
     """
 
+    __jit_unused_properties__ = ["target_layer"]
+
     def __init__(self, arch: str = "resnext50_32x4d", num_classes: int = 2) -> None:
         super().__init__()
         if not hasattr(torchvision.models, arch):

@@ -145,6 +145,17 @@ def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
     return Path(inter), Path(target)
 
 
+def find_datalist(dataset_dir: Path, task: str) -> Path:
+    """``<dir>/<task>/datalist.json`` (synthetic layout) or ``<dir>/datalist_<task>.json`` (``scripts.prepare``)."""
+    for candidate in (dataset_dir / task / "datalist.json", dataset_dir / f"datalist_{task}.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{dataset_dir}: no {task} datalist ({task}/datalist.json or datalist_{task}.json); "
+        "prepare one with `python -m scripts.prepare` or omit --dataset-dir to use synthetic data"
+    )
+
+
 def run_pipeline(s: Settings) -> Path:
     """Run the whole method; returns the path of ``metrics.json``."""
     from scripts import metrics, report, schema
@@ -163,7 +174,7 @@ def run_pipeline(s: Settings) -> Path:
     if synthetic:
         inter_dl, target_dl = prepare_synthetic(s, dataset_dir)
     else:
-        inter_dl, target_dl = dataset_dir / "intermediate" / "datalist.json", dataset_dir / "target" / "datalist.json"
+        inter_dl, target_dl = find_datalist(dataset_dir, "intermediate"), find_datalist(dataset_dir, "target")
     for dl in (inter_dl, target_dl):
         schema.read_datalist(dl)  # refuses a broken datalist before any training
 

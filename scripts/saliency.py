@@ -612,6 +612,22 @@ def save_gallery(path: str | Path, groups: dict[str, list[dict]], per_group: int
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def load_weights(network: nn.Module, path: str | Path | None) -> nn.Module:
+    """Load a state-dict file (e.g. the bundle's ``models/model.pt``) strictly into ``network`` and return it;
+    ``path=None`` returns ``network`` unchanged (weights already loaded by the merged config)."""
+    if path is None or str(path).lower() in ("", "none"):
+        return network
+    from scripts.network import WeightsError, load_state_dict_file
+
+    target = getattr(network, "module", network)
+    try:
+        target.load_state_dict(load_state_dict_file(path))
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: does not match the network ({type(target).__name__}): {e}") from None
+    logger.info("saliency: weights loaded from %s", path)
+    return network
+
+
 def _safe_name(case: str, used: set[str]) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", str(case)).strip(".") or "case"
     base, i = name, 1
@@ -632,11 +648,11 @@ def _input_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | Non
 
 
 def _resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``(B, 1, H, W)``; antialiased when shrinking."""
+    """Resize ``(B, 1, H, W)`` to the network input with ``area`` interpolation, as the inference preprocessing
+    (``scripts.transforms.LoadROId``) does, so that probabilities match the inference workflow's."""
     if tuple(t.shape[-2:]) == tuple(size):
         return t
-    shrink = size[0] < t.shape[-2] or size[1] < t.shape[-1]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return F.interpolate(t, size=tuple(size), mode="area")
 
 
 def _batches(items: Sequence[dict], batch_size: int, size: tuple[int, int] | None):
@@ -686,17 +702,20 @@ def run_saliency(
     Args:
         threshold: decision threshold on P(malignant): predicted class, correct/misclassified, and the class
             explained when ``target="predicted"``.
-        image_size: network input size (int or (H, W)); ROIs are resized to it and maps resized back to the ROI.
+        image_size: network input size (int or (H, W)); ROIs are resized to it (``area``, as in inference) and
+            maps resized back to the ROI (bilinear).
             ``None`` feeds ROIs at their own size (consecutive ROIs of one size are batched together).
         iou_threshold: map threshold for the IoU.
         tolerance_cells: pointing-game tolerance in feature-map cells (1 cell = 32 px of network input,
             converted to ROI pixels).
-        randomisation: ``"cascading"``, ``"full"`` or ``None`` (skip) for :func:`randomisation_check` on the first
-            ``randomisation_images`` ROIs.
+        randomisation: ``"cascading"``, ``"full"`` or ``None`` / ``"none"`` (skip) for :func:`randomisation_check`
+            on the first ``randomisation_images`` ROIs (those of the first input shape).
         default_spacing_mm: pitch for items without ``spacing_mm`` (1.0 with a warning when both are missing).
 
     Returns a summary: counts, tolerance, the localisation table, the randomisation result and output paths.
     """
+    if randomisation is not None and str(randomisation).lower() in ("", "none", "false", "off"):
+        randomisation = None  # "none" from a command line
     out_dir = Path(out_dir)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)

@@ -296,3 +296,11 @@ def split_by_patient(
             else:
                 rest.extend(by_patient[p])
     return rest, test
+
+
+def items_from_folder(folder: str | os.PathLike, pattern: str = "*.png") -> list[dict]:
+    """Unlabelled items for every ROI file in ``folder`` (inference on a folder): case id = file stem."""
+    files = sorted(Path(folder).glob(pattern))
+    if not files:
+        raise DatalistError(f"{folder}: no files matching {pattern!r}")
+    return [{"image": str(f), "case": f.stem} for f in files]

@@ -130,13 +130,13 @@ class SynthParams:
     noise_sigma: float = 0.015  # quantum-noise std at intensity 0.5 (std ∝ sqrt(intensity))
     psf_sigma_mm: float = 0.06  # Gaussian PSF applied to lesions (mm)
     # target task (microcalcifications)
-    cnr: float = 2.2  # peak contrast (before PSF) of a 0.5 mm calcification / noise_sigma
+    cnr: float = 12.0  # peak contrast (before PSF) of a 0.5 mm calcification / noise_sigma
     size_contrast_exponent: float = 0.5  # contrast ∝ (diameter / 0.5 mm) ** exponent
-    overlap: float = 0.45  # 0 = classes' morphology fully separated, 1 = identical
+    overlap: float = 0.5  # 0 = classes' morphology fully separated, 1 = identical
     benign: CalcMorphology = field(default_factory=_benign)
     malignant: CalcMorphology = field(default_factory=_malignant)
     # intermediate task (masses)
-    mass_cnr: float = 5.0  # peak core contrast / noise_sigma
+    mass_cnr: float = 10.0  # peak core contrast / noise_sigma
     mass_overlap: float = 0.2
     circumscribed: MassMorphology = field(default_factory=_circumscribed)
     spiculated: MassMorphology = field(default_factory=_spiculated)
@@ -523,6 +523,8 @@ def generate_roi(
     Returns ``(image (H, W) float64 in [0, 1], mask (H, W) bool, info)``.
     """
     params = params or SynthParams()
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     code = TASKS[task][0]
     style = patient_style(_rng(seed, code, _STREAM_PATIENT, patient_index), params)
     rng = _rng(seed, code, _STREAM_ROI, index)
@@ -608,7 +610,7 @@ def generate_dataset(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     p = _resolve_params(task, params, overlap, cnr)
-    code, case_prefix, patient_prefix, classes = TASKS[task]
+    _, case_prefix, patient_prefix, classes = TASKS[task]
     root = Path(out_dir) / task
     path = root / "datalist.json"
     generator = {
@@ -626,14 +628,22 @@ def generate_dataset(
         "note": "Synthetic ROIs for demonstration and testing; never clinical evidence.",
         "generator": generator,
     }
+    meta_kw = dict(
+        source="synthetic",
+        task=task,
+        class_names=classes,
+        pixel_spacing_mm=float(pixel_spacing_mm),
+        num_folds=num_folds,
+        **metadata_extra,
+    )
+    wanted = json.loads(json.dumps(make_datalist([], [], **meta_kw)["metadata"]))
     if path.is_file() and not force:
         try:
-            old = read_datalist(path)
-            if old.get("metadata", {}).get("generator") == generator and old["metadata"].get("num_folds") == num_folds:
+            if read_datalist(path).get("metadata") == wanted:
                 logger.info("synthetic %s data up to date: %s", task, path)
                 return path
-        except (DatalistError, KeyError, TypeError):
-            pass
+        except DatalistError:
+            pass  # missing or broken files: regenerate
     if path.exists():
         path.unlink()  # a half-regenerated folder must never look up to date
     for sub in ("images", "masks"):
@@ -642,8 +652,13 @@ def generate_dataset(
 
     n = n_train + n_test
     plan = plan_patients(n, task, seed, p)
-    jobs = [(task, i, lab, pat, seed, image_size, float(pixel_spacing_mm), p, str(root)) for i, (pat, lab) in enumerate(plan)]
-    logger.info("generating %d synthetic %s ROIs (%d px, %.3g mm/px) in %s", n, task, image_size, pixel_spacing_mm, root)
+    jobs = [
+        (task, i, lab, pat, seed, image_size, float(pixel_spacing_mm), p, str(root))
+        for i, (pat, lab) in enumerate(plan)
+    ]
+    logger.info(
+        "generating %d synthetic %s ROIs (%d px, %.3g mm/px) in %s", n, task, image_size, pixel_spacing_mm, root
+    )
     t0 = time.perf_counter()
     infos: list[dict] = []
     step = max(n // 10, 1)
@@ -680,16 +695,7 @@ def generate_dataset(
         train, test = items, []
     train = assign_folds(train, num_folds, seed=seed)
     test = sorted(test, key=lambda it: it["case"])
-    datalist = make_datalist(
-        train,
-        test,
-        source="synthetic",
-        task=task,
-        class_names=classes,
-        pixel_spacing_mm=float(pixel_spacing_mm),
-        num_folds=num_folds,
-        **metadata_extra,
-    )
+    datalist = make_datalist(train, test, **meta_kw)
     write_datalist(path, datalist)
     logger.info("datalist: %s (%d training, %d test ROIs)", path, len(train), len(test))
     return path

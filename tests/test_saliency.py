@@ -276,6 +276,9 @@ def test_run_saliency_writes_outputs(ensemble, tmp_path):
     loc = json.loads((out / "localisation.json").read_text())
     assert loc["table"]["all"]["n"] == 3 and len(loc["cases"]) == 4
     assert {"hit", "energy", "iou", "chance_area", "chance_pointing"} <= set(loc["cases"][0])
+    # one feature-map cell of the 64 px input, in pixels of the 96 x 80 ROI
+    resized = next(r for r in loc["cases"] if r["case"] == "case003")
+    assert resized["tolerance_px"] == pytest.approx(32 * np.sqrt(96 / 64 * 80 / 64))
     # anonymous outputs: no patient key anywhere
     names = " ".join(str(p) for p in out.rglob("*"))
     assert "SECRET" not in names and "SECRET" not in (out / "localisation.json").read_text()
@@ -288,7 +291,8 @@ def test_run_saliency_native_size_mixed_shapes(ensemble, tmp_path):
     assert (tmp_path / "sal" / "gallery.png").is_file()
 
 
-def test_bundle_config_merged_after_inference(tmp_path, monkeypatch):
+def test_bundle_config_merged_after_inference(ensemble, tmp_path, monkeypatch):
+    import nibabel as nib
     from monai.bundle import ConfigParser
 
     from scripts.schema import make_datalist, write_datalist
@@ -297,17 +301,21 @@ def test_bundle_config_merged_after_inference(tmp_path, monkeypatch):
     for it in items:
         it["image"] = Path(it["image"]).name
         it["mask"] = Path(it["mask"]).name if it["mask"] else None
-        it["spacing_mm"] = 0.07
-    write_datalist(tmp_path / "data" / "datalist.json", make_datalist([], items, source="test", task="target"))
+        del it["spacing_mm"]  # taken from the datalist's metadata
+    datalist = make_datalist([], items, source="test", task="target", pixel_spacing_mm=0.07)
+    write_datalist(tmp_path / "data" / "datalist.json", datalist)
     stub = {
         "bundle_root": str(tmp_path),
         "device": "$torch.device('cpu')",
         "datalist": "$@bundle_root + '/data/datalist.json'",
         "split": "test",
         "output_dir": "$@bundle_root + '/eval'",
+        "image_size": 64,
         "network_def": {"_target_": "scripts.network.Ensemble", "num_members": 2, "arch": "resnet18"},
         "network": "$@network_def.to(@device)",
     }
+    (tmp_path / "models").mkdir()
+    torch.save(ensemble.state_dict(), tmp_path / "models" / "model.pt")
     (tmp_path / "inference.json").write_text(json.dumps(stub))
     parser = ConfigParser()
     parser.read_config([str(tmp_path / "inference.json"), str(ROOT / "configs" / "saliency.json")])
@@ -317,4 +325,7 @@ def test_bundle_config_merged_after_inference(tmp_path, monkeypatch):
     parser.get_parsed_content("saliency")
     out = tmp_path / "eval" / "saliency"
     assert (out / "gallery.png").is_file() and (out / "localisation.json").is_file()
-    assert (out / "maps" / "case000.nii.gz").is_file()
+    loaded = parser.get_parsed_content("saliency#network")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ensemble.state_dict().values()))
+    zooms = nib.load(out / "maps" / "case000.nii.gz").header.get_zooms()[:2]
+    np.testing.assert_allclose(zooms, (0.07, 0.07), rtol=1e-5)

@@ -20,7 +20,6 @@ import csv
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 

@@ -28,8 +28,6 @@ import math
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from scripts.prepare.errors import ErrorReport, PrepareError
 from scripts.prepare.loaders import LoadedImage, load_image, load_mask
 from scripts.prepare.pipeline import CaseSpec, Pseudonymiser

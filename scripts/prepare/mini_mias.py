@@ -160,7 +160,9 @@ def mias_cases(
             report.warn(case, f"unknown abnormality class {row.cls!r}: skipped")
             continue
         if row.x is None:
-            report.warn(case, f"{row.cls} without coordinates (distributed abnormality, Info.txt note): skipped")
+            report.warn(
+                case, f"{row.cls} without coordinates in Info.txt (e.g. widely distributed calcifications): skipped"
+            )
             continue
         if row.severity is None:
             report.warn(case, f"{row.cls} without severity: skipped")

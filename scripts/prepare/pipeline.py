@@ -172,6 +172,8 @@ def run_cases(specs: Iterable[CaseSpec], out: OutputFolder, report: ErrorReport)
         seen.add(spec.case)
         item = out.reuse(spec)
         if item is not None:
+            if item.get("outside_fraction", 0) > 0:
+                report.warn(spec.case, f"{item['outside_fraction']:.0%} of the ROI lies outside the image (padded)")
             report.n_ok += 1
             report.n_reused += 1
             items[spec.task].append(item)

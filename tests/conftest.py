@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny synthetic data, the shared real-data folder, quiet threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset (intermediate + target, 64 px, 3 folds), made once per test session."""
+    from scripts.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, "intermediate", n_train=24, n_test=0, num_folds=3, image_size=64, seed=1)
+    generate_dataset(root, "target", n_train=24, n_test=12, num_folds=3, image_size=64, seed=1)
+    return root

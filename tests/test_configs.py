@@ -1,0 +1,73 @@
+"""Every workflow config carries the ids MONAI's bundle tools expect, and the metadata is complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+@pytest.mark.parametrize(
+    "files, workflow_type",
+    [
+        (["train.json"], "train"),
+        (["train.json", "stage_intermediate.json"], "train"),
+        (["train.json", "stage_target.json"], "train"),
+        (["inference.json"], "infer"),
+    ],
+)
+def test_check_properties_is_empty(files, workflow_type, tiny_data):
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        dataset_dir=str(tiny_data),
+        arch="resnet18",
+        # resolving the ids builds the network: initialisation itself is tested in test_network.py
+        **({"init": "scratch"} if workflow_type == "train" else {}),
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_metadata_has_the_mandatory_keys():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    for key in (
+        "version",
+        "changelog",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "required_packages_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "network_data_format",
+    ):
+        assert key in meta, key
+    assert meta["version"] in meta["changelog"]
+    out = meta["network_data_format"]["outputs"]["pred"]
+    assert out["type"] == "probabilities" and out["format"] == "classes" and out["num_channels"] == 2
+    assert out["channel_def"] == {"0": "benign", "1": "malignant"}
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    assert "grad-cam" in meta["required_packages_version"]
+
+
+def test_requirements_match_metadata_versions():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.split("[")[0].lower()] = version
+    assert pins["monai"] == meta["monai_version"] and pins["torch"] == meta["pytorch_version"]
+    for name, version in meta["required_packages_version"].items():
+        assert pins.get(name.lower()) == version, name

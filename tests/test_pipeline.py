@@ -1,0 +1,74 @@
+"""The main job at tiny size: synthetic data -> intermediate -> 3 target folds -> ensemble -> evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from scripts import schema
+from scripts.metrics import read_cases_csv
+from scripts.network import Ensemble
+from scripts.pipeline import Settings, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bundle")
+    s = Settings(
+        workdir=str(work),
+        arch="resnet18",
+        image_size=64,
+        n_intermediate=24,
+        n_target_train=30,
+        n_target_test=12,
+        epochs_intermediate=1,
+        epochs_target=1,
+        batch_size=8,
+        n_boot=50,
+    )
+    metrics_file = run_pipeline(s)
+    return s, work, metrics_file
+
+
+def test_three_stages_write_models_predictions_and_metrics(tiny_run):
+    s, work, metrics_file = tiny_run
+    for run in ("intermediate", "target_fold0", "target_fold1", "target_fold2"):
+        assert (work / "models" / run / "model.pt").is_file()
+    ens = Ensemble(3, "resnet18")
+    ens.load_state_dict(torch.load(work / "models" / "model.pt", weights_only=True))
+    summary = json.loads(metrics_file.read_text())
+    assert 0.0 <= summary["auc"]["auc"] <= 1.0
+    assert summary["threshold"]["rule"] == "youden" and "validation" in summary["threshold"]["description"]
+    assert summary["data"]["source"] == "synthetic"
+    test_rows = read_cases_csv(work / "results" / "cases_test.csv")
+    assert len(test_rows) == summary["counts"]["test"]["cases"]
+    assert all(0.0 <= r["prob"] <= 1.0 for r in test_rows)
+    assert all(r["prob"] == pytest.approx((r["member_0"] + r["member_1"] + r["member_2"]) / 3, abs=1e-5) for r in test_rows)
+    assert (work / "results" / "report.html").stat().st_size > 1000
+
+
+def test_no_patient_in_two_folds_or_in_training_and_test(tiny_run):
+    _, work, _ = tiny_run
+    dl = schema.read_datalist(work / "data" / "synthetic" / "target" / "datalist.json")
+    train_patients = {it["patient"] for it in dl["training"]}
+    assert train_patients.isdisjoint({it["patient"] for it in dl["test"]})
+    folds = {}
+    for it in dl["training"]:
+        folds.setdefault(it["patient"], set()).add(it["fold"])
+    assert all(len(f) == 1 for f in folds.values())
+    # validation rows (threshold) are exactly the out-of-fold training cases, never test cases
+    val_cases = {r["case"] for r in read_cases_csv(work / "results" / "cases_validation.csv")}
+    assert val_cases == {it["case"] for it in dl["training"]}
+
+
+def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tiny_run, caplog):
+    s, work, _ = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        run_pipeline(s)
+    assert caplog.text.count("up to date, skipped") >= 8
+    assert "running" not in caplog.text
+    assert before == {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}

@@ -1,0 +1,226 @@
+"""Synthetic ROI generator: determinism, masks that match the drawn lesions, class differences, datalists, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from scripts.imageio import read_mask_png, read_roi_png
+from scripts.schema import read_datalist, validate_datalist
+from scripts.synthetic import (
+    SynthParams,
+    class_morphology,
+    generate_dataset,
+    generate_roi,
+    plan_patients,
+    power_law_field,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+def _all_items(datalist: dict) -> list[dict]:
+    return datalist["training"] + datalist.get("validation", []) + datalist["test"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, seed=3)
+    return out
+
+
+def test_same_seed_identical_bytes_different_seed_differs(tmp_path, target_dir):
+    generate_dataset(tmp_path / "a", "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, seed=3, workers=2)
+    first, second = _files(target_dir / "target"), _files(tmp_path / "a" / "target")
+    assert first.keys() == second.keys()
+    assert all(first[k] == second[k] for k in first), "same seed (1 vs 2 workers) must give identical files"
+    generate_dataset(tmp_path / "b", "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, seed=4)
+    third = _files(tmp_path / "b" / "target")
+    changed = [k for k in first if k.startswith("images/") and third.get(k) != first[k]]
+    assert len(changed) == sum(k.startswith("images/") for k in first), "another seed must change every image"
+
+
+def test_roi_is_order_independent():
+    a, ma, _ = generate_roi("target", 5, 1, 2, seed=7, image_size=SIZE)
+    generate_roi("target", 4, 0, 2, seed=7, image_size=SIZE)  # other draws in between change nothing
+    b, mb, _ = generate_roi("target", 5, 1, 2, seed=7, image_size=SIZE)
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    assert a.shape == (SIZE, SIZE) and a.dtype == np.float64 and 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_datalist_schema_and_patient_split(target_dir):
+    path = target_dir / "target" / "datalist.json"
+    dl = read_datalist(path)  # validates schema and files
+    validate_datalist(dl, base_dir=path.parent)
+    meta = dl["metadata"]
+    assert meta["source"] == "synthetic" and meta["task"] == "target" and meta["synthetic"] is True
+    assert meta["class_names"] == ["benign", "malignant"] and meta["num_folds"] == 3
+    assert meta["generator"]["seed"] == 3 and meta["generator"]["params"]["overlap"] == SynthParams().overlap
+    items = _all_items(dl)
+    assert len(items) == 36 and abs(len(dl["test"]) - 12) <= 3
+    assert all(
+        it["birads"] is None and it["case"].startswith("t-") and it["patient"].startswith("synth-p") for it in items
+    )
+    assert {it["fold"] for it in dl["training"]} == {0, 1, 2}
+    train_patients = {it["patient"] for it in dl["training"]}
+    test_patients = {it["patient"] for it in dl["test"]}
+    assert not train_patients & test_patients
+    folds_of: dict[str, set] = {}
+    for it in dl["training"]:
+        folds_of.setdefault(it["patient"], set()).add(it["fold"])
+    assert all(len(f) == 1 for f in folds_of.values())
+    # patients hold 1-3 ROIs with one label, and some hold several (so grouping matters)
+    per_patient: dict[str, list[int]] = {}
+    for it in items:
+        per_patient.setdefault(it["patient"], []).append(it["label"])
+    assert all(1 <= len(v) <= 3 and len(set(v)) == 1 for v in per_patient.values())
+    assert any(len(v) > 1 for v in per_patient.values())
+    labels = [it["label"] for it in items]
+    assert abs(labels.count(0) - labels.count(1)) <= 3
+
+
+def test_masks_match_calcifications(target_dir):
+    root = target_dir / "target"
+    dl = read_datalist(root / "datalist.json")
+    contrasts = []
+    for it in _all_items(dl):
+        image, mask = read_roi_png(root / it["image"]), read_mask_png(root / it["mask"])
+        assert mask.shape == image.shape == (SIZE, SIZE)
+        assert mask.any(), f"{it['case']}: empty mask"
+        ring = ndimage.binary_dilation(mask, iterations=3) & ~mask
+        contrasts.append(image[mask].mean() - image[ring].mean())
+        n_comp = ndimage.label(mask)[1]
+        assert 1 <= n_comp <= it["n_calcifications"] + it.get("n_linear", 0) * 3
+    assert np.mean(contrasts) > 0.05 and np.mean(np.asarray(contrasts) > 0) > 0.9
+
+
+def test_mask_components_are_bright_at_high_cnr():
+    """At a high CNR, every mask component is brighter than its own surroundings."""
+    params = SynthParams(noise_sigma=0.015, cnr=30.0)
+    for index, label in [(0, 0), (1, 1), (2, 1)]:
+        image, mask, info = generate_roi("target", index, label, index, seed=1, image_size=SIZE, params=params)
+        lab, n = ndimage.label(mask)
+        assert n >= 1
+        for k in range(1, n + 1):
+            comp = lab == k
+            ring = ndimage.binary_dilation(comp, iterations=2) & ~ndimage.binary_dilation(mask, iterations=1)
+            if ring.sum() >= 4:
+                assert image[comp].max() > image[ring].mean()
+
+
+def test_class_morphology_differs():
+    n = {0: [], 1: []}
+    area = {0: [], 1: []}
+    for i in range(40):
+        label = i % 2
+        _, mask, info = generate_roi("target", i, label, i, seed=0, image_size=96)
+        n[label].append(info["n_calcifications"])
+        lab, k = ndimage.label(mask)
+        area[label].append(mask.sum() / max(k, 1))
+    assert np.mean(n[1]) > 1.5 * np.mean(n[0])
+    assert np.mean(area[0]) > np.mean(area[1])  # benign: larger calcifications
+    assert 4 <= min(n[0]) and max(n[0]) <= 20
+
+
+def test_overlap_knob_blends_classes():
+    sep = SynthParams(overlap=0.0)
+    same = SynthParams(overlap=1.0, mass_overlap=1.0)
+    assert class_morphology(sep, "target", 0) == sep.benign
+    assert class_morphology(sep, "target", 1) == sep.malignant
+    assert class_morphology(same, "target", 0) == class_morphology(same, "target", 1)
+    assert class_morphology(same, "intermediate", 0) == class_morphology(same, "intermediate", 1)
+    with pytest.raises(ValueError):
+        SynthParams(overlap=1.5).validate()
+
+
+def test_power_law_background_slope():
+    rng = np.random.default_rng(0)
+    size = 128
+    spectra = []
+    for _ in range(8):
+        f = power_law_field(rng, size, beta=3.0)
+        spectra.append(np.abs(np.fft.fft2(f * np.hanning(size)[:, None] * np.hanning(size)[None, :])) ** 2)
+    ps = np.mean(spectra, 0)
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    fr = np.hypot(fx, fy)
+    sel = (fr > 0.03) & (fr < 0.25)
+    slope = np.polyfit(np.log(fr[sel]), np.log(ps[sel]), 1)[0]
+    assert 2.6 < -slope < 3.4
+
+
+def test_plan_patients_is_prefix_stable_and_balanced():
+    a = plan_patients(50, "target", seed=2)
+    b = plan_patients(80, "target", seed=2)
+    assert a[:47] == b[:47]
+    labels = [lab for _, lab in b]
+    assert abs(labels.count(0) - labels.count(1)) <= 3
+
+
+def test_intermediate_task(tmp_path):
+    kw = dict(n_train=8, n_test=4, num_folds=2, image_size=SIZE, seed=0, overlap=0.0)  # overlap 0: no stray spicules
+    path = generate_dataset(tmp_path, "intermediate", **kw)
+    dl = read_datalist(path)
+    assert path == tmp_path / "intermediate" / "datalist.json"
+    assert dl["metadata"]["class_names"] == ["circumscribed", "spiculated"]
+    items = _all_items(dl)
+    assert all(it["case"].startswith("i-") and it["patient"].startswith("synth-ip") for it in items)
+    for it in items:
+        mask = read_mask_png(path.parent / it["mask"])
+        assert mask.mean() > 0.01
+        assert (it["n_spicules"] > 0) == (it["label"] == 1)
+
+
+def test_up_to_date_skip_and_regeneration(tmp_path, caplog):
+    kw = dict(n_train=6, n_test=3, num_folds=2, image_size=32, seed=0)
+    path = generate_dataset(tmp_path, "target", **kw)
+    stamp = path.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="scripts.synthetic"):
+        assert generate_dataset(tmp_path, "target", **kw) == path
+    assert "up to date" in caplog.text and path.stat().st_mtime_ns == stamp
+    # changed knob -> regenerated, with the new value in the metadata and no stale images
+    path2 = generate_dataset(tmp_path, "target", **{**kw, "n_train": 4}, cnr=20.0)
+    meta = json.loads(path2.read_text())["metadata"]["generator"]
+    assert meta["params"]["cnr"] == 20.0 and meta["n_train"] == 4
+    assert len(list((tmp_path / "target" / "images").glob("*.png"))) == 7
+    # another pixel spacing -> regenerated too
+    path3 = generate_dataset(tmp_path, "target", **{**kw, "n_train": 4}, cnr=20.0, pixel_spacing_mm=0.2)
+    assert json.loads(path3.read_text())["metadata"]["pixel_spacing_mm"] == 0.2
+    # a missing image forces regeneration
+    (tmp_path / "target" / "images" / "t-0001.png").unlink()
+    generate_dataset(tmp_path, "target", **{**kw, "n_train": 4}, cnr=20.0, pixel_spacing_mm=0.2)
+    assert (tmp_path / "target" / "images" / "t-0001.png").is_file()
+
+
+def test_params_from_dict():
+    p = SynthParams.from_dict({"cnr": 5, "benign": {"count_max": 8}})
+    assert p.cnr == 5.0 and p.benign.count_max == 8 and p.benign.count_min == SynthParams().benign.count_min
+    assert SynthParams.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="unknown"):
+        SynthParams.from_dict({"not_a_knob": 1})
+
+
+def test_cli(tmp_path):
+    cmd = [sys.executable, "-m", "scripts.synthetic", "--out", str(tmp_path), "--task", "target"]
+    cmd += ["--n-train", "6", "--n-test", "4", "--folds", "2", "--size", "32", "--seed", "1", "--overlap", "0.3"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert path == tmp_path / "target" / "datalist.json" and path.is_file()
+    dl = read_datalist(path)
+    assert dl["metadata"]["generator"]["params"]["overlap"] == 0.3
+    assert "10/10 ROIs" in res.stdout
+    res2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res2.returncode == 0 and "up to date" in res2.stdout
