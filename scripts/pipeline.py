@@ -51,6 +51,8 @@ class Settings:
     threshold_rule: str = "youden"
     threshold_value: float | None = None
     n_boot: int = 1000
+    saliency: bool = True
+    saliency_method: str = "gradcam"
     extra_overrides: dict = field(default_factory=dict)
 
     @classmethod
@@ -98,8 +100,10 @@ def mark_current(output: Path, fp: str) -> None:
     write_text(_fp_file(output), fp + "\n")
 
 
-def run_config(config_files: Sequence[Path], overrides: dict, workflow_type: str = "train") -> None:
-    """Run one bundle workflow in this process (``initialize`` -> ``run`` -> ``finalize``)."""
+def run_config(
+    config_files: Sequence[Path], overrides: dict, workflow_type: str | None = "train", run_id: str = "run"
+) -> None:
+    """Run one bundle workflow in this process (``initialize`` -> ``run_id`` -> ``finalize``)."""
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
@@ -107,6 +111,7 @@ def run_config(config_files: Sequence[Path], overrides: dict, workflow_type: str
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
         workflow_type=workflow_type,
+        run_id=run_id,
         **overrides,
     )
     wf.initialize()
@@ -115,7 +120,12 @@ def run_config(config_files: Sequence[Path], overrides: dict, workflow_type: str
 
 
 def run_stage(
-    name: str, config_files: Sequence[Path], overrides: dict, output: Path, inputs: Sequence[Path]
+    name: str,
+    config_files: Sequence[Path],
+    overrides: dict,
+    output: Path,
+    inputs: Sequence[Path],
+    **run_kwargs: Any,
 ) -> tuple[Path, bool]:
     """Run a stage unless ``output`` is current; returns (output, whether it ran)."""
     fp = fingerprint(config_files, overrides, inputs)
@@ -125,7 +135,7 @@ def run_stage(
     _fp_file(output).unlink(missing_ok=True)
     logger.info("[%s] running ...", name)
     t0 = time.time()
-    run_config(config_files, overrides)
+    run_config(config_files, overrides, **run_kwargs)
     if not output.is_file():
         raise RuntimeError(f"[{name}] finished without writing {output}")
     mark_current(output, fp)
@@ -223,8 +233,11 @@ def run_pipeline(s: Settings) -> Path:
         )
         members.append(m)
     ensemble_file = models / "model.pt"
-    save_ensemble(members, ensemble_file, arch=s.arch)
-    logger.info("ensemble of %d members -> %s", len(members), ensemble_file)
+    fp = fingerprint([], {"arch": s.arch}, members)
+    if not is_current(ensemble_file, fp):
+        save_ensemble(members, ensemble_file, arch=s.arch)
+        mark_current(ensemble_file, fp)
+        logger.info("ensemble of %d members -> %s", len(members), ensemble_file)
 
     # 4. out-of-fold validation predictions (threshold) and test predictions (metrics)
     evaluate = [train, CONFIGS / "evaluate.json"]
@@ -253,6 +266,21 @@ def run_pipeline(s: Settings) -> Path:
     )
     summary["settings"] = {k: v for k, v in asdict(s).items() if k != "extra_overrides"}
     summary["data"] = {"source": source, "target_datalist": str(target_dl), "intermediate_datalist": str(inter_dl)}
+
+    # 6. Grad-CAM saliency of the ensemble on the test split, at the chosen operating threshold
+    if s.saliency:
+        saliency_dir = results / "saliency"
+        over = dict(
+            common, datalist=str(target_dl), split="test", num_members=s.folds, output_dir=str(results),
+            **{"saliency#threshold": summary["threshold"]["threshold"], "saliency#method": s.saliency_method},
+        )
+        loc_file, _ = run_stage(
+            "saliency", [CONFIGS / "inference.json", CONFIGS / "saliency.json"], over,
+            saliency_dir / "localisation.json", [target_dl, ensemble_file], workflow_type=None, run_id="saliency",
+        )
+        loc = json.loads(loc_file.read_text())
+        summary["saliency"] = {k: loc[k] for k in ("settings", "counts", "table", "randomisation") if k in loc}
+
     summary["elapsed_s"] = round(time.time() - t_start, 1)
     metrics_file = write_json(results / "metrics.json", summary)
     gallery = results / "saliency" / "gallery.png"

@@ -394,6 +394,34 @@ def _dataset_section(
     return "".join(out)
 
 
+def _localisation_section(summary: dict) -> str:
+    """Grad-CAM localisation against the lesion masks, each figure beside its chance level."""
+    sal = summary.get("saliency")
+    if not sal or not sal.get("table"):
+        return ""
+    rows = []
+    for group, v in sal["table"].items():
+        cells = [_e(group), _e(v.get("n"))]
+        for key in ("pointing_game", "energy_in_mask", "iou"):
+            cells.append(f"{_num(v.get(key))} ({_num(v.get(key + '_chance'))})")
+        rows.append(cells)
+    st = sal.get("settings", {})
+    out = [
+        "<h2>Saliency localisation</h2>",
+        f"<p>{_e(st.get('method', ''))} maps of the ensemble (target: {_e(st.get('target', ''))}); "
+        f"pointing-game tolerance: {_e(st.get('tolerance', ''))}. Chance level in brackets.</p>",
+        _table(["group", "n", "pointing game", "energy in mask", "IoU"], rows, left_cols=1),
+    ]
+    final = (sal.get("randomisation") or {}).get("final")
+    if final:
+        out.append(
+            f"<p>Randomisation check (weights re-initialised, {_e(final.get('randomised', ''))}): similarity to the "
+            f"trained maps, Spearman {_num(final.get('spearman'))}, SSIM {_num(final.get('ssim'))} "
+            "(low values: the maps depend on the learned weights).</p>"
+        )
+    return "".join(out)
+
+
 def _gallery_section(gallery_png: str | os.PathLike | None) -> str:
     head = "<h2>Saliency (Grad-CAM) gallery</h2>"
     if gallery_png is None:
@@ -445,6 +473,7 @@ def render_report(
     parts.append(_threshold_section(summary))
     parts.append(_radiologist_section(summary))
     parts.append(_dataset_section(summary, test_rows, val_rows, dataset_summary))
+    parts.append(_localisation_section(summary))
     parts.append(_gallery_section(gallery_png))
     parts.append(
         '<p class="note">AUC CIs: DeLong et al. (1988) and a percentile bootstrap resampling patients. Proportions: '

@@ -47,7 +47,10 @@ def test_three_stages_write_models_predictions_and_metrics(tiny_run):
     assert len(test_rows) == summary["counts"]["test"]["cases"]
     assert all(0.0 <= r["prob"] <= 1.0 for r in test_rows)
     assert all(r["prob"] == pytest.approx((r["member_0"] + r["member_1"] + r["member_2"]) / 3, abs=1e-5) for r in test_rows)
-    assert (work / "results" / "report.html").stat().st_size > 1000
+    html = (work / "results" / "report.html").read_text()
+    assert "Saliency localisation" in html and "data:image/png;base64" in html
+    assert summary["saliency"]["table"]["all"]["n"] == len(test_rows)
+    assert len(list((work / "results" / "saliency" / "overlays").glob("*.png"))) == len(test_rows)
 
 
 def test_no_patient_in_two_folds_or_in_training_and_test(tiny_run):
