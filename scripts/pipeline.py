@@ -38,6 +38,7 @@ class Settings:
     init: str = "scratch"
     imagenet_weights: str | None = None
     folds: int = 3
+    intermediate: bool = True
     n_intermediate: int = 300
     n_target_train: int = 240
     n_target_test: int = 200
@@ -202,34 +203,37 @@ def run_pipeline(s: Settings) -> Path:
     train = CONFIGS / "train.json"
 
     # 2. intermediate stage: ImageNet (or scratch, when chosen) -> intermediate task
-    if s.init == "imagenet":
-        logger.info("stage 1 initialisation: ImageNet weights (%s)", s.imagenet_weights or "torchvision download")
-    else:
-        logger.info(
-            "stage 1 initialisation: %s, as chosen (full d-TL starts from ImageNet: --init imagenet "
-            "[--imagenet-weights FILE])",
-            s.init,
+    how = f"ImageNet weights ({s.imagenet_weights or 'torchvision download'})" if s.init == "imagenet" else s.init
+    if s.init != "imagenet":
+        how += ", as chosen (full d-TL starts from ImageNet: --init imagenet [--imagenet-weights FILE])"
+    init_inputs = [Path(s.imagenet_weights)] if s.imagenet_weights else []
+    if s.intermediate:
+        logger.info("stage 1 (intermediate) initialisation: %s", how)
+        inter_over = dict(
+            common, datalist=str(inter_dl), init=s.init, init_weights=s.imagenet_weights, fold=0,
+            **{"train#trainer#max_epochs": s.epochs_intermediate},
         )
-    inter_over = dict(
-        common, datalist=str(inter_dl), init=s.init, init_weights=s.imagenet_weights, fold=0,
-        **{"train#trainer#max_epochs": s.epochs_intermediate},
-    )
-    inter_inputs = [inter_dl] + ([Path(s.imagenet_weights)] if s.imagenet_weights else [])
-    inter_model, _ = run_stage(
-        "intermediate", [train, CONFIGS / "stage_intermediate.json"], inter_over,
-        models / "intermediate" / "model.pt", inter_inputs,
-    )
+        inter_model, _ = run_stage(
+            "intermediate", [train, CONFIGS / "stage_intermediate.json"], inter_over,
+            models / "intermediate" / "model.pt", [inter_dl, *init_inputs],
+        )
+        target_init = {"init_weights": str(inter_model)}
+        target_inputs = [target_dl, inter_model]
+    else:
+        logger.info("no intermediate stage (single transfer / baseline); target initialisation: %s", how)
+        target_init = {"init": s.init, "init_weights": s.imagenet_weights}
+        target_inputs = [target_dl, *init_inputs]
 
     # 3. target stage: one member per fold, each initialised from the intermediate model
     members = []
     for k in range(s.folds):
         over = dict(
-            common, datalist=str(target_dl), fold=k, init_weights=str(inter_model),
-            backbone_lr_factor=s.backbone_lr_factor, **{"train#trainer#max_epochs": s.epochs_target},
+            common, datalist=str(target_dl), fold=k, backbone_lr_factor=s.backbone_lr_factor, **target_init,
+            **{"train#trainer#max_epochs": s.epochs_target},
         )
         m, _ = run_stage(
             f"target fold {k + 1}/{s.folds}", [train, CONFIGS / "stage_target.json"], over,
-            models / f"target_fold{k}" / "model.pt", [target_dl, inter_model],
+            models / f"target_fold{k}" / "model.pt", target_inputs,
         )
         members.append(m)
     ensemble_file = models / "model.pt"
