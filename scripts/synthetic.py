@@ -468,9 +468,9 @@ def draw_mass(rng: np.random.Generator, label: int, size: int, spacing_mm: float
                     "y0": y0 / spacing_mm - 0.5,
                     "x1": x1 / spacing_mm - 0.5,
                     "y1": y1 / spacing_mm - 0.5,
-                    "w0": rng.uniform(0.12, 0.22) / spacing_mm,
+                    "w0": rng.uniform(0.15, 0.3) / spacing_mm,
                     "w1": 0.03 / spacing_mm,
-                    "amp": float(amp * rng.uniform(0.35, 0.6)),
+                    "amp": float(amp * rng.uniform(0.5, 0.8)),
                 }
             )
     return prims
