@@ -12,8 +12,9 @@ class AutocastInferer(Inferer):
     """Run ``network(inputs)`` under ``torch.autocast`` and return float32 outputs.
 
     Args:
-        device_type: ``"cpu"`` (bfloat16) or ``"cuda"`` (float16 or bfloat16).
-        dtype: autocast dtype; ``None`` picks bfloat16 on CPU and float16 on CUDA.
+        device_type: ``"cpu"`` or ``"cuda"``.
+        dtype: autocast dtype; ``None`` picks bfloat16 on both (its float32 exponent range needs no gradient
+            scaler; pass ``torch.float16`` only with a scaler, e.g. ``SupervisedTrainer(amp=True)``).
         enabled: ``False`` runs in plain float32 (the inferer is then a ``SimpleInferer``).
         channels_last: pass 4-D inputs in channels-last memory format (faster convolutions on CPU and GPU).
     """
@@ -27,7 +28,7 @@ class AutocastInferer(Inferer):
     ) -> None:
         super().__init__()
         self.device_type = "cuda" if str(device_type).startswith("cuda") else "cpu"
-        self.dtype = dtype or (torch.bfloat16 if self.device_type == "cpu" else torch.float16)
+        self.dtype = dtype or torch.bfloat16
         self.enabled = enabled
         self.channels_last = channels_last
 
