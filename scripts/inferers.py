@@ -8,6 +8,17 @@ import torch
 from monai.inferers import Inferer
 
 
+def _as_bool(value: bool | str) -> bool:
+    """Accept ``False``/``"false"``/``"0"`` from command-line overrides as well as real booleans."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        raise ValueError(f"expected a boolean, got {value!r}")
+    return bool(value)
+
+
 class AutocastInferer(Inferer):
     """Run ``network(inputs)`` under ``torch.autocast`` and return float32 outputs.
 
@@ -29,8 +40,8 @@ class AutocastInferer(Inferer):
         super().__init__()
         self.device_type = "cuda" if str(device_type).startswith("cuda") else "cpu"
         self.dtype = dtype or torch.bfloat16
-        self.enabled = enabled
-        self.channels_last = channels_last
+        self.enabled = _as_bool(enabled)
+        self.channels_last = _as_bool(channels_last)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.channels_last and inputs.ndim == 4:

@@ -1,0 +1,261 @@
+"""Inference and saliency latency per ROI: one member and the K-member ensemble, with and without Grad-CAM.
+
+Each configuration runs in its own subprocess, so that its peak memory is its own: on CPU the peak resident set
+(``VmHWM``, reset after the networks are built, so the figure is what answering one ROI adds on top of the loaded
+model: ``peak_delta_mb``); on CUDA ``torch.cuda.max_memory_allocated``. Modes:
+
+* ``predict``: the bundle's inference path, ``AutocastInferer`` (channels_last + bfloat16 on CPU, float16 on CUDA)
+  under ``torch.inference_mode``, returning the ensemble's probabilities;
+* ``predict_fp32``: the same in float32;
+* ``cam``: ``scripts.saliency.EnsembleCAM`` (pytorch-grad-cam, frozen parameters, float32): the map of every
+  member and the ensemble's probabilities in one call;
+* ``cam_nofreeze``: the same with every parameter requiring gradients (the library's plain path; ``--compare-freeze``);
+* ``cam_bf16``: a Grad-CAM written here for comparison: one channels_last + bfloat16 forward per member with the
+  gradient taken only at the target layer's output; the row reports the correlation of its ensemble map with
+  ``EnsembleCAM``'s on the same ROI.
+
+Networks are randomly initialised (timings do not depend on the weights); the input is one ROI (batch 1).
+
+    python benchmarks/inference_latency.py
+    python benchmarks/inference_latency.py --sizes 224 --members 5 --modes predict cam cam_bf16
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    LoadMonitor,
+    Run,
+    base_parser,
+    current_rss_mb,
+    load1,
+    median,
+    run_json_subprocess,
+    setup,
+    sync,
+    table,
+)
+
+NAME = "inference_latency"
+MODES = ("predict", "predict_fp32", "cam", "cam_nofreeze", "cam_bf16")
+COLUMNS = [
+    "size",
+    "members",
+    "mode",
+    "ms_per_roi",
+    "model_rss_mb",
+    "peak_delta_mb",
+    "gpu_peak_mb",
+    "map_corr",
+    "foreign_cores",
+]
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False when not supported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """``VmHWM`` of this process in MiB (the peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def bf16_gradcam(ensemble: Any, x: Any, target_class: int = 1) -> tuple[Any, Any]:
+    """Grad-CAM of every member at ``target_layer`` from one autocast forward each; returns (maps, probs).
+
+    Parameters are not asked for gradients: the target layer's output is detached and made a leaf, so the backward
+    pass runs only through the pooling and the classifier head. Maps are ``(B, H, W)`` in [0, 1] (mean of the
+    members' min-max normalised maps, renormalised); probs ``(B, C)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from scripts.saliency import ensemble_members, normalise_maps
+
+    members = ensemble_members(ensemble)
+    dev = x.device
+    dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    x = x.contiguous(memory_format=torch.channels_last)
+    maps, probs = [], []
+    for m in members:
+        store: dict[str, Any] = {}
+
+        def hook(_mod: Any, _inp: Any, out: Any) -> Any:
+            leaf = out.detach().requires_grad_(True)
+            store["a"] = leaf
+            return leaf
+
+        handle = m.target_layer.register_forward_hook(hook)
+        try:
+            with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype):
+                logits = m(x)
+            score = logits[:, target_class].float().sum()
+            (grad,) = torch.autograd.grad(score, store["a"])
+        finally:
+            handle.remove()
+        a = store["a"].detach().float()
+        w = grad.float().mean(dim=(2, 3), keepdim=True)
+        cam = torch.relu((w * a).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps.append(normalise_maps(cam.cpu().numpy()))
+        probs.append(torch.softmax(logits.detach().float(), 1))
+    import numpy as np
+
+    return normalise_maps(np.stack(maps).mean(0)), torch.stack(probs).mean(0)
+
+
+def child(size: int, members: int, mode: str, arch: str, device: str, warmup: int, reps: int, batch: int) -> dict:
+    """Measure one configuration in this (fresh) process and return its row."""
+    import numpy as np
+    import torch
+
+    from scripts.inferers import AutocastInferer
+    from scripts.network import Ensemble
+    from scripts.saliency import EnsembleCAM
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    net = Ensemble(members, arch, 2).eval().to(dev, memory_format=torch.channels_last)
+    x = torch.rand(batch, 1, size, size, device=dev)
+    extra: dict[str, Any] = {}
+    if mode in ("predict", "predict_fp32"):
+        inferer = AutocastInferer(dev.type, enabled=mode == "predict", channels_last=True)
+
+        def step() -> Any:
+            with torch.inference_mode():
+                return inferer(x, net)
+
+    elif mode in ("cam", "cam_nofreeze"):
+        cam = EnsembleCAM(net, freeze=mode == "cam")
+
+        def step() -> Any:
+            return cam(x)
+
+    else:
+
+        def step() -> Any:
+            return bf16_gradcam(net, x)
+
+    sync(device)
+    model_rss = current_rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated()
+    reset_ok = reset_peak_rss()
+    times = []
+    mon = LoadMonitor()
+    mon.start()
+    for i in range(warmup + reps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    load = mon.stop()
+    if mode == "cam_bf16":
+        with EnsembleCAM(net) as ref:
+            ref_maps = ref(x).maps
+        a, b = out[0].ravel(), ref_maps.ravel()
+        extra["map_corr"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    row = {
+        "size": size,
+        "members": members,
+        "mode": mode,
+        "arch": arch,
+        "batch": batch,
+        "ms_per_roi": 1000.0 * median(times) / batch,
+        "times_s": [round(t, 4) for t in times],
+        "model_rss_mb": round(model_rss, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1) if reset_ok else None,
+        "peak_delta_mb": round(peak_rss_mb() - model_rss, 1) if reset_ok else None,
+        "threads": torch.get_num_threads(),
+        "foreign_cores": load["foreign_cores"],
+        "load1": load1(),
+        **extra,
+    }
+    if dev.type == "cuda":
+        row["gpu_peak_mb"] = round((torch.cuda.max_memory_allocated() - base_gpu) / 2**20, 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = base_parser(NAME, __doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 512])
+    ap.add_argument("--members", type=int, nargs="+", default=[1, 5], help="ensemble sizes K")
+    ap.add_argument("--modes", nargs="+", default=["predict", "cam", "cam_bf16"], choices=MODES)
+    ap.add_argument("--compare-freeze", action="store_true", help="add cam_nofreeze (slow and memory-hungry)")
+    ap.add_argument("--arch", default="resnext50_32x4d")
+    ap.add_argument("--batch", type=int, default=1, help="ROIs per call (latency is per ROI)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--in-process", action="store_true", help="no subprocesses (peak memory then accumulates)")
+    ap.add_argument("--child", default=None, help=argparse_hidden())
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.members, args.arch, args.warmup, args.reps = [64], [2], "resnet18", 0, 1
+        args.in_process = True
+    device = setup(args)
+    if args.child:
+        size, members, mode = args.child.split(",")
+        row = child(int(size), int(members), mode, args.arch, device, args.warmup, args.reps, args.batch)
+        print(json.dumps(row))
+        return row
+    modes = list(args.modes) + (["cam_nofreeze"] if args.compare_freeze and "cam_nofreeze" not in args.modes else [])
+    with Run(NAME, args, device) as run:
+        for size in args.sizes:
+            for k in args.members:
+                for mode in modes:
+                    if args.in_process:
+                        row = child(size, k, mode, args.arch, device, args.warmup, args.reps, args.batch)
+                    else:
+                        argv_child = [
+                            str(Path(__file__).resolve()),
+                            "--child",
+                            f"{size},{k},{mode}",
+                            "--arch",
+                            args.arch,
+                            "--device",
+                            device,
+                            "--warmup",
+                            str(args.warmup),
+                            "--reps",
+                            str(args.reps),
+                            "--batch",
+                            str(args.batch),
+                            "--out",
+                            "/dev/null",
+                        ] + (["--threads", str(args.threads)] if args.threads else [])
+                        row = run_json_subprocess(argv_child)
+                    run.rows.append(row)
+                    print(table([row], COLUMNS))
+        print()
+        print(table(run.rows, COLUMNS, f"Latency per ROI ({args.arch}, batch {args.batch}, {device})"))
+    return run.payload
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

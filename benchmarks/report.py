@@ -1,0 +1,52 @@
+"""Print the saved benchmark results (``benchmarks/results/*.json``) as Markdown tables, with their machine lines.
+
+python benchmarks/report.py [results/x.json ...] > tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import data_path, inference_latency, scaling, train_throughput  # noqa: E402
+from benchmarks._common import RESULTS, fmt, table  # noqa: E402
+
+COLUMNS = {
+    "train_throughput": train_throughput.COLUMNS,
+    "data_path": data_path.COLUMNS,
+    "inference_latency": inference_latency.COLUMNS,
+    "scaling": scaling.COLUMNS,
+}
+
+
+def render(path: Path) -> str:
+    """Markdown for one result file."""
+    res = json.loads(path.read_text())
+    m = res["machine"]
+    lines = [
+        f"### {path.name} ({res['benchmark']}, {res.get('started', '?')})",
+        "",
+        f"{m['nproc']} cores, {m['cpu_model']}, torch {m.get('torch')} with {m['torch_threads']} thread(s), device "
+        f"{m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}; 1-minute load average {m['load1_before']} "
+        f"before, {m['load1_after']} after; other processes used {fmt(m.get('foreign_cores'))} cores on average"
+        + ("" if m.get("quiet") else " (**not a quiet machine**)"),
+        "",
+        table(res["rows"], COLUMNS[res["benchmark"]]),
+    ]
+    verdict = res.get("epoch_verdict")
+    if verdict:
+        cols = ["train_size", "train_img_per_s", "data_path", "data_img_per_s", "data_share_of_epoch", "limits"]
+        lines += ["", f"Training throughput from {verdict['train_source']}:", "", table(verdict["rows"], cols)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or sorted(RESULTS.glob("*.json"))
+    print("\n\n".join(render(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

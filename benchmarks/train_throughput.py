@@ -1,0 +1,354 @@
+"""Training throughput: the bundle's trainer against a plain PyTorch loop, side by side.
+
+The bundle's trainer is the ``SupervisedTrainer`` that ``configs/train.json`` builds (through
+``monai.bundle.ConfigWorkflow``: its CacheDataset of loaded ROIs, random augmentation, DataLoader, AutocastInferer,
+postprocessing and handlers; validation is pushed past the measured window). The plain loop trains the same network
+(same architecture, seed, optimiser, loss, batch and input size) on the same ROIs, held in one tensor in memory.
+Two more variants separate the cost of MONAI's metadata tracking from the rest of the trainer: ``plain+meta`` is
+the plain loop fed ``MetaTensor`` batches (what the trainer's network sees), and ``bundle+tensor`` is the bundle's
+trainer with an inferer that drops the metadata before the network (``benchmarks/_variants.py``).
+
+Precisions: ``fp32`` and ``amp`` (CPU: channels_last + bfloat16 autocast; CUDA: channels_last + float16
+autocast, as ``AutocastInferer`` does). Throughput is the batch size over the median iteration time after
+warm-up; rounds alternate bundle and plain so that a change in machine load hits both.
+
+    python benchmarks/train_throughput.py                    # 128 and 224 px, resnext50_32x4d, CPU
+    python benchmarks/train_throughput.py --device cuda --batch 32
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    REPO,
+    LoadMonitor,
+    Run,
+    base_parser,
+    load1,
+    median,
+    setup,
+    sync,
+    table,
+)
+
+NAME = "train_throughput"
+VARIANTS = ["bundle", "bundle+tensor", "plain", "plain+meta"]
+COLUMNS = [
+    "size",
+    "precision",
+    "variant",
+    "img_per_s",
+    "ms_per_iter",
+    "data_ms",
+    "step_ms",
+    "post_ms",
+    "ratio_vs_plain",
+    "foreign_cores",
+]
+
+
+def make_data(root: Path, n_train: int, roi_size: int) -> Path:
+    """Synthetic target ROIs (written once per run) and their datalist."""
+    from scripts.synthetic import generate_dataset
+
+    # two folds: the training split (fold 0 held out) has about n_train ROIs
+    return generate_dataset(root, "target", n_train=2 * n_train, n_test=2, num_folds=2, image_size=roi_size, seed=0)
+
+
+def build_bundle_trainer(
+    data_root: Path,
+    out_dir: Path,
+    size: int,
+    arch: str,
+    batch: int,
+    amp: bool,
+    iters: int,
+    device: str,
+    plain_tensor: bool = False,
+) -> tuple[Any, Any]:
+    """The bundle's SupervisedTrainer from configs/train.json (validation moved out of the way).
+
+    ``plain_tensor`` swaps the inferer for ``benchmarks._variants.PlainTensorInferer`` (metadata dropped before
+    the network), everything else unchanged.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    extra = {"train#inferer#_target_": "benchmarks._variants.PlainTensorInferer"} if plain_tensor else {}
+
+    wf = ConfigWorkflow(
+        config_file=str(REPO / "configs" / "train.json"),
+        meta_file=str(REPO / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(REPO),
+        dataset_dir=str(data_root),
+        output_dir=str(out_dir / "runs"),
+        ckpt_dir=str(out_dir / "models"),
+        arch=arch,
+        init="scratch",
+        image_size=size,
+        batch_size=batch,
+        amp=amp,
+        channels_last=amp,
+        device=f"$torch.device('{device}')",
+        val_interval=10**9,
+        **{"train#trainer#max_epochs": 1, "train#trainer#epoch_length": iters, **extra},
+    )
+    wf.initialize()
+    return wf, wf.parser.get_parsed_content("train#trainer")
+
+
+def attach_timers(trainer: Any, device: str) -> dict[str, list[float]]:
+    """Record per-iteration timestamps: batch fetch, model step (forward/backward/optimiser), postprocessing."""
+    from ignite.engine import Events
+    from monai.engines.utils import IterationEvents
+
+    marks: dict[str, list[float]] = {"get0": [], "get1": [], "start": [], "model": [], "end": []}
+
+    def mark(key: str, do_sync: bool = False):
+        def _fn(*_: Any) -> None:
+            if do_sync:
+                sync(device)
+            marks[key].append(time.perf_counter())
+
+        return _fn
+
+    trainer.add_event_handler(Events.GET_BATCH_STARTED, mark("get0"))
+    trainer.add_event_handler(Events.GET_BATCH_COMPLETED, mark("get1"))
+    trainer.add_event_handler(Events.ITERATION_STARTED, mark("start"))
+    # first in line on MODEL_COMPLETED: before the bundle's postprocessing runs
+    trainer._event_handlers[IterationEvents.MODEL_COMPLETED].insert(0, (mark("model", True), (), {}))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, mark("end", True))  # last: after every handler
+    return marks
+
+
+def bundle_times(marks: dict[str, list[float]], warmup: int) -> dict[str, list[float]]:
+    """Per-iteration phases (s) of the measured iterations (iterations after ``warmup``)."""
+    n = len(marks["end"])
+    out: dict[str, list[float]] = {"iter": [], "data": [], "step": [], "post": []}
+    for i in range(max(warmup, 1), n):
+        out["iter"].append(marks["end"][i] - marks["end"][i - 1])
+        out["data"].append(marks["get1"][i] - marks["get0"][i])
+        out["step"].append(marks["model"][i] - marks["start"][i])
+        out["post"].append(marks["end"][i] - marks["model"][i])
+    return out
+
+
+def run_bundle(trainer: Any, warmup: int, device: str) -> dict[str, list[float]]:
+    marks = attach_timers(trainer, device)
+    trainer.run()
+    return bundle_times(marks, warmup)
+
+
+def run_plain(
+    network: Any,
+    images: Any,
+    labels: Any,
+    batch: int,
+    iters: int,
+    warmup: int,
+    amp: bool,
+    device: str,
+    lr: float,
+    weight_decay: float,
+    meta: bool = False,
+) -> dict[str, list[float]]:
+    """A plain training loop: index a batch from memory, forward/loss/backward/step."""
+    import torch
+
+    from scripts.network import param_groups
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    fmt = torch.channels_last if amp else torch.contiguous_format
+    network = network.to(dev, memory_format=fmt)
+    network.train()
+    opt = torch.optim.AdamW(param_groups(network, lr), lr=lr, weight_decay=weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, list[float]] = {"iter": [], "data": [], "step": [], "post": []}
+    order = torch.randperm(len(images), generator=gen)
+    pos = 0
+    for i in range(warmup + iters):
+        sync(device)
+        t0 = time.perf_counter()
+        if pos + batch > len(order):
+            order, pos = torch.randperm(len(images), generator=gen), 0
+        idx = order[pos : pos + batch]
+        pos += batch
+        x, y = images[idx].to(dev, non_blocking=True), labels[idx].to(dev, non_blocking=True)
+        if meta:
+            from monai.data import MetaTensor
+
+            x = MetaTensor(x)
+        if amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+            pred = network(x)
+        loss = loss_fn(pred.float(), y)
+        loss.backward()
+        opt.step()
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            out["iter"].append(t2 - t0)
+            out["data"].append(t1 - t0)
+            out["step"].append(t2 - t1)
+            out["post"].append(0.0)
+    return out
+
+
+def summarise(times: dict[str, list[float]], batch: int) -> dict[str, float]:
+    it = median(times["iter"])
+    return {
+        "img_per_s": batch / it,
+        "ms_per_iter": 1000 * it,
+        "data_ms": 1000 * median(times["data"]),
+        "step_ms": 1000 * median(times["step"]),
+        "post_ms": 1000 * median(times["post"]),
+        "n_iters": len(times["iter"]),
+    }
+
+
+def load_memory_data(wf: Any) -> tuple[Any, Any]:
+    """The training ROIs as the bundle loads them (deterministic transforms), stacked into tensors."""
+    import torch
+
+    ds = wf.parser.get_parsed_content("train#dataset")
+    det = wf.parser.get_parsed_content("train#deterministic_transforms")
+    from monai.transforms import Compose
+
+    load = Compose(det)
+    items = [load(dict(d)) for d in ds.data]
+    images = torch.stack([torch.as_tensor(it["image"]).as_subclass(torch.Tensor) for it in items]).float()
+    labels = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
+    return images.contiguous(), labels
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = base_parser(NAME, __doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="input sizes (px)")
+    ap.add_argument("--arch", default="resnext50_32x4d")
+    ap.add_argument("--batch", type=int, default=16, help="batch size (the config's default is 16)")
+    ap.add_argument("--warmup", type=int, default=2, help="iterations not timed, per round")
+    ap.add_argument("--iters", type=int, default=5, help="timed iterations per round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating bundle/plain rounds")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "amp"], choices=["fp32", "amp"])
+    ap.add_argument(
+        "--variants", nargs="+", default=["bundle", "bundle+tensor", "plain", "plain+meta"], choices=VARIANTS
+    )
+    ap.add_argument("--n-rois", type=int, default=None, help="training ROIs in memory (default: 4 batches)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.arch, args.batch = [64], "resnet18", 2
+        args.warmup, args.iters, args.rounds, args.precisions = 1, 1, 1, ["amp"]
+    device = setup(args)
+    logging.getLogger().setLevel(logging.WARNING)
+    import torch
+
+    from scripts.network import build_network
+
+    with Run(NAME, args, device) as run, tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        tmp = Path(tmp)
+        n_rois = args.n_rois or 4 * args.batch
+        roi_size = 64 if args.smoke else 128
+        t0 = time.perf_counter()
+        make_data(tmp / "data", n_rois, roi_size)
+        print(f"# {n_rois} synthetic ROIs ({roi_size} px) written in {time.perf_counter() - t0:.1f} s")
+        for size in args.sizes:
+            for precision in args.precisions:
+                amp = precision == "amp"
+                iters = args.warmup + args.iters
+                torch.manual_seed(0)
+                trainers = {}
+                for v in ("bundle", "bundle+tensor"):
+                    if v in args.variants or (v == "bundle" and not trainers):
+                        torch.manual_seed(0)
+                        trainers[v] = build_bundle_trainer(
+                            tmp / "data",
+                            tmp / f"out_{len(trainers)}",
+                            size,
+                            args.arch,
+                            args.batch,
+                            amp,
+                            iters,
+                            device,
+                            plain_tensor=v == "bundle+tensor",
+                        )
+                wf = next(iter(trainers.values()))[0]
+                images, labels = load_memory_data(wf)
+                lr = float(wf.parser.get_parsed_content("learning_rate"))
+                wd = float(wf.parser.get_parsed_content("weight_decay"))
+                plain_nets = {}
+                for v in ("plain", "plain+meta"):
+                    if v in args.variants:
+                        torch.manual_seed(0)
+                        plain_nets[v] = build_network(args.arch, 2)
+                acc: dict[str, dict[str, list[float]]] = {
+                    v: {"iter": [], "data": [], "step": [], "post": []} for v in args.variants
+                }
+                mon = LoadMonitor()
+                mon.start()
+                row_load = load1()
+                for _ in range(args.rounds):
+                    for v in args.variants:
+                        if v.startswith("bundle"):
+                            t = run_bundle(trainers[v][1], args.warmup, device)
+                        else:
+                            t = run_plain(
+                                plain_nets[v],
+                                images,
+                                labels,
+                                args.batch,
+                                args.iters,
+                                args.warmup,
+                                amp,
+                                device,
+                                lr,
+                                wd,
+                                meta=v == "plain+meta",
+                            )
+                        for k in acc[v]:
+                            acc[v][k].extend(t[k])
+                load = mon.stop()
+                rows = {}
+                for v in args.variants:
+                    rows[v] = {
+                        "size": size,
+                        "precision": precision if device == "cpu" or not amp else "amp (fp16)",
+                        "variant": v,
+                        "arch": args.arch,
+                        "batch": args.batch,
+                        **summarise(acc[v], args.batch),
+                        "load1": row_load,
+                        "foreign_cores": load["foreign_cores"],
+                        "iter_s": [round(x, 4) for x in acc[v]["iter"]],
+                    }
+                if "plain" in rows:
+                    for v in rows:
+                        rows[v]["ratio_vs_plain"] = rows[v]["img_per_s"] / rows["plain"]["img_per_s"]
+                run.rows.extend(rows.values())
+                print(table(list(rows.values()), COLUMNS))
+                del wf, trainers, plain_nets
+        run.payload["notes"] = (
+            "img_per_s = batch / median iteration time after warm-up; data_ms = batch fetch (bundle: DataLoader "
+            "with the config's random augmentation over the CacheDataset; plain: tensor indexing); step_ms = "
+            "forward + loss + backward + optimiser step; post_ms = the bundle's postprocessing and iteration handlers."
+        )
+        print()
+        print(table(run.rows, COLUMNS, f"Training throughput ({args.arch}, batch {args.batch}, {device})"))
+    return run.payload
+
+
+if __name__ == "__main__":
+    main()
