@@ -42,6 +42,8 @@ class Settings:
     n_intermediate: int = 300
     n_target_train: int = 240
     n_target_test: int = 200
+    overlap: float | None = None
+    cnr: float | None = None
     epochs_intermediate: int = 4
     epochs_target: int = 6
     batch_size: int = 16
@@ -74,12 +76,18 @@ def _sha(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# overrides that only say where files are: their contents enter the fingerprint through ``inputs``, so a moved
+# bundle or dataset folder does not make finished stages stale
+LOCATION_KEYS = ("bundle_root", "dataset_dir", "datalist", "init_weights", "members", "cases_csv", "output_dir")
+
+
 def fingerprint(config_files: Sequence[Path], overrides: dict, inputs: Sequence[str | os.PathLike]) -> str:
-    """Hash of the config files' text, the overrides and the input files' contents."""
+    """Hash of the config files' text, the overrides (less file locations) and the input files' contents."""
     h = hashlib.sha256()
     for c in config_files:
         h.update(Path(c).read_bytes())
-    h.update(json.dumps(overrides, sort_keys=True, default=str).encode())
+    kept = {k: v for k, v in overrides.items() if k not in LOCATION_KEYS}
+    h.update(json.dumps(kept, sort_keys=True, default=str).encode())
     for p in inputs:
         h.update(_sha(p).encode())
     return h.hexdigest()
@@ -151,7 +159,7 @@ def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
     common = dict(num_folds=s.folds, image_size=s.image_size, seed=s.seed)
     inter = generate_dataset(dataset_dir, "intermediate", n_train=s.n_intermediate, n_test=0, **common)
     target = generate_dataset(
-        dataset_dir, "target", n_train=s.n_target_train, n_test=s.n_target_test, **common
+        dataset_dir, "target", n_train=s.n_target_train, n_test=s.n_target_test, overlap=s.overlap, cnr=s.cnr, **common
     )
     return Path(inter), Path(target)
 
@@ -344,7 +352,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             typ = type(value) if value is not None else str
-            if name == "threshold_value":
+            if name in ("threshold_value", "overlap", "cnr"):
                 typ = float
             p.add_argument(flag, type=typ, default=None)
     p.add_argument(

@@ -75,3 +75,15 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     assert caplog.text.count("up to date, skipped") >= 8
     assert "running" not in caplog.text
     assert before == {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
+
+
+def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
+    import dataclasses
+    import shutil
+
+    s, work, _ = tiny_run
+    moved = tmp_path / "moved"
+    shutil.copytree(work, moved)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        run_pipeline(dataclasses.replace(s, workdir=str(moved)))
+    assert "running" not in caplog.text
