@@ -826,7 +826,7 @@ def run_saliency(
         out_dir / "gallery.png",
         gallery,
         gallery_per_group,
-        title=f"{method} ({'class-agnostic' if method == 'eigencam' else 'target: ' + target}), threshold {threshold}",
+        title=f"{method} ({'class-agnostic' if method == 'eigencam' else 'target: ' + target}), threshold {threshold:.3f}",
     )
     rand = None
     if randomisation and rand_inputs:
