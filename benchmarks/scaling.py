@@ -12,7 +12,8 @@ Time should grow linearly with N; the in-memory cache's peak memory grows with N
 flat. Peak memory is the process's peak resident set (``VmHWM``); ``growth_mb`` is that peak minus the resident
 set after imports.
 
-    python benchmarks/scaling.py                                  # 100, 1000, 10000 ROIs, 64 px, resnet18
+    python benchmarks/scaling.py                                  # 100, 1000, 5000 ROIs, 32 px, resnet18
+    python benchmarks/scaling.py --counts 100 1000 10000          # about 16 minutes on 2 shared cores
     python benchmarks/scaling.py --counts 100 1000 --arch resnext50_32x4d
 """
 
@@ -117,12 +118,12 @@ def child_epoch(n: int, root: Path, size: int, arch: str, batch: int, cache: str
 
 def main(argv: list[str] | None = None) -> dict:
     ap = base_parser(NAME, __doc__.split("\n\n")[0])
-    ap.add_argument("--counts", type=int, nargs="+", default=[100, 1000, 10000])
-    ap.add_argument("--size", type=int, default=64, help="ROI side (px), also the network input")
+    ap.add_argument("--counts", type=int, nargs="+", default=[100, 1000, 5000])
+    ap.add_argument("--size", type=int, default=32, help="ROI side (px), also the network input")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1, help="processes for synthetic preparation")
-    ap.add_argument("--persistent-epochs", type=int, default=2, help="epochs with PersistentDataset (1st writes)")
+    ap.add_argument("--persistent-epochs", type=int, default=1, help="epochs with PersistentDataset (1st writes)")
     ap.add_argument("--skip-cache", action="store_true", help="skip the CacheDataset epoch")
     ap.add_argument("--in-process", action="store_true", help="no subprocesses (peaks then accumulate)")
     ap.add_argument("--child", default=None, help=__import__("argparse").SUPPRESS)

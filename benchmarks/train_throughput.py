@@ -6,7 +6,8 @@ postprocessing and handlers; validation is pushed past the measured window). The
 (same architecture, seed, optimiser, loss, batch and input size) on the same ROIs, held in one tensor in memory.
 Two more variants separate the cost of MONAI's metadata tracking from the rest of the trainer: ``plain+meta`` is
 the plain loop fed ``MetaTensor`` batches (what the trainer's network sees), and ``bundle+tensor`` is the bundle's
-trainer with an inferer that drops the metadata before the network (``benchmarks/_variants.py``).
+trainer with an inferer that drops the metadata before the network (``benchmarks/_variants.py``);
+``bundle+tensor+none`` also frees the gradients between iterations (``optim_set_to_none``) as the plain loop does.
 
 Precisions: ``fp32`` and ``amp`` (CPU: channels_last + bfloat16 autocast; CUDA: channels_last + float16
 autocast, as ``AutocastInferer`` does). Throughput is the batch size over the median iteration time after
@@ -40,7 +41,7 @@ from benchmarks._common import (  # noqa: E402
 )
 
 NAME = "train_throughput"
-VARIANTS = ["bundle", "bundle+tensor", "plain", "plain+meta"]
+VARIANTS = ["bundle", "bundle+tensor", "bundle+tensor+none", "plain", "plain+meta"]
 COLUMNS = [
     "size",
     "precision",
@@ -73,15 +74,21 @@ def build_bundle_trainer(
     iters: int,
     device: str,
     plain_tensor: bool = False,
+    set_to_none: bool = False,
 ) -> tuple[Any, Any]:
     """The bundle's SupervisedTrainer from configs/train.json (validation moved out of the way).
 
     ``plain_tensor`` swaps the inferer for ``benchmarks._variants.PlainTensorInferer`` (metadata dropped before
-    the network), everything else unchanged.
+    the network), everything else unchanged; ``set_to_none`` sets the trainer's ``optim_set_to_none`` (gradients
+    freed instead of zero-filled between iterations, as the plain loop does).
     """
     from monai.bundle import ConfigWorkflow
 
-    extra = {"train#inferer#_target_": "benchmarks._variants.PlainTensorInferer"} if plain_tensor else {}
+    extra: dict[str, Any] = (
+        {"train#inferer#_target_": "benchmarks._variants.PlainTensorInferer"} if plain_tensor else {}
+    )
+    if set_to_none:
+        extra["train#trainer#optim_set_to_none"] = True
 
     wf = ConfigWorkflow(
         config_file=str(REPO / "configs" / "train.json"),
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
                 iters = args.warmup + args.iters
                 torch.manual_seed(0)
                 trainers = {}
-                for v in ("bundle", "bundle+tensor"):
+                for v in ("bundle", "bundle+tensor", "bundle+tensor+none"):
                     if v in args.variants or (v == "bundle" and not trainers):
                         torch.manual_seed(0)
                         trainers[v] = build_bundle_trainer(
@@ -283,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
                             amp,
                             iters,
                             device,
-                            plain_tensor=v == "bundle+tensor",
+                            plain_tensor=v.startswith("bundle+tensor"),
+                            set_to_none=v.endswith("+none"),
                         )
                 wf = next(iter(trainers.values()))[0]
                 images, labels = load_memory_data(wf)
