@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from scripts.atomic import file_digest
+
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_DIR / "configs"
 logger = logging.getLogger("pipeline")
@@ -68,14 +70,6 @@ class Settings:
         return cls(**base)
 
 
-def _sha(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # overrides that only say where files are: their contents enter the fingerprint through ``inputs``, so a moved
 # bundle or dataset folder does not make finished stages stale
 LOCATION_KEYS = ("bundle_root", "dataset_dir", "datalist", "init_weights", "members", "cases_csv", "output_dir")
@@ -89,7 +83,7 @@ def fingerprint(config_files: Sequence[Path], overrides: dict, inputs: Sequence[
     kept = {k: v for k, v in overrides.items() if k not in LOCATION_KEYS}
     h.update(json.dumps(kept, sort_keys=True, default=str).encode())
     for p in inputs:
-        h.update(_sha(p).encode())
+        h.update(file_digest(p).encode())
     return h.hexdigest()
 
 

@@ -36,6 +36,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from scripts.atomic import file_digest
+
 logger = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "true", "false")
@@ -66,15 +68,6 @@ class CheckpointError(ResilienceError):
 # ---------------------------------------------------------------------------------------------------------------------
 # fingerprint of a run
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's contents."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_config_parser() -> Any | None:

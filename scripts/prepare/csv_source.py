@@ -23,11 +23,11 @@ spacing_mm    no        pixel pitch for this image, overriding the file (and ``-
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 from pathlib import Path
 from typing import Iterator
 
+from scripts.atomic import file_digest
 from scripts.prepare.errors import ErrorReport, PrepareError
 from scripts.prepare.loaders import LoadedImage, load_image, load_mask
 from scripts.prepare.pipeline import CaseSpec, Pseudonymiser
@@ -215,11 +215,6 @@ def csv_cases(
         )
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 prefix of a file's bytes (part of the settings fingerprint, so edited inputs are not reused)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def prepare_csv(
     csv_path: str | Path,
     out_dir: str | Path,
@@ -240,7 +235,7 @@ def prepare_csv(
     if not Path(csv_path).is_file():
         raise PrepareError(f"{csv_path}: CSV file not found")
     pseudonym = Pseudonymiser(out_dir, salt=salt, prefix="pt")
-    settings = {"input_digest": file_digest(csv_path), "source_pitch_mm": source_pitch_mm, "pad": geom.pad}
+    settings = {"input_digest": file_digest(csv_path)[:16], "source_pitch_mm": source_pitch_mm, "pad": geom.pad}
     return prepare_source(
         "csv",
         lambda report: csv_cases(csv_path, geom, report, pseudonym, source_pitch_mm, default_task),

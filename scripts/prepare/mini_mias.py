@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from scripts.atomic import file_digest
 from scripts.prepare.errors import ErrorReport, PrepareError
 from scripts.prepare.loaders import load_image
 from scripts.prepare.pipeline import CaseSpec
@@ -181,12 +182,6 @@ def mias_cases(
         yield CaseSpec(case, task, str(film), fields, _render(cache, film, row, geom, pitch_mm))
 
 
-def _digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def prepare_mini_mias(
     root: str | Path,
     out_dir: str | Path,
@@ -210,7 +205,7 @@ def prepare_mini_mias(
         {
             "source_pitch_mm": pitch_mm,
             "intermediate": "non-calcification lesions (B/M)",
-            "input_digest": _digest(find_info(root)),
+            "input_digest": file_digest(find_info(root))[:16],
         },
         num_folds=num_folds,
         seed=seed,
