@@ -235,7 +235,9 @@ def load_members(ensemble: Ensemble, member_weights: Sequence[str | os.PathLike]
 
 
 def save_ensemble(
-    member_weights: Sequence[str | os.PathLike], out_path: str | os.PathLike, arch: str = "resnext50_32x4d",
+    member_weights: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    arch: str = "resnext50_32x4d",
     num_classes: int = 2,
 ) -> Path:
     """Load the fold members and write the :class:`Ensemble`'s state dict to ``out_path`` (atomically)."""

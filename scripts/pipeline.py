@@ -212,12 +212,19 @@ def run_pipeline(s: Settings) -> Path:
     if s.intermediate:
         logger.info("stage 1 (intermediate) initialisation: %s", how)
         inter_over = dict(
-            common, datalist=str(inter_dl), init=s.init, init_weights=s.imagenet_weights, fold=0,
+            common,
+            datalist=str(inter_dl),
+            init=s.init,
+            init_weights=s.imagenet_weights,
+            fold=0,
             **{"train#trainer#max_epochs": s.epochs_intermediate},
         )
         inter_model, _ = run_stage(
-            "intermediate", [train, CONFIGS / "stage_intermediate.json"], inter_over,
-            models / "intermediate" / "model.pt", [inter_dl, *init_inputs],
+            "intermediate",
+            [train, CONFIGS / "stage_intermediate.json"],
+            inter_over,
+            models / "intermediate" / "model.pt",
+            [inter_dl, *init_inputs],
         )
         target_init = {"init_weights": str(inter_model)}
         target_inputs = [target_dl, inter_model]
@@ -230,12 +237,19 @@ def run_pipeline(s: Settings) -> Path:
     members = []
     for k in range(s.folds):
         over = dict(
-            common, datalist=str(target_dl), fold=k, backbone_lr_factor=s.backbone_lr_factor, **target_init,
+            common,
+            datalist=str(target_dl),
+            fold=k,
+            backbone_lr_factor=s.backbone_lr_factor,
+            **target_init,
             **{"train#trainer#max_epochs": s.epochs_target},
         )
         m, _ = run_stage(
-            f"target fold {k + 1}/{s.folds}", [train, CONFIGS / "stage_target.json"], over,
-            models / f"target_fold{k}" / "model.pt", target_inputs,
+            f"target fold {k + 1}/{s.folds}",
+            [train, CONFIGS / "stage_target.json"],
+            over,
+            models / f"target_fold{k}" / "model.pt",
+            target_inputs,
         )
         members.append(m)
     ensemble_file = models / "model.pt"
@@ -267,8 +281,13 @@ def run_pipeline(s: Settings) -> Path:
     target = schema.read_datalist(target_dl, check_files=False)
     source = target.get("metadata", {}).get("source", "unknown")
     summary = metrics.summarize(
-        test_rows, val_rows, threshold_rule=s.threshold_rule, threshold_value=s.threshold_value,
-        n_boot=s.n_boot, seed=s.seed, data_source=source,
+        test_rows,
+        val_rows,
+        threshold_rule=s.threshold_rule,
+        threshold_value=s.threshold_value,
+        n_boot=s.n_boot,
+        seed=s.seed,
+        data_source=source,
     )
     summary["settings"] = {k: v for k, v in asdict(s).items() if k != "extra_overrides"}
     summary["data"] = {"source": source, "target_datalist": str(target_dl), "intermediate_datalist": str(inter_dl)}
@@ -277,12 +296,21 @@ def run_pipeline(s: Settings) -> Path:
     if s.saliency:
         saliency_dir = results / "saliency"
         over = dict(
-            common, datalist=str(target_dl), split="test", num_members=s.folds, output_dir=str(results),
+            common,
+            datalist=str(target_dl),
+            split="test",
+            num_members=s.folds,
+            output_dir=str(results),
             **{"saliency#threshold": summary["threshold"]["threshold"], "saliency#method": s.saliency_method},
         )
         loc_file, _ = run_stage(
-            "saliency", [CONFIGS / "inference.json", CONFIGS / "saliency.json"], over,
-            saliency_dir / "localisation.json", [target_dl, ensemble_file], workflow_type=None, run_id="saliency",
+            "saliency",
+            [CONFIGS / "inference.json", CONFIGS / "saliency.json"],
+            over,
+            saliency_dir / "localisation.json",
+            [target_dl, ensemble_file],
+            workflow_type=None,
+            run_id="saliency",
         )
         loc = json.loads(loc_file.read_text())
         summary["saliency"] = {k: loc[k] for k in ("settings", "counts", "table", "randomisation") if k in loc}
@@ -291,7 +319,10 @@ def run_pipeline(s: Settings) -> Path:
     metrics_file = write_json(results / "metrics.json", summary)
     gallery = results / "saliency" / "gallery.png"
     report.write_report(
-        results / "report.html", summary, test_rows, val_rows,
+        results / "report.html",
+        summary,
+        test_rows,
+        val_rows,
         dataset_summary=dataset_summary(target, inter_dl),
         gallery_png=str(gallery) if gallery.is_file() else None,
     )
@@ -350,7 +381,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                 typ = float
             p.add_argument(flag, type=typ, default=None)
     p.add_argument(
-        "--override", action="append", default=[], metavar="ID=JSON",
+        "--override",
+        action="append",
+        default=[],
+        metavar="ID=JSON",
         help="extra config override, e.g. --override 'train#dataloader#num_workers=2' (repeatable)",
     )
     a = p.parse_args(argv)

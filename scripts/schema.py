@@ -268,9 +268,7 @@ def assign_folds(items: Sequence[dict], num_folds: int, seed: int = 0) -> list[d
     return out
 
 
-def split_by_patient(
-    items: Sequence[dict], test_fraction: float, seed: int = 0
-) -> tuple[list[dict], list[dict]]:
+def split_by_patient(items: Sequence[dict], test_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Split items into (rest, test) with whole patients on one side, stratified by patient majority label."""
     import numpy as np
 

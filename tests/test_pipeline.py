@@ -46,7 +46,9 @@ def test_three_stages_write_models_predictions_and_metrics(tiny_run):
     test_rows = read_cases_csv(work / "results" / "cases_test.csv")
     assert len(test_rows) == summary["counts"]["test"]["cases"]
     assert all(0.0 <= r["prob"] <= 1.0 for r in test_rows)
-    assert all(r["prob"] == pytest.approx((r["member_0"] + r["member_1"] + r["member_2"]) / 3, abs=1e-5) for r in test_rows)
+    assert all(
+        r["prob"] == pytest.approx((r["member_0"] + r["member_1"] + r["member_2"]) / 3, abs=1e-5) for r in test_rows
+    )
     html = (work / "results" / "report.html").read_text()
     assert "Saliency localisation" in html and "data:image/png;base64" in html
     assert summary["saliency"]["table"]["all"]["n"] == len(test_rows)

@@ -19,8 +19,15 @@ def test_pipeline_trains_and_evaluates_on_prepared_mini_mias(tmp_path):
 
     prepare_mini_mias(MIAS, tmp_path / "mias", num_folds=2)
     s = Settings(
-        workdir=str(tmp_path / "run"), dataset_dir=str(tmp_path / "mias"), arch="resnet18", image_size=64, folds=2,
-        epochs_intermediate=1, epochs_target=1, batch_size=8, n_boot=50,
+        workdir=str(tmp_path / "run"),
+        dataset_dir=str(tmp_path / "mias"),
+        arch="resnet18",
+        image_size=64,
+        folds=2,
+        epochs_intermediate=1,
+        epochs_target=1,
+        batch_size=8,
+        n_boot=50,
     )
     summary = json.loads(run_pipeline(s).read_text())
     assert summary["data"]["source"] != "synthetic"
