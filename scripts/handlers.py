@@ -12,7 +12,27 @@ from ignite.engine import Engine, Events
 logger = logging.getLogger(__name__)
 
 
-class CaseTableHandler:
+class _RowTable:
+    """Collects one row per case during a run (``_collect``) and writes the table when it completes (``_write``)."""
+
+    rows: list[dict]
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows = []
+
+    def _collect(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _write(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class CaseTableHandler(_RowTable):
     """Collect one row per case from an evaluator and write the per-case CSV when the run completes.
 
     Each row holds the case's datalist fields (``case``, ``patient``, ``lesion``, ``label``, ``birads``), every
@@ -42,14 +62,6 @@ class CaseTableHandler:
         self.class_index = class_index
         self.rows: list[dict] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows = []
-
     def _prob(self, value: torch.Tensor) -> float:
         return float(torch.as_tensor(value).flatten()[self.class_index])
 
@@ -76,7 +88,7 @@ class CaseTableHandler:
         logger.info("wrote %d cases to %s", len(self.rows), self.output_csv)
 
 
-class PredictionTableHandler:
+class PredictionTableHandler(_RowTable):
     """Write the inference table: one row per case with each class probability, the predicted class, or an error.
 
     Columns: ``case``, ``status`` (``ok`` or ``error``), ``prob_<class name>`` for every class, ``pred_class``
@@ -122,14 +134,6 @@ class PredictionTableHandler:
     def columns(self) -> list[str]:
         """The table's header."""
         return ["case", "status", *[f"prob_{c}" for c in self.class_names], "pred_class", "pred_label", "error"]
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows = []
 
     def _decide(self, probs: list[float]) -> int:
         if self.threshold is None:
