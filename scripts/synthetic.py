@@ -118,6 +118,7 @@ class SynthParams:
     """All generation parameters; stored in the datalist metadata (intensities are on the [0, 1] scale)."""
 
     # background: power-law texture, fat/dense mixing, quantum-like noise
+    shared_style: bool = True  # a patient's ROIs share one background style (False: each ROI draws its own)
     beta_mean: float = 3.1  # spectral exponent of P(f) ∝ 1/f^β (mammography ≈ 3.1)
     beta_sd: float = 0.15  # per-patient spread of β, clipped to [beta_min, beta_max]
     beta_min: float = 2.8
@@ -164,6 +165,8 @@ class SynthParams:
                 kw[k] = v if isinstance(v, type(cur)) else replace(cur, **dict(v))
             elif k == "rois_per_patient":
                 kw[k] = tuple(float(x) for x in v)
+            elif isinstance(cur, bool):
+                kw[k] = bool(v)
             else:
                 kw[k] = float(v)
         return replace(out, **kw)
@@ -526,7 +529,8 @@ def generate_roi(
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     code = TASKS[task][0]
-    style = patient_style(_rng(seed, code, _STREAM_PATIENT, patient_index), params)
+    style_key = patient_index if params.shared_style else 1_000_000 + index
+    style = patient_style(_rng(seed, code, _STREAM_PATIENT, style_key), params)
     rng = _rng(seed, code, _STREAM_ROI, index)
     render = render_target_roi if task == "target" else render_intermediate_roi
     return render(rng, int(label), style, int(image_size), float(pixel_spacing_mm), params)

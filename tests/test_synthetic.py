@@ -224,3 +224,18 @@ def test_cli(tmp_path):
     assert "10/10 ROIs" in res.stdout
     res2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res2.returncode == 0 and "up to date" in res2.stdout
+
+
+def test_shared_style_knob_controls_whether_a_patients_rois_share_their_background(monkeypatch):
+    import scripts.synthetic as synth
+
+    styles = []
+    original = synth.patient_style
+    monkeypatch.setattr(synth, "patient_style", lambda rng, params: styles.append(original(rng, params)) or styles[-1])
+    for shared in (True, False):
+        p = SynthParams.from_dict({"shared_style": shared})
+        assert p.shared_style is shared
+        generate_roi("target", 0, 1, patient_index=7, params=p)
+        generate_roi("target", 1, 1, patient_index=7, params=p)
+    assert styles[0] == styles[1]  # shared: both ROIs of patient 7 get one style
+    assert styles[2] != styles[3]  # per ROI: each draws its own
