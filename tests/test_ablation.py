@@ -7,7 +7,7 @@ import urllib.error
 import torchvision
 
 from scripts.ablation import run_ablation
-from scripts.pipeline import Settings
+from tests.conftest import tiny_settings
 
 
 def test_ablation_reports_imagenet_arms_as_not_run_offline(tmp_path, monkeypatch):
@@ -15,17 +15,7 @@ def test_ablation_reports_imagenet_arms_as_not_run_offline(tmp_path, monkeypatch
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    base = Settings(
-        arch="resnet18",
-        image_size=64,
-        folds=2,
-        n_intermediate=16,
-        n_target_test=12,
-        epochs_intermediate=1,
-        epochs_target=1,
-        batch_size=8,
-        n_boot=20,
-    )
+    base = tiny_settings(n_target_test=12)
     result = run_ablation(tmp_path, sizes=[16], seeds=[0], arms=["scratch", "intermediate", "dtl"], base=base)
     assert set(result["not_run"]) == {"dtl"} and "could not be downloaded" in result["not_run"]["dtl"]
     assert result["table"]["dtl"]["16"] == {"status": "not run"}

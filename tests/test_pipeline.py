@@ -11,24 +11,14 @@ import torch
 from scripts import schema
 from scripts.metrics import read_cases_csv
 from scripts.network import Ensemble
-from scripts.pipeline import Settings, run_pipeline
+from scripts.pipeline import run_pipeline
+from tests.conftest import tiny_settings
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bundle")
-    s = Settings(
-        workdir=str(work),
-        arch="resnet18",
-        image_size=64,
-        n_intermediate=24,
-        n_target_train=30,
-        n_target_test=12,
-        epochs_intermediate=1,
-        epochs_target=1,
-        batch_size=8,
-        n_boot=50,
-    )
+    s = tiny_settings(workdir=str(work), folds=3, n_intermediate=24, n_target_train=30, n_target_test=12, n_boot=50)
     metrics_file = run_pipeline(s)
     return s, work, metrics_file
 

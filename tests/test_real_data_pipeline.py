@@ -7,8 +7,8 @@ import json
 import pytest
 
 from scripts.metrics import read_cases_csv
-from scripts.pipeline import Settings, run_pipeline
-from tests.conftest import SHARED_DATA
+from scripts.pipeline import run_pipeline
+from tests.conftest import SHARED_DATA, tiny_settings
 
 MIAS = SHARED_DATA / "mini-mias"
 
@@ -18,17 +18,7 @@ def test_pipeline_trains_and_evaluates_on_prepared_mini_mias(tmp_path):
     from scripts.prepare.mini_mias import prepare_mini_mias
 
     prepare_mini_mias(MIAS, tmp_path / "mias", num_folds=2)
-    s = Settings(
-        workdir=str(tmp_path / "run"),
-        dataset_dir=str(tmp_path / "mias"),
-        arch="resnet18",
-        image_size=64,
-        folds=2,
-        epochs_intermediate=1,
-        epochs_target=1,
-        batch_size=8,
-        n_boot=50,
-    )
+    s = tiny_settings(workdir=str(tmp_path / "run"), dataset_dir=str(tmp_path / "mias"), n_boot=50)
     summary = json.loads(run_pipeline(s).read_text())
     assert summary["data"]["source"] != "synthetic"
     rows = read_cases_csv(tmp_path / "run" / "results" / "cases_test.csv")

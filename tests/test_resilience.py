@@ -20,8 +20,8 @@ from monai.bundle import ConfigWorkflow
 
 from scripts import resilience
 from scripts.network import WeightsError, load_state_dict_file
-from scripts.pipeline import Settings, run_pipeline
-from tests.conftest import REPO
+from scripts.pipeline import run_pipeline
+from tests.conftest import REPO, tiny_settings
 
 CONFIGS = REPO / "configs"
 STAGE = [str(CONFIGS / "train.json"), str(CONFIGS / "stage_target.json")]
@@ -308,20 +308,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, mon
 
 
 def test_pipeline_reruns_exactly_the_affected_stages_and_resumes_a_killed_one(tmp_path, caplog):
-    s = Settings(
-        workdir=str(tmp_path),
-        arch="resnet18",
-        image_size=64,
-        folds=2,
-        n_intermediate=16,
-        n_target_train=24,
-        n_target_test=8,
-        epochs_intermediate=1,
-        epochs_target=1,
-        batch_size=8,
-        n_boot=20,
-        saliency=False,
-    )
+    s = tiny_settings(workdir=str(tmp_path), saliency=False)
     run_pipeline(s)
     models = tmp_path / "models"
     inter = models / "intermediate" / "model.pt"
