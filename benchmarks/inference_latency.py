@@ -4,20 +4,19 @@ Each configuration runs in its own subprocess, so that its peak memory is its ow
 (``VmHWM``, reset after the networks are built, so the figure is what answering one ROI adds on top of the loaded
 model: ``peak_delta_mb``); on CUDA ``torch.cuda.max_memory_allocated``. Modes:
 
-* ``predict``: the bundle's inference path, ``AutocastInferer`` (channels_last + bfloat16 on CPU, float16 on CUDA)
+* ``predict``: the bundle's inference path, ``AutocastInferer`` (channels_last + bfloat16)
   under ``torch.inference_mode``, returning the ensemble's probabilities;
 * ``predict_fp32``: the same in float32;
 * ``cam``: ``scripts.saliency.EnsembleCAM`` (pytorch-grad-cam, frozen parameters, float32): the map of every
   member and the ensemble's probabilities in one call;
 * ``cam_nofreeze``: the same with every parameter requiring gradients (the library's plain path; ``--compare-freeze``);
-* ``cam_bf16``: a Grad-CAM written here for comparison: one channels_last + bfloat16 forward per member with the
-  gradient taken only at the target layer's output; the row reports the correlation of its ensemble map with
-  ``EnsembleCAM``'s on the same ROI.
+* ``cam_amp``: ``EnsembleCAM(amp=True)``, the bundle's saliency default: channels_last + bfloat16 forward,
+  float32 maps; the row reports the correlation of its ensemble map with ``cam``'s on the same ROI.
 
 Networks are randomly initialised (timings do not depend on the weights); the input is one ROI (batch 1).
 
     python benchmarks/inference_latency.py
-    python benchmarks/inference_latency.py --sizes 224 --members 5 --modes predict cam cam_bf16
+    python benchmarks/inference_latency.py --sizes 224 --members 5 --modes predict cam cam_amp
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from benchmarks._common import (  # noqa: E402
 )
 
 NAME = "inference_latency"
-MODES = ("predict", "predict_fp32", "cam", "cam_nofreeze", "cam_bf16")
+MODES = ("predict", "predict_fp32", "cam", "cam_nofreeze", "cam_amp")
 COLUMNS = [
     "size",
     "members",
@@ -76,50 +75,6 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def bf16_gradcam(ensemble: Any, x: Any, target_class: int = 1) -> tuple[Any, Any]:
-    """Grad-CAM of every member at ``target_layer`` from one autocast forward each; returns (maps, probs).
-
-    Parameters are not asked for gradients: the target layer's output is detached and made a leaf, so the backward
-    pass runs only through the pooling and the classifier head. Maps are ``(B, H, W)`` in [0, 1] (mean of the
-    members' min-max normalised maps, renormalised); probs ``(B, C)``.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from scripts.saliency import ensemble_members, normalise_maps
-
-    members = ensemble_members(ensemble)
-    dev = x.device
-    dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
-    x = x.contiguous(memory_format=torch.channels_last)
-    maps, probs = [], []
-    for m in members:
-        store: dict[str, Any] = {}
-
-        def hook(_mod: Any, _inp: Any, out: Any) -> Any:
-            leaf = out.detach().requires_grad_(True)
-            store["a"] = leaf
-            return leaf
-
-        handle = m.target_layer.register_forward_hook(hook)
-        try:
-            with torch.enable_grad(), torch.autocast(dev.type, dtype=dtype):
-                logits = m(x)
-            score = logits[:, target_class].float().sum()
-            (grad,) = torch.autograd.grad(score, store["a"])
-        finally:
-            handle.remove()
-        a = store["a"].detach().float()
-        w = grad.float().mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((w * a).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        maps.append(normalise_maps(cam.cpu().numpy()))
-        probs.append(torch.softmax(logits.detach().float(), 1))
-    import numpy as np
-
-    return normalise_maps(np.stack(maps).mean(0)), torch.stack(probs).mean(0)
-
-
 def child(size: int, members: int, mode: str, arch: str, device: str, warmup: int, reps: int, batch: int) -> dict:
     """Measure one configuration in this (fresh) process and return its row."""
     import numpy as np
@@ -142,16 +97,11 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
             with torch.inference_mode():
                 return inferer(x, net)
 
-    elif mode in ("cam", "cam_nofreeze"):
-        cam = EnsembleCAM(net, freeze=mode == "cam")
+    else:
+        cam = EnsembleCAM(net, freeze=mode != "cam_nofreeze", amp=mode == "cam_amp")
 
         def step() -> Any:
             return cam(x)
-
-    else:
-
-        def step() -> Any:
-            return bf16_gradcam(net, x)
 
     sync(device)
     model_rss = current_rss_mb()
@@ -170,10 +120,10 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     load = mon.stop()
-    if mode == "cam_bf16":
+    if mode == "cam_amp":
         with EnsembleCAM(net) as ref:
             ref_maps = ref(x).maps
-        a, b = out[0].ravel(), ref_maps.ravel()
+        a, b = out.maps.ravel(), ref_maps.ravel()
         extra["map_corr"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
     row = {
         "size": size,
@@ -200,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = base_parser(NAME, __doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 512])
     ap.add_argument("--members", type=int, nargs="+", default=[1, 5], help="ensemble sizes K")
-    ap.add_argument("--modes", nargs="+", default=["predict", "cam", "cam_bf16"], choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=["predict", "cam", "cam_amp"], choices=MODES)
     ap.add_argument("--compare-freeze", action="store_true", help="add cam_nofreeze (slow and memory-hungry)")
     ap.add_argument("--arch", default="resnext50_32x4d")
     ap.add_argument("--batch", type=int, default=1, help="ROIs per call (latency is per ROI)")

@@ -20,7 +20,7 @@ step() {  # step <seconds> <name> <args...>
 step 150 train_throughput --sizes 128 224 --batch 32 --warmup 3 --iters 10 --rounds 2 \
     --out "$OUT/gpu_train_throughput.json"
 # 2. inference and Grad-CAM latency per ROI, 1 and 5 members, 224 and 512 px (one subprocess each)
-step 120 inference_latency --sizes 224 512 --members 1 5 --modes predict cam cam_bf16 --warmup 3 --reps 10 \
+step 120 inference_latency --sizes 224 512 --members 1 5 --modes predict cam cam_amp --warmup 3 --reps 10 \
     --out "$OUT/gpu_inference_latency.json"
 # 3. scaling of preparation and epochs (preparation and augmentation run on the host's cores)
 step 150 scaling --counts 100 1000 10000 --workers 8 --out "$OUT/gpu_scaling.json"

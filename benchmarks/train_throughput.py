@@ -11,7 +11,9 @@ trainer with an inferer that drops the metadata before the network (``benchmarks
 
 Precisions: ``fp32`` and ``amp`` (CPU: channels_last + bfloat16 autocast; CUDA: channels_last + float16
 autocast, as ``AutocastInferer`` does). Throughput is the batch size over the median iteration time after
-warm-up; rounds alternate bundle and plain so that a change in machine load hits both.
+warm-up. An untimed first round runs every variant once (whichever network first meets an input shape pays for
+kernel creation: without it, the variant that ran first looked 20-40 % slower); the timed rounds then alternate
+the order of the variants, so that a change in machine load hits all of them.
 
     python benchmarks/train_throughput.py                    # 128 and 224 px, resnext50_32x4d, CPU
     python benchmarks/train_throughput.py --device cuda --batch 32
@@ -149,9 +151,13 @@ def bundle_times(marks: dict[str, list[float]], warmup: int) -> dict[str, list[f
     return out
 
 
-def run_bundle(trainer: Any, warmup: int, device: str) -> dict[str, list[float]]:
+def run_bundle(trainer: Any, warmup: int, device: str, iters: int) -> dict[str, list[float]]:
+    """One epoch of ``iters`` iterations. ``Workflow.run`` would restart a finished engine with the loader's length
+    as the epoch length, so ignite's ``Engine.run`` is called with it explicitly."""
+    from ignite.engine import Engine
+
     marks = attach_timers(trainer, device)
-    trainer.run()
+    Engine.run(trainer, trainer.data_loader, max_epochs=1, epoch_length=iters)
     return bundle_times(marks, warmup)
 
 
@@ -308,10 +314,14 @@ def main(argv: list[str] | None = None) -> dict:
                 mon = LoadMonitor()
                 mon.start()
                 row_load = load1()
-                for _ in range(args.rounds):
-                    for v in args.variants:
+                # round 0 is an untimed warm-up of every variant: the first network to run a given shape pays for
+                # oneDNN's kernel creation and the allocator's growth, whichever variant it is (measured: ~40 %
+                # slower); timed rounds then alternate the order (ABBA) so that drift hits every variant alike
+                for r in range(args.rounds + 1):
+                    order = list(args.variants) if r % 2 else list(reversed(args.variants))
+                    for v in order:
                         if v.startswith("bundle"):
-                            t = run_bundle(trainers[v][1], args.warmup, device)
+                            t = run_bundle(trainers[v][1], args.warmup, device, iters)
                         else:
                             t = run_plain(
                                 plain_nets[v],
@@ -326,8 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 wd,
                                 meta=v == "plain+meta",
                             )
-                        for k in acc[v]:
-                            acc[v][k].extend(t[k])
+                        if r > 0:
+                            for k in acc[v]:
+                                acc[v][k].extend(t[k])
                 load = mon.stop()
                 rows = {}
                 for v in args.variants:

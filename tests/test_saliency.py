@@ -95,6 +95,21 @@ def test_works_under_no_grad_inference_mode_and_bf16_autocast(ensemble, x):
         np.testing.assert_allclose(maps, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_amp_maps_match_float32(ensemble, x, method):
+    before = [p.requires_grad for p in ensemble.parameters()]
+    with EnsembleCAM(ensemble, method=method) as cam:
+        ref = cam(x)
+    with EnsembleCAM(ensemble, method=method, amp=True) as cam:
+        fast = cam(x)
+    assert [p.requires_grad for p in ensemble.parameters()] == before
+    assert not any(m.target_layer._forward_hooks for m in ensemble.members)
+    assert fast.maps.dtype == np.float32 and fast.maps.shape == ref.maps.shape
+    for a, b in zip(fast.member_maps.reshape(-1, 64 * 64), ref.member_maps.reshape(-1, 64 * 64)):
+        assert np.corrcoef(a, b)[0, 1] > 0.99
+    np.testing.assert_allclose(fast.probs, ref.probs, atol=2e-2)
+
+
 @pytest.mark.parametrize("method", ["gradcam++", "eigencam", "layercam"])
 def test_other_methods_and_predicted_target(ensemble, x, method):
     with EnsembleCAM(ensemble, method=method, target="predicted") as cam:
@@ -311,6 +326,7 @@ def test_bundle_config_merged_after_inference(ensemble, tmp_path, monkeypatch):
         "split": "test",
         "output_dir": "$@bundle_root + '/eval'",
         "image_size": 64,
+        "amp": True,
         "network_def": {"_target_": "scripts.network.Ensemble", "num_members": 2, "arch": "resnet18"},
         "network": "$@network_def.to(@device)",
     }
