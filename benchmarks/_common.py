@@ -224,6 +224,37 @@ def run_json_subprocess(argv: Sequence[str], timeout: float | None = None) -> di
 
 
 # ----------------------------------------------------------------------------------------------- output
+def train_workflow(
+    data_root: Path, out_dir: Path, size: int, arch: str, batch: int, device: str, **overrides: Any
+) -> Any:
+    """The bundle's train workflow (``configs/train.json`` through ``ConfigWorkflow``), initialised, with validation
+    pushed out of the way (``val_interval`` of 10**9); ``overrides`` are config ids (``"a#b": value``)."""
+    from monai.bundle import ConfigWorkflow
+
+    settings: dict[str, Any] = dict(
+        bundle_root=str(REPO),
+        dataset_dir=str(data_root),
+        output_dir=str(out_dir / "runs"),
+        ckpt_dir=str(out_dir / "models"),
+        arch=arch,
+        init="scratch",
+        image_size=size,
+        batch_size=batch,
+        device=f"$torch.device('{device}')",
+        val_interval=10**9,
+    )
+    settings.update(overrides)
+    wf = ConfigWorkflow(
+        config_file=str(REPO / "configs" / "train.json"),
+        meta_file=str(REPO / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        **settings,
+    )
+    wf.initialize()
+    return wf
+
+
 def fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"

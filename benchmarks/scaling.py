@@ -30,7 +30,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    REPO,
     LoadMonitor,
     Run,
     base_parser,
@@ -39,6 +38,7 @@ from benchmarks._common import (  # noqa: E402
     run_json_subprocess,
     setup,
     table,
+    train_workflow,
 )
 
 NAME = "scaling"
@@ -65,7 +65,6 @@ def child_prep(n: int, root: Path, size: int, workers: int) -> dict:
 def child_epoch(n: int, root: Path, size: int, arch: str, batch: int, cache: str, device: str, epochs: int) -> dict:
     """Train ``epochs`` epochs of the bundle's trainer over all N ROIs; per-epoch seconds and peak RSS."""
     from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
 
     base = current_rss_mb()
     overrides: dict[str, Any] = {
@@ -82,24 +81,15 @@ def child_epoch(n: int, root: Path, size: int, arch: str, batch: int, cache: str
         }
         del overrides["train#dataset#data"]
     t0 = time.perf_counter()
-    wf = ConfigWorkflow(
-        config_file=str(REPO / "configs" / "train.json"),
-        meta_file=str(REPO / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
-        bundle_root=str(REPO),
-        dataset_dir=str(root),
-        output_dir=str(root / f"runs_{cache}"),
-        ckpt_dir=str(root / f"models_{cache}"),
-        arch=arch,
-        init="scratch",
-        image_size=size,
-        batch_size=batch,
-        device=f"$torch.device('{device}')",
-        val_interval=10**9,
+    wf = train_workflow(
+        root,
+        root / cache,
+        size,
+        arch,
+        batch,
+        device,
         **overrides,
     )
-    wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
     setup_s = time.perf_counter() - t0  # includes the CacheDataset build
     marks: list[float] = []

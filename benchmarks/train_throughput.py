@@ -31,7 +31,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    REPO,
     LoadMonitor,
     Run,
     base_parser,
@@ -40,6 +39,7 @@ from benchmarks._common import (  # noqa: E402
     setup,
     sync,
     table,
+    train_workflow,
 )
 
 NAME = "train_throughput"
@@ -84,34 +84,22 @@ def build_bundle_trainer(
     the network), everything else unchanged; ``set_to_none`` sets the trainer's ``optim_set_to_none`` (gradients
     freed instead of zero-filled between iterations, as the plain loop does).
     """
-    from monai.bundle import ConfigWorkflow
-
     extra: dict[str, Any] = (
         {"train#inferer#_target_": "benchmarks._variants.PlainTensorInferer"} if plain_tensor else {}
     )
     if set_to_none:
         extra["train#trainer#optim_set_to_none"] = True
-
-    wf = ConfigWorkflow(
-        config_file=str(REPO / "configs" / "train.json"),
-        meta_file=str(REPO / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
-        bundle_root=str(REPO),
-        dataset_dir=str(data_root),
-        output_dir=str(out_dir / "runs"),
-        ckpt_dir=str(out_dir / "models"),
-        arch=arch,
-        init="scratch",
-        image_size=size,
-        batch_size=batch,
+    wf = train_workflow(
+        data_root,
+        out_dir,
+        size,
+        arch,
+        batch,
+        device,
         amp=amp,
         channels_last=amp,
-        device=f"$torch.device('{device}')",
-        val_interval=10**9,
         **{"train#trainer#max_epochs": 1, "train#trainer#epoch_length": iters, **extra},
     )
-    wf.initialize()
     return wf, wf.parser.get_parsed_content("train#trainer")
 
 

@@ -42,6 +42,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize
 
+from scripts.schema import unique_case
+
 logger = logging.getLogger(__name__)
 
 ROI_SUFFIXES = (".png",)
@@ -51,15 +53,6 @@ ON_ERROR_CHOICES = ("record", "raise")
 
 class InferenceInputError(ValueError):
     """An inference input that cannot be turned into a ROI (unreadable file, bad CSV cell, ROI off the image)."""
-
-
-def _unique(case: str, used: set[str]) -> str:
-    name, i = case, 1
-    while name in used:
-        i += 1
-        name = f"{case}_{i}"
-    used.add(name)
-    return name
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -81,7 +74,7 @@ def items_from_folder(folder: str | os.PathLike) -> list[dict]:
     if not files:
         raise InferenceInputError(f"{folder}: no ROI PNG (*.png) or DICOM (*.dcm, *.dicom, DICM preamble) files")
     used: set[str] = set()
-    return [{"image": str(p), "case": _unique(p.stem, used)} for p in files]
+    return [{"image": str(p), "case": unique_case(p.stem, used)} for p in files]
 
 
 def _cell_float(row: dict, key: str) -> float | None:
@@ -120,7 +113,7 @@ def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
     for line, row in enumerate(rows, start=2):
         image = row["image"].strip()
         case = (row.get("case") or "").strip() or (Path(image).stem if image else f"line{line}")
-        item: dict[str, Any] = {"image": str(csv_path.parent / image) if image else "", "case": _unique(case, used)}
+        item: dict[str, Any] = {"image": str(csv_path.parent / image) if image else "", "case": unique_case(case, used)}
         try:
             if not image:
                 raise InferenceInputError("empty image cell")

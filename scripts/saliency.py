@@ -646,13 +646,10 @@ def load_weights(network: nn.Module, path: str | Path | None) -> nn.Module:
 
 
 def _safe_name(case: str, used: set[str]) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(case)).strip(".") or "case"
-    base, i = name, 1
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name
+    """A unique file-name stem for ``case`` (characters other than ``A-Za-z0-9._-`` become ``_``)."""
+    from scripts.schema import unique_case
+
+    return unique_case(re.sub(r"[^A-Za-z0-9._-]", "_", str(case)).strip(".") or "case", used)
 
 
 def _input_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:

@@ -75,6 +75,16 @@ def make_item(
     return item
 
 
+def unique_case(case: str, used: set[str]) -> str:
+    """``case``, or ``case_2``, ``case_3``, ... if already in ``used``; the name returned is added to ``used``."""
+    name, i = case, 1
+    while name in used:
+        i += 1
+        name = f"{case}_{i}"
+    used.add(name)
+    return name
+
+
 def make_datalist(
     training: Sequence[dict],
     test: Sequence[dict],

@@ -14,7 +14,9 @@ Every ROI is seeded on its own from ``(seed, task, index)``, so output does not 
 number of worker processes; the same seed gives byte-identical files. ROIs are grouped into synthetic
 patients (1-3 ROIs each, sharing a background style) so that patient-grouped splitting matters.
 
-Images are ``(H, W)`` float in [0, 1] (brighter = denser), square, ``image_size`` px at ``pixel_spacing_mm``.
+Images are ``(H, W)`` float in [0, 1] (brighter = denser), square, ``image_size`` px at ``pixel_spacing_mm``;
+by default every ROI covers the same ``FIELD_MM`` (12.8 mm: 128 px at 0.1 mm), so a smaller or larger network
+input changes the pitch, not the anatomy (clusters of up to ~5 mm radius fit).
 Difficulty knobs: ``cnr`` (calcification contrast-to-noise) and ``overlap`` (0 = class distributions fully
 separated, 1 = identical); ``mass_cnr`` and ``mass_overlap`` for the intermediate task.
 
@@ -55,6 +57,7 @@ from scripts.schema import (
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
+FIELD_MM = 12.8  # default side of a ROI in mm; pixel spacing = FIELD_MM / image_size unless given
 INTERMEDIATE_CLASSES = ("circumscribed", "spiculated")
 # task -> (numeric code used in seeds, case-id prefix, patient-id prefix, class names)
 TASKS: dict[str, tuple[int, str, str, tuple[str, ...]]] = {
@@ -585,7 +588,7 @@ def generate_dataset(
     n_test: int = 200,
     num_folds: int = 3,
     image_size: int = 128,
-    pixel_spacing_mm: float = 0.1,
+    pixel_spacing_mm: float | None = None,
     seed: int = 0,
     params: SynthParams | dict | None = None,
     workers: int = 1,
@@ -600,8 +603,11 @@ def generate_dataset(
     ``fold``) and test (``n_test`` ROIs; counts are matched to within a patient or two). ``params`` is a
     :class:`SynthParams` or a (partial) dict; ``overlap`` and ``cnr`` override the chosen task's knobs. If the
     datalist exists with identical metadata and its files are present, nothing is regenerated ("up to date")
-    unless ``force``. ``workers > 1`` uses processes; output does not depend on it.
+    unless ``force``. ``workers > 1`` uses processes; output does not depend on it. ``pixel_spacing_mm`` defaults
+    to ``FIELD_MM / image_size`` (0.1 mm at 128 px).
     """
+    if pixel_spacing_mm is None:
+        pixel_spacing_mm = FIELD_MM / max(int(image_size), 1)
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     n_train, n_test, num_folds, image_size, seed = int(n_train), int(n_test), int(num_folds), int(image_size), int(seed)
@@ -715,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--n-test", type=int, default=200, help="held-out test ROIs")
     ap.add_argument("--folds", type=int, default=3, help="cross-validation folds (>= 2)")
     ap.add_argument("--size", type=int, default=128, help="ROI side in px")
-    ap.add_argument("--spacing", type=float, default=0.1, help="pixel spacing in mm")
+    ap.add_argument("--spacing", type=float, default=None, help=f"pixel spacing in mm (default {FIELD_MM} mm / size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overlap", type=float, default=None, help="class overlap in [0, 1] (task's knob)")
     ap.add_argument("--cnr", type=float, default=None, help="lesion contrast-to-noise ratio (task's knob)")

@@ -15,6 +15,7 @@ from scipy import ndimage
 from scripts.imageio import read_mask_png, read_roi_png
 from scripts.schema import read_datalist, validate_datalist
 from scripts.synthetic import (
+    FIELD_MM,
     SynthParams,
     class_morphology,
     generate_dataset,
@@ -25,6 +26,7 @@ from scripts.synthetic import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
+SPACING = 0.1  # mm; the default would be FIELD_MM / SIZE = 0.2 mm, too coarse for the mask-contrast checks
 
 
 def _all_items(datalist: dict) -> list[dict]:
@@ -38,16 +40,30 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, seed=3)
+    generate_dataset(
+        out, "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, pixel_spacing_mm=SPACING, seed=3
+    )
     return out
 
 
 def test_same_seed_identical_bytes_different_seed_differs(tmp_path, target_dir):
-    generate_dataset(tmp_path / "a", "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, seed=3, workers=2)
+    generate_dataset(
+        tmp_path / "a",
+        "target",
+        n_train=24,
+        n_test=12,
+        num_folds=3,
+        image_size=SIZE,
+        pixel_spacing_mm=SPACING,
+        seed=3,
+        workers=2,
+    )
     first, second = _files(target_dir / "target"), _files(tmp_path / "a" / "target")
     assert first.keys() == second.keys()
     assert all(first[k] == second[k] for k in first), "same seed (1 vs 2 workers) must give identical files"
-    generate_dataset(tmp_path / "b", "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, seed=4)
+    generate_dataset(
+        tmp_path / "b", "target", n_train=24, n_test=12, num_folds=3, image_size=SIZE, pixel_spacing_mm=SPACING, seed=4
+    )
     third = _files(tmp_path / "b" / "target")
     changed = [k for k in first if k.startswith("images/") and third.get(k) != first[k]]
     assert len(changed) == sum(k.startswith("images/") for k in first), "another seed must change every image"
@@ -181,6 +197,13 @@ def test_intermediate_task(tmp_path):
         mask = read_mask_png(path.parent / it["mask"])
         assert mask.mean() > 0.01
         assert (it["n_spicules"] > 0) == (it["label"] == 1)
+
+
+def test_default_pitch_keeps_the_field_of_view(tmp_path):
+    for size in (32, 128):
+        path = generate_dataset(tmp_path / str(size), "target", n_train=2, n_test=0, num_folds=2, image_size=size)
+        assert json.loads(path.read_text())["metadata"]["pixel_spacing_mm"] == pytest.approx(FIELD_MM / size)
+    assert FIELD_MM / 128 == pytest.approx(0.1)
 
 
 def test_up_to_date_skip_and_regeneration(tmp_path, caplog):
