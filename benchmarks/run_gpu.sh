@@ -16,7 +16,7 @@ step() {  # step <seconds> <name> <args...>
     echo "== $name (cap ${cap} s)"
     timeout "$cap" "$PY" "benchmarks/$name.py" "${common[@]}" "$@" || echo "== $name did not finish (exit $?)"
 }
-# 1. training: bundle vs plain, fp32 vs AMP (float16 autocast + channels_last), 128 and 224 px
+# 1. training: bundle vs plain, fp32 vs AMP (bfloat16 autocast + channels_last), 128 and 224 px
 step 150 train_throughput --sizes 128 224 --batch 32 --warmup 3 --iters 10 --rounds 2 \
     --out "$OUT/gpu_train_throughput.json"
 # 2. inference and Grad-CAM latency per ROI, 1 and 5 members, 224 and 512 px (one subprocess each)
