@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from scripts.atomic import atomic_path, write_json
 from scripts.imageio import read_mask_png, read_roi_png
+from scripts.schema import unique_case
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +94,14 @@ class EnsembleCAM:
             The original ``requires_grad`` flags and train/eval modes are restored after every call.
         threshold: decision threshold on P(malignant) for ``target="predicted"``.
         amp: run the forward pass under bfloat16 autocast (as ``AutocastInferer``) with a channels_last input;
-            the target layer's activations and gradients are cast to float32 before the map is computed. About
-            1.4x faster on CPU; maps agree with float32 ones to a correlation above 0.99 (tested).
+            the target layer's activations and gradients are cast to float32 before the map is computed. 1.3x
+            (224 px, 5 members) to 3x (512 px, 1 member) faster on CPU; maps correlate > 0.99 with float32 ones.
 
     Calling it with ``x`` ``(B, 1, H, W)`` returns a :class:`CAMResult`: the ensemble map (mean of the members'
     maps, renormalised to [0, 1]), the members' maps and the ensemble's probabilities. It works inside
-    ``torch.no_grad()`` / ``torch.inference_mode()`` and under an outer autocast (ignored: ``amp`` decides). Hooks are attached
-    only during a call, so the networks run hook-free in between (inference, export). Call :meth:`close` (or use
-    it as a context manager) when done.
+    ``torch.no_grad()`` / ``torch.inference_mode()`` and under an outer autocast (ignored: ``amp`` decides). Hooks
+    are attached only during a call, so the networks run hook-free in between (inference, export). Call
+    :meth:`close` (or use it as a context manager) when done.
     """
 
     def __init__(
@@ -647,8 +648,6 @@ def load_weights(network: nn.Module, path: str | Path | None) -> nn.Module:
 
 def _safe_name(case: str, used: set[str]) -> str:
     """A unique file-name stem for ``case`` (characters other than ``A-Za-z0-9._-`` become ``_``)."""
-    from scripts.schema import unique_case
-
     return unique_case(re.sub(r"[^A-Za-z0-9._-]", "_", str(case)).strip(".") or "case", used)
 
 
@@ -842,7 +841,8 @@ def run_saliency(
         out_dir / "gallery.png",
         gallery,
         gallery_per_group,
-        title=f"{method} ({'class-agnostic' if method == 'eigencam' else 'target: ' + target}), threshold {threshold:.3f}",
+        title=f"{method} ({'class-agnostic' if method == 'eigencam' else 'target: ' + target}), "
+        f"threshold {threshold:.3f}",
     )
     rand = None
     if randomisation and rand_inputs:

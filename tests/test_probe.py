@@ -25,7 +25,7 @@ def test_probe_runs_and_reports(tiny_data, tmp_path, capsys):
 
 
 def test_planted_brightness_shortcut_is_reported(tiny_data, tmp_path):
-    """Brighten the malignant ROIs of the training split only: the mean-intensity AUC must show it there, not in test."""
+    """Brighten the training split's malignant ROIs only: the mean-intensity AUC must show it there, not in test."""
     src = tiny_data / "target"
     data = json.loads((src / "datalist.json").read_text())
     (tmp_path / "images").mkdir()
