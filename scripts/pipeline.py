@@ -362,6 +362,11 @@ def _print_headline(summary: dict, results: Path) -> None:
             print(f"{name:12s} {v['value']:.3f}")
     if summary.get("data", {}).get("source") == "synthetic":
         print("NOTE: synthetic data; these numbers are not clinical evidence.")
+    if summary.get("settings", {}).get("init") == "scratch":
+        print(
+            "NOTE: stage 1 started from random weights, not ImageNet (the full recipe); see README.md, "
+            "'What to expect from the default run'."
+        )
     print(f"results: {results}/metrics.json, {results}/cases_test.csv, {results}/report.html", flush=True)
 
 
