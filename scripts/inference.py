@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
@@ -42,6 +41,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize
 
+from scripts.prepare.csv_source import cell_float
 from scripts.schema import unique_case
 
 logger = logging.getLogger(__name__)
@@ -77,19 +77,6 @@ def items_from_folder(folder: str | os.PathLike) -> list[dict]:
     return [{"image": str(p), "case": unique_case(p.stem, used)} for p in files]
 
 
-def _cell_float(row: dict, key: str) -> float | None:
-    value = (row.get(key) or "").strip()
-    if value == "":
-        return None
-    try:
-        f = float(value)
-    except ValueError:
-        raise InferenceInputError(f"column {key}: {value!r} is not a number") from None
-    if not math.isfinite(f):
-        raise InferenceInputError(f"column {key}: {value!r} is not finite")
-    return f
-
-
 def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
     """Items from a CSV of images and optional ROI centres (see the module docstring for the columns).
 
@@ -117,13 +104,13 @@ def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
         try:
             if not image:
                 raise InferenceInputError("empty image cell")
-            x, y = _cell_float(row, "x"), _cell_float(row, "y")
+            x, y = cell_float(row, "x", InferenceInputError), cell_float(row, "y", InferenceInputError)
             if (x is None) != (y is None):
                 raise InferenceInputError("give both x and y, or neither")
             unit = (row.get("unit") or "px").strip().lower()
             if unit not in ("px", "mm"):
                 raise InferenceInputError(f"unit {unit!r} must be px or mm")
-            spacing = _cell_float(row, "spacing_mm")
+            spacing = cell_float(row, "spacing_mm", InferenceInputError)
             if spacing is not None and spacing <= 0:
                 raise InferenceInputError(f"spacing_mm {spacing} must be positive")
             if x is not None:

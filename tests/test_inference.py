@@ -231,3 +231,14 @@ def test_saliency_merge_keeps_its_ids():
     for key in ("bundle_root", "device", "datalist", "split", "network_def", "network", "output_dir", "image_size"):
         assert key in parser, key
     assert "saliency" not in str(parser["postprocessing"])
+
+
+def test_csv_rows_with_bad_numbers_carry_their_error(tmp_path):
+    csv_file = tmp_path / "rois.csv"
+    csv_file.write_text("image,x,y,spacing_mm\na.png,10,12,\nb.png,ten,12,\nc.png,1,2,inf\na.png,,,\n")
+    items = items_from_csv(csv_file)
+    assert [it["case"] for it in items] == ["a", "b", "c", "a_2"]
+    assert "error" not in items[0] and items[0]["x"] == 10.0 and items[0]["y"] == 12.0
+    assert items[1]["error"] == "rois.csv line 3: column x: 'ten' is not a number"
+    assert items[2]["error"] == "rois.csv line 4: column spacing_mm: 'inf' is not finite"
+    assert "error" not in items[3] and "x" not in items[3]

@@ -52,16 +52,17 @@ def parse_label(value: str) -> int:
     return LABELS[key]
 
 
-def _float(row: dict, key: str) -> float | None:
+def cell_float(row: dict, key: str, error: type[Exception] = PrepareError) -> float | None:
+    """The number in column ``key`` of a CSV row; ``None`` when empty; ``error`` for text or a non-finite value."""
     v = (row.get(key) or "").strip()
     if v == "":
         return None
     try:
         f = float(v)
     except ValueError:
-        raise PrepareError(f"column {key}: {v!r} is not a number") from None
+        raise error(f"column {key}: {v!r} is not a number") from None
     if not math.isfinite(f):
-        raise PrepareError(f"column {key}: {v!r} is not finite")
+        raise error(f"column {key}: {v!r} is not finite")
     return f
 
 
@@ -94,7 +95,7 @@ class _ImageCache:
 
 def _render(row: dict, path: Path, base: Path, cache: _ImageCache, geom: RoiGeometry, pitch: float | None):
     def render():
-        spacing_override = _float(row, "spacing_mm") or pitch
+        spacing_override = cell_float(row, "spacing_mm") or pitch
         img = cache.get(path, spacing_override)
         spacing = img.spacing_mm
         if spacing is None:
@@ -112,8 +113,8 @@ def _render(row: dict, path: Path, base: Path, cache: _ImageCache, geom: RoiGeom
             return v if unit == "mm" else v * spacing[axis]
 
         info: dict = {"source_spacing_mm": [round(s, 6) for s in spacing]}
-        x, y = _float(row, "x"), _float(row, "y")
-        box = [_float(row, k) for k in ("x0", "y0", "x1", "y1")]
+        x, y = cell_float(row, "x"), cell_float(row, "y")
+        box = [cell_float(row, k) for k in ("x0", "y0", "x1", "y1")]
         mask_cell = (row.get("mask") or "").strip()
         if mask_cell:
             full_mask = load_mask(base / mask_cell)
@@ -138,7 +139,7 @@ def _render(row: dict, path: Path, base: Path, cache: _ImageCache, geom: RoiGeom
         elif x is not None and y is not None:
             centre = (to_px(y, 0), to_px(x, 1))
             roi, outside = crop_roi(img.pixels, spacing, centre, geom)
-            size = _float(row, "size")
+            size = cell_float(row, "size")
             if size is not None:
                 if size <= 0:
                     raise PrepareError(f"size {size} must be positive")
