@@ -10,6 +10,10 @@ from pathlib import Path
 from scripts.prepare.errors import ON_ERROR_CHOICES, PreparationFailed, PrepareError
 from scripts.prepare.roi import PAD_CHOICES, RoiGeometry
 
+# the same as scripts.prepare.cbis_ddsm.TARGET_CHOICES / INTERMEDIATE_CHOICES (not imported: sources load lazily)
+CBIS_TARGET_CHOICES = ("calc", "none")
+CBIS_INTERMEDIATE_CHOICES = ("mass", "calc", "both", "none")
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (ROI images, datalists, report)")
@@ -36,7 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", required=True, type=Path, help="DICOM tree root (TCIA download)")
     p.add_argument("--tables", type=Path, default=None, help="folder with the four case tables (default --in)")
     p.add_argument("--source-pitch-mm", type=float, default=0.05, help="pitch when a DICOM states none (mm)")
-    p.add_argument("--no-mass", action="store_true", help="do not build the intermediate set from mass rows")
+    p.add_argument(
+        "--target",
+        choices=CBIS_TARGET_CHOICES,
+        default="calc",
+        help="calc: calcification rows form the target set (default); none: no target set, CBIS-DDSM as "
+        "intermediate data for your own target",
+    )
+    p.add_argument(
+        "--intermediate",
+        choices=CBIS_INTERMEDIATE_CHOICES,
+        default=None,
+        help="rows of the intermediate set (default mass); target patients are kept out of it: all of them when "
+        "calc rows are in both sets, else those of the target test set",
+    )
+    p.add_argument("--no-mass", action="store_true", help="deprecated: same as --intermediate none")
     _common(p)
     p = sub.add_parser("csv", help="your own images + a CSV of ROIs (see docs/data_preparation.md)")
     p.add_argument("--in", dest="input", required=True, type=Path, help="the CSV file")
@@ -57,6 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.source == "cbis-ddsm":
+        from scripts.prepare.cbis_ddsm import resolve_selection
+
+        if args.no_mass:
+            if args.intermediate not in (None, "none"):
+                print(f"error: --no-mass contradicts --intermediate {args.intermediate}", file=sys.stderr)
+                return 2
+            print("warning: --no-mass is deprecated; use --intermediate none", file=sys.stderr)
+            args.intermediate = "none"
+        args.intermediate = args.intermediate or "mass"
+        try:
+            resolve_selection(args.target, args.intermediate)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     common = dict(
         out_dir=args.out,
         geom=geom,
@@ -74,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             from scripts.prepare.cbis_ddsm import prepare_cbis_ddsm
 
             result = prepare_cbis_ddsm(
-                args.input, tables=args.tables, source_pitch_mm=args.source_pitch_mm, mass=not args.no_mass, **common
+                args.input,
+                tables=args.tables,
+                source_pitch_mm=args.source_pitch_mm,
+                target=args.target,
+                intermediate=args.intermediate,
+                **common,
             )
         else:
             from scripts.prepare.csv_source import prepare_csv
@@ -95,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result["summary"])
+    if "row_selection" in result:
+        from scripts.prepare.cbis_ddsm import describe_selection
+
+        for line in describe_selection(result["row_selection"]):
+            print(line)
     for task, path in result["datalists"].items():
         print(f"{task}: {path}")
     for err in result["errors"]:

@@ -1,9 +1,15 @@
-"""CBIS-DDSM (TCIA): the four case tables + the DICOM tree -> calcification target set and mass intermediate set.
+"""CBIS-DDSM (TCIA): the four case tables + the DICOM tree -> a calcification target set and an intermediate set.
 
-- Calcification rows -> target: label MALIGNANT = 1, BENIGN / BENIGN_WITHOUT_CALLBACK = 0; ``birads`` = the
-  table's ``assessment``; calc type / distribution, subtlety, breast density, laterality and view are kept;
-  the official train/test split is kept (calc-train and calc-test share no patient).
-- Mass rows -> intermediate (same label rule; official split kept) minus every patient of the target test set.
+- Target (``target="calc"``, the default): every calcification row; label MALIGNANT = 1, BENIGN /
+  BENIGN_WITHOUT_CALLBACK = 0; ``birads`` = the table's ``assessment``; calc type / distribution, subtlety, breast
+  density, laterality and view are kept; the official train/test split is kept (calc-train and calc-test share no
+  patient). ``target="none"`` prepares no target set (CBIS-DDSM as intermediate data for one's own FFDM target).
+- Intermediate (``intermediate``: ``"mass"`` (default), ``"calc"``, ``"both"`` or ``"none"``): the rows of those
+  kinds, same label rule, official split kept per patient (a patient with a test row in any included table is test).
+  Target patients are kept out, at the level of the case tables (before any image is read): with calcification
+  rows in both sets, every patient of the target set; otherwise the patients of the target test set; nothing
+  without a target set. The counts (rows, patients, why) go to the log, ``prepare_report.json``
+  (``row_selection``) and the intermediate datalist's metadata (``row_kinds``, ``exclusion``).
 - DICOM tree: both the tables' own layout (``<series>/<uid>/<uid>/000000.dcm``) and the NBIA Data Retriever's
   (``CBIS-DDSM/<series>/<date-study>/<n-description>/1-1.dcm``): files are found by the series folder name
   (e.g. ``Calc-Training_P_00005_RIGHT_CC_1``), and the ROI mask is told from the cropped image by content (a mask
@@ -18,17 +24,25 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from scripts.atomic import write_json
 from scripts.prepare.dicom_io import read_dicom
 from scripts.prepare.errors import ErrorReport, PrepareError
 from scripts.prepare.pipeline import CaseSpec
 from scripts.prepare.roi import RoiGeometry, box_centre, crop_mask, crop_roi, mask_box
+from scripts.schema import read_datalist, write_datalist
+
+logger = logging.getLogger(__name__)
 
 TABLES = {
     ("calc", "training"): "calc_case_description_train_set.csv",
@@ -39,6 +53,10 @@ TABLES = {
 PATHOLOGY = {"MALIGNANT": 1, "BENIGN": 0, "BENIGN_WITHOUT_CALLBACK": 0}
 SERIES_RE = re.compile(r"^(Calc|Mass)-(Training|Test)_P_\d+_(LEFT|RIGHT)_(CC|MLO)(_\d+)?$")
 DEFAULT_PITCH_MM = 0.05
+TARGET_CHOICES = ("calc", "none")
+INTERMEDIATE_CHOICES = ("mass", "calc", "both", "none")
+INTERMEDIATE_KINDS = {"mass": ("mass",), "calc": ("calc",), "both": ("calc", "mass"), "none": ()}
+KIND_NAMES = {"calc": "calcification", "mass": "mass"}
 
 
 def _clean(v: str | None) -> str:
@@ -57,15 +75,17 @@ def read_table(path: str | Path) -> list[dict]:
     return rows
 
 
-def find_tables(folder: str | Path) -> dict[tuple[str, str], Path]:
-    """The case tables present in ``folder`` (searched recursively), keyed by (kind, split)."""
+def find_tables(folder: str | Path, kinds: tuple[str, ...] = ("calc",)) -> dict[tuple[str, str], Path]:
+    """The case tables present in ``folder`` (searched recursively), keyed by (kind, split). At least one table of
+    ``kinds`` must be there (by default a calcification table)."""
     found = {}
     for key, name in TABLES.items():
         hits = sorted(Path(folder).rglob(name))
         if hits:
             found[key] = hits[0]
-    if not any(k[0] == "calc" for k in found):
-        raise PrepareError(f"{folder}: no calcification case table ({TABLES[('calc', 'training')]}, ...) found")
+    if not any(k[0] in kinds for k in found):
+        names = ", ".join(TABLES[(k, s)] for k in kinds for s in ("training", "test"))
+        raise PrepareError(f"{folder}: no {' or '.join(KIND_NAMES[k] for k in kinds)} case table ({names}) found")
     return found
 
 
@@ -206,51 +226,223 @@ def _int(v: str) -> int | None:
         return None
 
 
+def resolve_selection(target: str = "calc", intermediate: str = "mass") -> tuple[str, tuple[str, ...]]:
+    """Check a target / intermediate choice; returns ``(target, kinds of the intermediate rows)``.
+
+    Raises ``ValueError`` for an unknown choice, for nothing to prepare, and for ``target=calc`` with
+    ``intermediate=calc``: every calcification row is then a target row, so no calcification row could enter the
+    intermediate set (target patients are kept out of it)."""
+    if target not in TARGET_CHOICES:
+        raise ValueError(f"target must be one of {TARGET_CHOICES}, got {target!r}")
+    if intermediate not in INTERMEDIATE_CHOICES:
+        raise ValueError(f"intermediate must be one of {INTERMEDIATE_CHOICES}, got {intermediate!r}")
+    kinds = INTERMEDIATE_KINDS[intermediate]
+    if target == "none" and not kinds:
+        raise ValueError("target=none with intermediate=none: nothing to prepare")
+    if target == "calc" and kinds == ("calc",):
+        raise ValueError(
+            "target=calc with intermediate=calc gives an empty intermediate set: every calcification row belongs to a "
+            "target patient, and target patients are kept out of the intermediate set. Use target=none to prepare "
+            "the calcifications as intermediate data for your own target set, or intermediate=mass or both"
+        )
+    return target, kinds
+
+
+@dataclass
+class PlannedRow:
+    """One case-table row and where it goes: ``task`` (target / intermediate) and ``split`` (training / test)."""
+
+    kind: str
+    table_split: str
+    table: Path
+    row: dict
+    task: str
+    split: str
+
+
+@dataclass
+class RowSelection:
+    """The rows to prepare, and ``summary``: counts of the target and intermediate rows, exclusions and split
+    merges (JSON-ready; it goes to ``prepare_report.json`` as ``row_selection``)."""
+
+    target: str
+    intermediate_kinds: tuple[str, ...]
+    rows: list[PlannedRow] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def _count(rows: list[PlannedRow]) -> dict:
+    return {
+        "rows": len(rows),
+        "patients": len({p.row["patient_id"] for p in rows}),
+        "rows_by_kind": dict(sorted(Counter(p.kind for p in rows).items())),
+    }
+
+
+def select_rows(tables: dict[tuple[str, str], Path], target: str = "calc", intermediate: str = "mass") -> RowSelection:
+    """Read the case tables and decide, row by row, target / intermediate / excluded (see the module docstring).
+
+    Exclusion (by patient, from the tables, before any image is read): with calcification rows in both sets,
+    every patient of the target set (training and test); otherwise the patients of the target test set; nothing
+    when there is no target set. Intermediate split: a patient with a test row in any included table is test
+    (calc and mass tables split their patients independently; the datalist needs one split per patient)."""
+    target, kinds = resolve_selection(target, intermediate)
+    read: dict[tuple[str, str], list[dict]] = {}
+    for key, path in sorted(tables.items()):
+        if (key[0] == "calc" and target == "calc") or key[0] in kinds:
+            rows = read_table(path)
+            rows.sort(key=lambda r: r["image_file_path"])  # one full image decoded once for all its abnormalities
+            read[key] = rows
+    planned = [
+        PlannedRow(kind, split, tables[(kind, split)], row, "target", split)
+        for (kind, split), rows in read.items()
+        if kind == "calc" and target == "calc"
+        for row in rows
+    ]
+    target_patients = {p.row["patient_id"] for p in planned}
+    target_test_patients = {p.row["patient_id"] for p in planned if p.split == "test"}
+    if target == "none":
+        banned, rule = set(), "none (no target set)"
+    elif "calc" in kinds:
+        banned, rule = target_patients, "every patient of the target set (calcification rows are in both sets)"
+    else:
+        banned, rule = target_test_patients, "patients of the target test set"
+    candidates = [
+        PlannedRow(kind, split, tables[(kind, split)], row, "intermediate", split)
+        for (kind, split), rows in read.items()
+        if kind in kinds
+        for row in rows
+    ]
+    kept = [p for p in candidates if p.row["patient_id"] not in banned]
+    excluded = [p for p in candidates if p.row["patient_id"] in banned]
+    test_patients = {p.row["patient_id"] for p in kept if p.table_split == "test"}
+    moved = [p for p in kept if p.table_split == "training" and p.row["patient_id"] in test_patients]
+    for p in moved:
+        p.split = "test"
+    requested = ([("calc", "target")] if target == "calc" else []) + [(k, "intermediate") for k in kinds]
+    missing = sorted({TABLES[(k, s)] for k, _ in requested for s in ("training", "test") if (k, s) not in tables})
+    summary = {
+        "target": {"kinds": ["calc"] if target == "calc" else [], **_count(planned)},
+        "intermediate": {
+            "kinds": list(kinds),
+            **_count(kept),
+            "exclusion": {"rule": rule, **_count(excluded)},
+            "moved_to_test": {
+                "rule": "a patient with a test row in any included table is test",
+                "rows": len(moved),
+                "patients": len({p.row["patient_id"] for p in moved}),
+            },
+        },
+        "missing_tables": missing,
+    }
+    return RowSelection(target, kinds, planned + kept, summary)
+
+
+def describe_selection(summary: dict) -> list[str]:
+    """Human-readable lines of a :func:`select_rows` summary (counts are case-table rows, before any image is read)."""
+
+    def kinds(names: list[str]) -> str:
+        return " + ".join(KIND_NAMES[k] for k in names) + " rows"
+
+    lines = []
+    t, i = summary["target"], summary["intermediate"]
+    if t["kinds"]:
+        lines.append(f"target set: {kinds(t['kinds'])}, {t['rows']} table row(s) of {t['patients']} patient(s)")
+    else:
+        lines.append("target set: none")
+    if i["kinds"]:
+        by_kind = ", ".join(f"{k} {n}" for k, n in i["rows_by_kind"].items()) or "none"
+        lines.append(
+            f"intermediate set: {kinds(i['kinds'])}, {i['rows']} table row(s) ({by_kind}) of {i['patients']} patient(s)"
+        )
+        ex = i["exclusion"]
+        if ex["rows"]:
+            by_kind = ", ".join(f"{k} {n}" for k, n in ex["rows_by_kind"].items())
+            lines.append(
+                f"intermediate set: excluded {ex['rows']} row(s) ({by_kind}) of {ex['patients']} patient(s): "
+                f"{ex['rule']}"
+            )
+        elif not t["kinds"]:
+            lines.append("intermediate set: nothing excluded (there is no target set)")
+        else:
+            lines.append(f"intermediate set: nothing excluded (rule: {ex['rule']})")
+        mv = i["moved_to_test"]
+        if mv["rows"]:
+            lines.append(
+                f"intermediate set: {mv['rows']} training-table row(s) of {mv['patients']} patient(s) moved to test "
+                f"({mv['rule']})"
+            )
+    else:
+        lines.append("intermediate set: none")
+    if summary["missing_tables"]:
+        lines.append(f"case table(s) not found: {', '.join(summary['missing_tables'])}")
+    return lines
+
+
 def cbis_cases(
     dicom_root: str | Path,
-    tables: dict[tuple[str, str], Path],
+    selection: RowSelection,
     geom: RoiGeometry,
     report: ErrorReport,
     source_pitch_mm: float = DEFAULT_PITCH_MM,
-    mass: bool = True,
 ) -> Iterator[CaseSpec]:
-    """Yield one :class:`CaseSpec` per table row (calc -> target, mass -> intermediate)."""
+    """Yield one :class:`CaseSpec` per selected table row (see :func:`select_rows`)."""
     tree = DicomTree(dicom_root)
     cache = _FullCache()
-    for (kind, split), table in sorted(tables.items()):
-        if kind == "mass" and not mass:
+    for planned in selection.rows:
+        kind, split, table, row = planned.kind, planned.table_split, planned.table, planned.row
+        series = f"{kind}-{split}_{row['patient_id']}_{row.get('left_or_right_breast', '')}"
+        case = f"cbis_{series}_{row.get('image_view', '')}_{row.get('abnormality_id', '')}".lower()
+        case = re.sub(r"[^a-z0-9_]+", "_", case)
+        label = PATHOLOGY.get(row["pathology"].upper())
+        if label is None:
+            report.fail(case, table.name, f"pathology {row['pathology']!r} not in {sorted(PATHOLOGY)}")
             continue
-        rows = read_table(table)
-        rows.sort(key=lambda r: r["image_file_path"])  # one full image decoded once for all its abnormalities
-        for line, row in enumerate(rows):
-            series = f"{kind}-{split}_{row['patient_id']}_{row.get('left_or_right_breast', '')}"
-            case = f"cbis_{series}_{row.get('image_view', '')}_{row.get('abnormality_id', '')}".lower()
-            case = re.sub(r"[^a-z0-9_]+", "_", case)
-            label = PATHOLOGY.get(row["pathology"].upper())
-            if label is None:
-                report.fail(case, table.name, f"pathology {row['pathology']!r} not in {sorted(PATHOLOGY)}")
-                continue
-            birads = _int(row.get("assessment"))
-            fields = {
-                "label": label,
-                "patient": row["patient_id"],
-                "birads": birads if birads is not None and 0 <= birads <= 6 else None,
-                "pathology": row["pathology"].upper(),
-                "subtlety": _int(row.get("subtlety")),
-                "breast_density": _int(row.get("breast_density")),
-                "laterality": row.get("left_or_right_breast"),
-                "view": row.get("image_view"),
-                "abnormality_id": _int(row.get("abnormality_id")),
-            }
-            if kind == "calc":
-                fields.update(
-                    calc_type=row.get("calc_type") or None, calc_distribution=row.get("calc_distribution") or None
-                )
-            else:
-                fields.update(mass_shape=row.get("mass_shape") or None, mass_margins=row.get("mass_margins") or None)
-            task = "target" if kind == "calc" else "intermediate"
-            where = f"{table.name}: {row['image_file_path'].split('/')[0]} / {row['roi_mask_file_path'].split('/')[0]}"
-            yield CaseSpec(case, task, where, fields, _render(tree, row, cache, geom, source_pitch_mm), split)
+        birads = _int(row.get("assessment"))
+        fields = {
+            "label": label,
+            "patient": row["patient_id"],
+            "birads": birads if birads is not None and 0 <= birads <= 6 else None,
+            "pathology": row["pathology"].upper(),
+            "subtlety": _int(row.get("subtlety")),
+            "breast_density": _int(row.get("breast_density")),
+            "laterality": row.get("left_or_right_breast"),
+            "view": row.get("image_view"),
+            "abnormality_id": _int(row.get("abnormality_id")),
+        }
+        if kind == "calc":
+            fields.update(
+                calc_type=row.get("calc_type") or None, calc_distribution=row.get("calc_distribution") or None
+            )
+        else:
+            fields.update(mass_shape=row.get("mass_shape") or None, mass_margins=row.get("mass_margins") or None)
+        if planned.split != split:
+            fields["table_split"] = split  # moved to test: the patient has a test row in another table
+        where = f"{table.name}: {row['image_file_path'].split('/')[0]} / {row['roi_mask_file_path'].split('/')[0]}"
+        render = _render(tree, row, cache, geom, source_pitch_mm)
+        yield CaseSpec(case, planned.task, where, fields, render, planned.split)
+
+
+def _item_kind(item: dict) -> str:
+    return "calc" if item["case"].startswith("cbis_calc_") else "mass"
+
+
+def _annotate_datalists(datalists: dict[str, str], selection: RowSelection) -> None:
+    """Add to each written datalist's metadata which kinds of rows it holds (and, for the intermediate set, what
+    was excluded and why); re-validated and rewritten atomically."""
+    for task, path in datalists.items():
+        datalist = read_datalist(path, validate=False)
+        items = [it for s in ("training", "validation", "test") for it in datalist.get(s, [])]
+        meta = datalist["metadata"]
+        if task == "target":
+            meta["row_kinds"] = ["calc"]
+        else:
+            info = selection.summary["intermediate"]
+            meta["row_kinds"] = list(selection.intermediate_kinds)
+            meta["exclusion"] = info["exclusion"]
+            meta["moved_to_test"] = info["moved_to_test"]
+        meta["items_by_kind"] = dict(sorted(Counter(_item_kind(it) for it in items).items()))
+        write_datalist(path, datalist)
 
 
 def prepare_cbis_ddsm(
@@ -263,18 +455,40 @@ def prepare_cbis_ddsm(
     on_error: str = "stop",
     overwrite: bool = False,
     source_pitch_mm: float = DEFAULT_PITCH_MM,
-    mass: bool = True,
+    mass: bool | None = None,
+    target: str = "calc",
+    intermediate: str = "mass",
 ) -> dict:
-    """Prepare CBIS-DDSM under ``out_dir`` (``datalist_target.json`` and, with ``mass``, the intermediate one)."""
+    """Prepare CBIS-DDSM under ``out_dir``: ``datalist_target.json`` (calcification rows, unless ``target="none"``)
+    and ``datalist_intermediate.json`` (rows of ``intermediate``: mass, calc, both or none), target patients kept
+    out of the intermediate set (:func:`select_rows`). ``mass=False`` is the deprecated spelling of
+    ``intermediate="none"``. Returns the report (see ``scripts.prepare.pipeline.prepare_source``) with
+    ``row_selection`` added."""
     from scripts.prepare.pipeline import prepare_source
 
+    if mass is not None:
+        warnings.warn("mass= is deprecated: use intermediate='mass' or 'none'", DeprecationWarning, stacklevel=2)
+        if not mass:
+            if intermediate not in ("mass", "none"):
+                raise ValueError(f"mass=False contradicts intermediate={intermediate!r}")
+            intermediate = "none"
+    target, kinds = resolve_selection(target, intermediate)
     geom = geom or RoiGeometry()
-    found = find_tables(tables or dicom_root)
+    found = find_tables(tables or dicom_root, kinds=("calc",) if target == "calc" else kinds)
+    selection = select_rows(found, target, intermediate)
+    for line in describe_selection(selection.summary):
+        logger.info("%s", line)
+    if selection.summary["missing_tables"]:
+        logger.warning("case table(s) not found: %s", ", ".join(selection.summary["missing_tables"]))
+    if kinds and not selection.summary["intermediate"]["rows"]:
+        logger.warning("the intermediate set is empty: %s", "; ".join(describe_selection(selection.summary)[1:]))
     digest = hashlib.sha256(b"".join(Path(p).read_bytes() for _, p in sorted(found.items()))).hexdigest()[:16]
-    settings = {"source_pitch_mm": source_pitch_mm, "mass": mass, "input_digest": digest}
-    return prepare_source(
+    settings = {"source_pitch_mm": source_pitch_mm, "mass": "mass" in kinds, "input_digest": digest}
+    if target != "calc" or kinds not in (("mass",), ()):
+        settings.update(target=target, intermediate=list(kinds))  # the two historical choices keep their fingerprint
+    result = prepare_source(
         "cbis-ddsm",
-        lambda report: cbis_cases(dicom_root, found, geom, report, source_pitch_mm, mass),
+        lambda report: cbis_cases(dicom_root, selection, geom, report, source_pitch_mm),
         out_dir,
         geom,
         settings,
@@ -283,3 +497,7 @@ def prepare_cbis_ddsm(
         on_error=on_error,
         overwrite=overwrite,
     )
+    _annotate_datalists(result["datalists"], selection)
+    result["row_selection"] = selection.summary
+    write_json(Path(out_dir) / "prepare_report.json", result)  # the report prepare_source wrote, + row_selection
+    return result
