@@ -1,6 +1,6 @@
 """Synthetic mammographic ROIs: the bundle's embedded default data (never clinical evidence).
 
-Two tasks share one background generator (parenchymal texture with power spectrum ``P(f) ∝ 1/f^β``,
+Three tasks share one background generator (parenchymal texture with power spectrum ``P(f) ∝ 1/f^β``,
 fat/dense mixing and quantum-like noise):
 
 * ``target``: microcalcification clusters, ``benign`` (0) vs ``malignant`` (1). Benign: a few (≈5-10)
@@ -9,6 +9,12 @@ fat/dense mixing and quantum-like noise):
   branching. The mask is the union of the drawn calcifications.
 * ``intermediate``: masses, ``circumscribed`` (0, round/oval, well-defined margin) vs ``spiculated``
   (1, irregular core with radiating spicules). The mask is the drawn mass (core and spicules).
+* ``film``: the target task (same classes, labels and calcification morphology) in another acquisition domain,
+  digitised screen-film, as the intermediate dataset of a double transfer (the same task in another domain, as
+  in Samala et al., IEEE TMI 2019). The image passes through :func:`apply_film_domain`: screen/digitiser
+  unsharpness (``film_blur_mm``), an H&D-like characteristic curve (``film_gamma``) and spatially correlated film
+  grain (``film_grain_sigma`` over ``film_grain_mm``); ``film_tissue_contrast`` and ``film_calc_contrast`` scale
+  the background's tissue contrast and the calcifications' contrast. The mask is the drawn calcifications.
 
 Every ROI is seeded on its own from ``(seed, task, index)``, so output does not depend on the order or the
 number of worker processes; the same seed gives byte-identical files. ROIs are grouped into synthetic
@@ -18,11 +24,14 @@ Images are ``(H, W)`` float in [0, 1] (brighter = denser), square, ``image_size`
 by default every ROI covers the same ``FIELD_MM`` (12.8 mm: 128 px at 0.1 mm), so a smaller or larger network
 input changes the pitch, not the anatomy (clusters of up to ~5 mm radius fit).
 Difficulty knobs: ``cnr`` (calcification contrast-to-noise) and ``overlap`` (0 = class distributions fully
-separated, 1 = identical); ``mass_cnr`` and ``mass_overlap`` for the intermediate task.
+separated, 1 = identical), shared by ``target`` and ``film``; ``mass_cnr`` and ``mass_overlap`` for the
+intermediate task; the ``film_*`` knobs for the film domain (stored only in ``film`` datalists' metadata, so the
+film task left ``target`` and ``intermediate`` outputs byte-identical).
 
 Command line::
 
     python -m scripts.synthetic --out data/synthetic --task target --n-train 200 --n-test 200 --seed 0
+    python -m scripts.synthetic --out data/synthetic --task film --n-train 1200 --n-test 0 --seed 0
 """
 
 from __future__ import annotations
@@ -63,7 +72,11 @@ INTERMEDIATE_CLASSES = ("circumscribed", "spiculated")
 TASKS: dict[str, tuple[int, str, str, tuple[str, ...]]] = {
     "target": (1, "t", "synth-p", TARGET_CLASSES),
     "intermediate": (2, "i", "synth-ip", INTERMEDIATE_CLASSES),
+    "film": (3, "f", "synth-fp", TARGET_CLASSES),
 }
+CALCIFICATION_TASKS = ("target", "film")  # tasks drawing calcification clusters (benign / malignant)
+FILM_PREFIX = "film_"  # SynthParams fields of the film domain
+FILM_NONNEGATIVE = ("film_blur_mm", "film_grain_sigma", "film_grain_mm", "film_tissue_contrast", "film_calc_contrast")
 _STREAM_LAYOUT, _STREAM_PATIENT, _STREAM_ROI = 0, 1, 2
 
 
@@ -144,6 +157,13 @@ class SynthParams:
     mass_overlap: float = 0.2
     circumscribed: MassMorphology = field(default_factory=_circumscribed)
     spiculated: MassMorphology = field(default_factory=_spiculated)
+    # film task: the target task in a digitised screen-film domain (see apply_film_domain; stored in film datalists)
+    film_blur_mm: float = 0.1  # extra Gaussian blur σ (mm) of the whole image: screen unsharpness + digitiser
+    film_gamma: float = 0.7  # characteristic-curve stand-in: intensity -> intensity ** film_gamma
+    film_grain_sigma: float = 0.02  # film-grain std (intensity units, additive, after the curve)
+    film_grain_mm: float = 0.1  # grain correlation length: Gaussian σ (mm) of the filter applied to white noise
+    film_tissue_contrast: float = 1.1  # multiplies dense_contrast and texture_std of the background
+    film_calc_contrast: float = 1.25  # multiplies the calcifications' contrast (cnr · noise_sigma) before the blur
     # patients: probabilities of 1, 2, 3, ... ROIs per synthetic patient
     rois_per_patient: tuple[float, ...] = (0.3, 0.4, 0.3)
 
@@ -179,14 +199,24 @@ class SynthParams:
         for name in ("overlap", "mass_overlap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("cnr", "mass_cnr", "noise_sigma", "psf_sigma_mm"):
-            if getattr(self, name) < 0:
+        for name in ("cnr", "mass_cnr", "noise_sigma", "psf_sigma_mm") + FILM_NONNEGATIVE:
+            if not getattr(self, name) >= 0:  # also refuses NaN
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.film_gamma <= 5.0:
+            raise ValueError(f"film_gamma must be in (0, 5], got {self.film_gamma}")
+        if not self.film_grain_mm <= 2.0:
+            raise ValueError(f"film_grain_mm must be <= 2 mm (a grain, not a background), got {self.film_grain_mm}")
         if not self.beta_min <= self.beta_max:
             raise ValueError("beta_min must be <= beta_max")
         p = np.asarray(self.rois_per_patient, dtype=float)
         if p.size == 0 or (p < 0).any() or p.sum() <= 0:
             raise ValueError(f"rois_per_patient must be non-negative probabilities, got {self.rois_per_patient}")
+
+
+def task_params_dict(params: SynthParams, task: str) -> dict:
+    """``params.to_dict()`` as stored in ``task``'s datalist: the ``film_*`` knobs only for the ``film`` task."""
+    d = params.to_dict()
+    return d if task == "film" else {k: v for k, v in d.items() if not k.startswith(FILM_PREFIX)}
 
 
 def _blend(own: Any, other: Any, overlap: float) -> Any:
@@ -197,7 +227,7 @@ def _blend(own: Any, other: Any, overlap: float) -> Any:
 
 def class_morphology(params: SynthParams, task: str, label: int) -> CalcMorphology | MassMorphology:
     """The effective morphology distribution of one class after applying the task's ``overlap`` knob."""
-    if task == "target":
+    if task in CALCIFICATION_TASKS:
         a, b, ov = params.benign, params.malignant, params.overlap
     elif task == "intermediate":
         a, b, ov = params.circumscribed, params.spiculated, params.mass_overlap
@@ -487,13 +517,67 @@ def render_target_roi(
     rng: np.random.Generator, label: int, style: dict, size: int, spacing_mm: float, params: SynthParams
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """One calcification ROI: image ``(size, size)`` float in [0, 1], mask ``(size, size)`` bool, info dict."""
+    clean, mask, info = calcification_scene(rng, label, style, size, spacing_mm, params)
+    return add_quantum_noise(rng, clean, params.noise_sigma), mask, info
+
+
+def calcification_scene(
+    rng: np.random.Generator, label: int, style: dict, size: int, spacing_mm: float, params: SynthParams
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Noise-free calcification ROI: background plus PSF-blurred cluster ``(size, size)`` float (not clipped),
+    mask ``(size, size)`` bool (drawn calcifications), info dict. Draws the background, then the cluster."""
     bg = make_background(rng, size, style, params)
     calcs = draw_calcifications(rng, label, size, spacing_mm, params)
     layer, mask = render_primitives([p for c in calcs for p in c], size)
     layer = ndimage.gaussian_filter(layer, params.psf_sigma_mm / spacing_mm) if params.psf_sigma_mm > 0 else layer
-    image = add_quantum_noise(rng, bg + layer, params.noise_sigma)
     n_linear = sum(1 for c in calcs if c[0]["kind"] == "segment")
-    return image, mask, {"n_calcifications": len(calcs), "n_linear": n_linear}
+    return bg + layer, mask, {"n_calcifications": len(calcs), "n_linear": n_linear}
+
+
+def film_grain(rng: np.random.Generator, shape: tuple[int, int], corr_px: float) -> np.ndarray:
+    """Film grain of ``shape`` ``(H, W)``: white noise low-passed by a Gaussian of σ ``corr_px`` (px), zero mean,
+    unit std (periodic filtering, so the correlation is the same at the borders)."""
+    white = rng.standard_normal(tuple(shape))
+    g = ndimage.gaussian_filter(white, corr_px, mode="wrap") if corr_px > 0 else white
+    g = g - g.mean()
+    return g / (g.std() + 1e-12)
+
+
+def apply_film_domain(
+    rng: np.random.Generator, exposure: np.ndarray, spacing_mm: float, params: SynthParams
+) -> np.ndarray:
+    """Turn a noise-free ``(H, W)`` ROI (intensity, [0, 1] scale) into a digitised screen-film one, in [0, 1].
+
+    In physical order: quantum noise at the screen (``noise_sigma``); screen and digitiser unsharpness (Gaussian,
+    σ ``film_blur_mm``, which blurs the quantum noise too); the film's characteristic curve (``I ** film_gamma``);
+    film grain (additive, std ``film_grain_sigma``, correlated over ``film_grain_mm``); clip to [0, 1].
+    """
+    image = add_quantum_noise(rng, exposure, params.noise_sigma)
+    if params.film_blur_mm > 0:
+        image = ndimage.gaussian_filter(image, params.film_blur_mm / spacing_mm, mode="reflect")
+    image = np.clip(image, 0.0, 1.0) ** params.film_gamma
+    if params.film_grain_sigma > 0:
+        image = image + params.film_grain_sigma * film_grain(rng, image.shape, params.film_grain_mm / spacing_mm)
+    return np.clip(image, 0.0, 1.0)
+
+
+def render_film_roi(
+    rng: np.random.Generator, label: int, style: dict, size: int, spacing_mm: float, params: SynthParams
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One calcification ROI in the screen-film domain: image ``(size, size)`` float in [0, 1], mask bool, info.
+
+    The scene is the target's (:func:`calcification_scene`, same morphology) with the background's tissue contrast
+    scaled by ``film_tissue_contrast`` and the calcifications' by ``film_calc_contrast``; then
+    :func:`apply_film_domain`.
+    """
+    style = {**style, "dense_contrast": style["dense_contrast"] * params.film_tissue_contrast}
+    scene = replace(
+        params,
+        texture_std=params.texture_std * params.film_tissue_contrast,
+        cnr=params.cnr * params.film_calc_contrast,
+    )
+    clean, mask, info = calcification_scene(rng, label, style, size, spacing_mm, scene)
+    return apply_film_domain(rng, clean, spacing_mm, params), mask, info
 
 
 def render_intermediate_roi(
@@ -535,7 +619,7 @@ def generate_roi(
     style_key = patient_index if params.shared_style else 1_000_000 + index
     style = patient_style(_rng(seed, code, _STREAM_PATIENT, style_key), params)
     rng = _rng(seed, code, _STREAM_ROI, index)
-    render = render_target_roi if task == "target" else render_intermediate_roi
+    render = {"target": render_target_roi, "intermediate": render_intermediate_roi, "film": render_film_roi}[task]
     return render(rng, int(label), style, int(image_size), float(pixel_spacing_mm), params)
 
 
@@ -573,10 +657,11 @@ def _write_one(job: tuple) -> dict:
 
 def _resolve_params(task: str, params: SynthParams | dict | None, overlap: float | None, cnr: float | None):
     p = params if isinstance(params, SynthParams) else SynthParams.from_dict(params)
+    calc = task in CALCIFICATION_TASKS
     if overlap is not None:
-        p = replace(p, **{"overlap" if task == "target" else "mass_overlap": float(overlap)})
+        p = replace(p, **{"overlap" if calc else "mass_overlap": float(overlap)})
     if cnr is not None:
-        p = replace(p, **{"cnr" if task == "target" else "mass_cnr": float(cnr)})
+        p = replace(p, **{"cnr" if calc else "mass_cnr": float(cnr)})
     p.validate()
     return p
 
@@ -601,7 +686,8 @@ def generate_dataset(
     ``images/<case>.png`` (16-bit ROI) and ``masks/<case>.png`` (8-bit lesion mask) are written beside the
     datalist. Patients are split whole into training (``n_train`` ROIs, with patient-grouped, label-stratified
     ``fold``) and test (``n_test`` ROIs; counts are matched to within a patient or two). ``params`` is a
-    :class:`SynthParams` or a (partial) dict; ``overlap`` and ``cnr`` override the chosen task's knobs. If the
+    :class:`SynthParams` or a (partial) dict; ``overlap`` and ``cnr`` override the chosen task's knobs (``film``:
+    the target's ``overlap`` and ``cnr``; the ``film_*`` knobs are stored in film datalists only). If the
     datalist exists with identical metadata and its files are present, nothing is regenerated ("up to date")
     unless ``force``. ``workers > 1`` uses processes; output does not depend on it. ``pixel_spacing_mm`` defaults
     to ``FIELD_MM / image_size`` (0.1 mm at 128 px).
@@ -630,7 +716,7 @@ def generate_dataset(
         "n_train": n_train,
         "n_test": n_test,
         "image_size": image_size,
-        "params": p.to_dict(),
+        "params": task_params_dict(p, task),
     }
     metadata_extra = {
         "image_size": image_size,
@@ -723,8 +809,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--size", type=int, default=128, help="ROI side in px")
     ap.add_argument("--spacing", type=float, default=None, help=f"pixel spacing in mm (default {FIELD_MM} mm / size)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--overlap", type=float, default=None, help="class overlap in [0, 1] (task's knob)")
-    ap.add_argument("--cnr", type=float, default=None, help="lesion contrast-to-noise ratio (task's knob)")
+    ap.add_argument("--overlap", type=float, default=None, help="class overlap in [0, 1] (task's knob; film: target's)")
+    ap.add_argument(
+        "--cnr", type=float, default=None, help="lesion contrast-to-noise ratio (task's knob; film: target's)"
+    )
     ap.add_argument("--noise", type=float, default=None, help="quantum-noise std at intensity 0.5")
     ap.add_argument("--params", default=None, help="JSON file or string with SynthParams fields to override")
     ap.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")

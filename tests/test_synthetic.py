@@ -1,4 +1,5 @@
-"""Synthetic ROI generator: determinism, masks that match the drawn lesions, class differences, datalists, CLI."""
+"""Synthetic ROI generator: determinism, masks that match the drawn lesions, class differences, datalists, CLI,
+and the film (digitised screen-film) domain."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from scripts.schema import read_datalist, validate_datalist
 from scripts.synthetic import (
     FIELD_MM,
     SynthParams,
+    apply_film_domain,
     class_morphology,
+    film_grain,
     generate_dataset,
     generate_roi,
     plan_patients,
     power_law_field,
+    render_film_roi,
+    render_target_roi,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,3 +267,171 @@ def test_shared_style_knob_controls_whether_a_patients_rois_share_their_backgrou
         generate_roi("target", 1, 1, patient_index=7, params=p)
     assert styles[0] == styles[1]  # shared: both ROIs of patient 7 get one style
     assert styles[2] != styles[3]  # per ROI: each draws its own
+
+
+# ----------------------------------------------------------------------------------------------- film task
+FILM_NEUTRAL = dict(
+    film_blur_mm=0.0, film_gamma=1.0, film_grain_sigma=0.0, film_tissue_contrast=1.0, film_calc_contrast=1.0
+)
+
+
+def _hf_power_fraction(image: np.ndarray, cutoff: float = 0.3) -> float:
+    """Fraction of an ``(H, W)`` image's power above ``cutoff`` cycles/px (of the power above 0.02 cycles/px)."""
+    ps = np.abs(np.fft.fft2(image - image.mean())) ** 2
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(image.shape[0]), np.fft.fftfreq(image.shape[1]), indexing="ij"))
+    return float(ps[f > cutoff].sum() / ps[f > 0.02].sum())
+
+
+def _residual_lag1(image: np.ndarray) -> float:
+    """Lag-1 autocorrelation (along x) of the image minus its Gaussian (σ 3 px) low-pass: ~0 for white noise."""
+    r = image - ndimage.gaussian_filter(image, 3)
+    return float(np.corrcoef(r[:, 1:].ravel(), r[:, :-1].ravel())[0, 1])
+
+
+def test_target_and_mass_rois_match_values_recorded_before_the_film_task():
+    """Values recorded with the generator before the film task was added (numpy 2.4, scipy 1.17): unchanged."""
+    recorded = {
+        "target": (3, 334, 0.42910094565684975, 0.11121236388271927, 0.44127120725740815),
+        "intermediate": (2, 1475, 0.465329918040704, 0.11749870447330693, 0.6685785075021657),
+    }
+    for task, (index, mask_sum, mean, std, pixel) in recorded.items():
+        image, mask, _ = generate_roi(task, index, 1, 1, seed=5, image_size=SIZE, pixel_spacing_mm=SPACING)
+        assert int(mask.sum()) == mask_sum, task
+        assert image.mean() == pytest.approx(mean, abs=1e-9) and image.std() == pytest.approx(std, abs=1e-9), task
+        assert image[20, 40] == pytest.approx(pixel, abs=1e-9), task
+
+
+def test_film_knobs_do_not_touch_the_target_or_mass_path_and_film_rois_differ(target_dir):
+    odd = SynthParams(
+        film_blur_mm=0.3,
+        film_gamma=2.0,
+        film_grain_sigma=0.1,
+        film_grain_mm=0.5,
+        film_tissue_contrast=0.5,
+        film_calc_contrast=3.0,
+    )
+    for task in ("target", "intermediate"):
+        a, ma, ia = generate_roi(task, 3, 1, 1, seed=2, image_size=SIZE, pixel_spacing_mm=SPACING)
+        b, mb, ib = generate_roi(task, 3, 1, 1, seed=2, image_size=SIZE, pixel_spacing_mm=SPACING, params=odd)
+        assert np.array_equal(a, b) and np.array_equal(ma, mb) and ia == ib, task
+    # film knobs are stored in film datalists only, so target / intermediate datalists are unchanged too
+    params = read_datalist(target_dir / "target" / "datalist.json")["metadata"]["generator"]["params"]
+    assert not [k for k in params if k.startswith("film_")]
+    for index in range(4):
+        t, mt, _ = generate_roi("target", index, index % 2, index, seed=0, image_size=SIZE, pixel_spacing_mm=SPACING)
+        f, mf, _ = generate_roi("film", index, index % 2, index, seed=0, image_size=SIZE, pixel_spacing_mm=SPACING)
+        assert not np.allclose(t, f, atol=0.01) and not np.array_equal(mt, mf), index
+
+
+def test_film_roi_is_the_target_scene_through_the_film_domain():
+    """With neutral film knobs, a film ROI is exactly the target ROI drawn from the same random stream."""
+    style = {"beta": 3.0, "density": 0.4, "fat_level": 0.32, "dense_contrast": 0.22}
+    neutral = SynthParams(**FILM_NEUTRAL)
+    for label in (0, 1):
+        t, mt, it = render_target_roi(np.random.default_rng(label), label, style, SIZE, SPACING, neutral)
+        f, mf, info = render_film_roi(np.random.default_rng(label), label, style, SIZE, SPACING, neutral)
+        assert np.array_equal(t, f) and np.array_equal(mt, mf) and it == info
+        # the default film domain keeps the morphology and the mask, and changes the image
+        f2, mf2, info2 = render_film_roi(np.random.default_rng(label), label, style, SIZE, SPACING, SynthParams())
+        assert np.array_equal(mf2, mt) and info2 == it and not np.allclose(f2, t, atol=0.01)
+    assert class_morphology(SynthParams(), "film", 1) == class_morphology(SynthParams(), "target", 1)
+
+
+def test_film_images_are_blurrier_with_correlated_grain():
+    hf = {"target": [], "film": []}
+    lag = {"target": [], "film": []}
+    for task in hf:
+        for index in range(6):
+            image, _, _ = generate_roi(task, index, index % 2, index, seed=0, image_size=SIZE, pixel_spacing_mm=SPACING)
+            hf[task].append(_hf_power_fraction(image))
+            lag[task].append(_residual_lag1(image))
+    # measured: target 0.057 / 0.64, film 0.015 / 0.83 (64 px at 0.1 mm)
+    assert np.mean(hf["film"]) < 0.5 * np.mean(hf["target"]), hf
+    assert max(hf["film"]) < min(hf["target"]), hf
+    assert np.mean(lag["film"]) > np.mean(lag["target"]) + 0.1, lag
+
+
+def test_film_blur_and_grain_scale_with_the_pixel_pitch():
+    """``film_blur_mm`` and ``film_grain_mm`` are in mm: at half the pitch the blur and grain span twice the px."""
+    p = SynthParams(**{**FILM_NEUTRAL, "film_blur_mm": 0.1}, noise_sigma=0.0)
+    for spacing, sigma_px in ((0.1, 1.0), (0.05, 2.0)):
+        delta = np.zeros((33, 33))
+        delta[16, 16] = 1.0
+        out = apply_film_domain(np.random.default_rng(0), delta, spacing, p)
+        r2 = np.add.outer((np.arange(33) - 16.0) ** 2, np.zeros(33))
+        assert (out * r2).sum() / out.sum() == pytest.approx(sigma_px**2, rel=0.05)
+    for corr_px in (1.0, 2.0):
+        g = film_grain(np.random.default_rng(1), (128, 96), corr_px)
+        assert abs(g.mean()) < 1e-9 and g.std() == pytest.approx(1.0)
+        rho = np.corrcoef(g[:, 1:].ravel(), g[:, :-1].ravel())[0, 1]
+        assert rho == pytest.approx(np.exp(-1 / (4 * corr_px**2)), abs=0.03)  # Gaussian-filtered white noise
+
+
+def test_film_task_datalist(tmp_path):
+    path = generate_dataset(
+        tmp_path, "film", n_train=10, n_test=0, num_folds=2, image_size=SIZE, pixel_spacing_mm=SPACING, seed=1
+    )
+    assert path == tmp_path / "film" / "datalist.json"
+    dl = read_datalist(path)  # validates schema and files
+    validate_datalist(dl, base_dir=path.parent)
+    meta = dl["metadata"]
+    assert meta["task"] == "film" and meta["synthetic"] is True and meta["class_names"] == ["benign", "malignant"]
+    params = meta["generator"]["params"]
+    assert params["film_gamma"] == SynthParams().film_gamma and params["film_blur_mm"] == SynthParams().film_blur_mm
+    assert dl["test"] == [] and {it["label"] for it in dl["training"]} == {0, 1}
+    assert {it["fold"] for it in dl["training"]} == {0, 1}
+    for it in dl["training"]:
+        assert it["case"].startswith("f-") and it["patient"].startswith("synth-fp") and it["n_calcifications"] >= 1
+        image, mask = read_roi_png(path.parent / it["image"]), read_mask_png(path.parent / it["mask"])
+        assert image.shape == mask.shape == (SIZE, SIZE) and mask.any()
+        ring = ndimage.binary_dilation(mask, iterations=3) & ~mask
+        assert image[mask].mean() > image[ring].mean(), it["case"]  # calcifications stay brighter than around them
+    # overlap / cnr overrides act on the (shared) calcification knobs
+    path2 = generate_dataset(tmp_path, "film", n_train=4, n_test=0, num_folds=2, image_size=32, overlap=0.1, cnr=9)
+    assert json.loads(path2.read_text())["metadata"]["generator"]["params"]["overlap"] == 0.1
+
+
+def test_film_determinism(tmp_path):
+    kw = dict(image_size=SIZE, pixel_spacing_mm=SPACING)
+    a, ma, _ = generate_roi("film", 3, 1, 2, seed=4, **kw)
+    b, mb, _ = generate_roi("film", 3, 1, 2, seed=4, **kw)
+    c, _, _ = generate_roi("film", 3, 1, 2, seed=5, **kw)
+    assert np.array_equal(a, b) and np.array_equal(ma, mb) and not np.array_equal(a, c)
+    assert a.dtype == np.float64 and 0.0 <= a.min() and a.max() <= 1.0
+    dkw = dict(n_train=6, n_test=3, num_folds=2, image_size=32, seed=4)
+    generate_dataset(tmp_path / "one", "film", workers=1, **dkw)
+    generate_dataset(tmp_path / "two", "film", workers=2, **dkw)
+    assert _files(tmp_path / "one" / "film") == _files(tmp_path / "two" / "film")
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [
+        {"film_blur_mm": -0.1},
+        {"film_gamma": 0.0},
+        {"film_gamma": -0.7},
+        {"film_gamma": float("nan")},
+        {"film_gamma": 6.0},
+        {"film_grain_sigma": -0.01},
+        {"film_grain_mm": -0.1},
+        {"film_grain_mm": 3.0},
+        {"film_tissue_contrast": -1.0},
+        {"film_calc_contrast": float("nan")},
+    ],
+)
+def test_invalid_film_knobs_raise(tmp_path, knob):
+    with pytest.raises(ValueError, match=next(iter(knob))):
+        SynthParams.from_dict(knob).validate()
+    with pytest.raises(ValueError, match=next(iter(knob))):
+        generate_dataset(tmp_path, "film", n_train=2, n_test=0, num_folds=2, image_size=32, params=knob)
+
+
+def test_cli_film_task(tmp_path):
+    cmd = [sys.executable, "-m", "scripts.synthetic", "--out", str(tmp_path), "--task", "film", "--n-train", "4"]
+    cmd += ["--n-test", "0", "--folds", "2", "--size", "32", "--params", '{"film_gamma": 0.8}']
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert path == tmp_path / "film" / "datalist.json"
+    dl = read_datalist(path)
+    assert dl["metadata"]["task"] == "film" and dl["metadata"]["generator"]["params"]["film_gamma"] == 0.8
