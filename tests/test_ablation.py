@@ -1,31 +1,64 @@
-"""The ablation command at tiny size: arms run on shared data; unavailable ImageNet arms are reported, not faked."""
+"""The ablation command at tiny size: nested paired subsets, stage 1 trained once per arm and seed, unavailable
+ImageNet arms reported, not faked."""
 
 from __future__ import annotations
 
+import logging
 import urllib.error
 
 import torchvision
 
-from scripts.ablation import run_ablation
+from scripts.ablation import nested_subset, run_ablation
 from tests.conftest import tiny_settings
 
 
-def test_ablation_reports_imagenet_arms_as_not_run_offline(tmp_path, monkeypatch):
+def test_nested_subsets_are_balanced_patient_grouped_and_nested():
+    items = [{"case": f"c{i}", "patient": f"p{i // 2}", "label": (i // 2) % 2, "image": f"{i}.png"} for i in range(40)]
+    small, large = nested_subset(items, 8, 2, seed=3), nested_subset(items, 20, 2, seed=3)
+    assert {it["case"] for it in small} < {it["case"] for it in large}
+    for subset, n in ((small, 8), (large, 20)):
+        assert len(subset) == n and sum(it["label"] for it in subset) == n // 2
+        patients = {it["patient"] for it in subset}
+        assert all(sum(it["patient"] == p for it in subset) == 2 for p in patients)  # whole patients only
+        assert {it["fold"] for it in subset} == {0, 1}
+    assert {it["case"] for it in nested_subset(items, 8, 2, seed=4)} != {it["case"] for it in small}
+
+
+def test_ablation_shares_data_and_stage1_and_reports_unavailable_imagenet_arms(tmp_path, monkeypatch, caplog):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    base = tiny_settings(n_target_test=12)
-    result = run_ablation(tmp_path, sizes=[16], seeds=[0], arms=["scratch", "intermediate", "dtl"], base=base)
+    base = tiny_settings(n_target_train=24, n_target_test=12)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        result = run_ablation(
+            tmp_path, sizes=[12, "full"], seeds=[0], arms=["scratch", "intermediate", "dtl"], base=base
+        )
     assert set(result["not_run"]) == {"dtl"} and "could not be downloaded" in result["not_run"]["dtl"]
-    assert result["table"]["dtl"]["16"] == {"status": "not run"}
+    assert result["table"]["dtl"]["12"] == {"status": "not run"}
     assert {r["arm"] for r in result["runs"]} == {"scratch", "intermediate"}
-    for arm in ("scratch", "intermediate"):
-        cell = result["table"][arm]["16"]
-        assert cell["n"] == 1 and 0.0 <= cell["mean"] <= 1.0
-    # the scratch arm trained no intermediate model; the intermediate arm did
-    assert not (tmp_path / "runs" / "scratch" / "n16_seed0" / "models" / "intermediate").exists()
-    assert (tmp_path / "runs" / "intermediate" / "n16_seed0" / "models" / "intermediate" / "model.pt").is_file()
+    assert result["table"]["scratch"]["12"]["n_train"] == 12
+    assert result["table"]["scratch"]["full"]["n_train"] == result["table"]["intermediate"]["full"]["n_train"] > 12
+    # the scratch arm trained no intermediate model; the intermediate arm trained one, once, for both sizes
+    assert not (tmp_path / "runs" / "scratch" / "n12_seed0" / "models" / "intermediate").exists()
+    assert caplog.text.count("[intermediate] running") == 1
+    assert "[intermediate] up to date, skipped" in caplog.text
+    for size in ("12", "full"):
+        assert (
+            tmp_path / "runs" / "intermediate" / f"n{size}_seed0" / "models" / "intermediate" / "model.pt"
+        ).is_file()
+    # every arm and size is tested on the same cases
+    tests = {r["cases_csv"]: open(r["cases_csv"]).read().count("\n") for r in result["runs"]}
+    assert len(set(tests.values())) == 1
     md = (tmp_path / "ablation.md").read_text()
     assert "not run" in md and "synthetic" in md
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_p_values_against_dtl(tmp_path):
+    base = tiny_settings(arch="efficientnet_lite0", n_target_train=24, n_target_test=12, folds=2)
+    result = run_ablation(tmp_path, sizes=["full"], seeds=[0], arms=["imagenet", "dtl"], base=base)
+    (run,) = [r for r in result["runs"] if r["arm"] == "imagenet"]
+    assert 0.0 <= run["vs_dtl"]["p"] <= 1.0
+    assert run["vs_dtl"]["diff"] == next(r["auc"] for r in result["runs"] if r["arm"] == "dtl") - run["auc"]
+    assert "p vs d-TL" in (tmp_path / "ablation.md").read_text()
