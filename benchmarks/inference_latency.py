@@ -6,17 +6,21 @@ model: ``peak_delta_mb``); on CUDA ``torch.cuda.max_memory_allocated``. Modes:
 
 * ``predict``: the bundle's inference path, ``AutocastInferer`` (channels_last + bfloat16)
   under ``torch.inference_mode``, returning the ensemble's probabilities;
-* ``predict_fp32``: the same in float32;
+* ``predict_fp32``: the same in float32 (network and input still channels_last: ``amp: false``);
+* ``predict_fp32_nocl``: float32 with the network and input in the default contiguous layout (``amp: false,
+  channels_last: false``);
 * ``cam``: ``scripts.saliency.EnsembleCAM`` (pytorch-grad-cam, frozen parameters, float32): the map of every
   member and the ensemble's probabilities in one call;
 * ``cam_nofreeze``: the same with every parameter requiring gradients (the library's plain path; ``--compare-freeze``);
 * ``cam_amp``: ``EnsembleCAM(amp=True)``, the bundle's saliency default: channels_last + bfloat16 forward,
   float32 maps; the row reports the correlation of its ensemble map with ``cam``'s on the same ROI.
 
-Networks are randomly initialised (timings do not depend on the weights); the input is one ROI (batch 1).
+The three ``predict*`` modes compare the precisions the bundle can run inference in (``configs/inference.json``'s
+``amp`` and ``channels_last``); after the per-configuration rows a precision table puts them side by side with the
+fastest. Networks are randomly initialised (timings do not depend on the weights); the input is one ROI (batch 1).
 
-    python benchmarks/inference_latency.py
-    python benchmarks/inference_latency.py --sizes 224 --members 5 --modes predict cam cam_amp
+    python benchmarks/inference_latency.py         # efficientnet_lite0, 128/224 px, K = 1 and 5 (~4 min, 2 cores)
+    python benchmarks/inference_latency.py --arch resnext50_32x4d --sizes 224 512 --modes predict cam cam_amp
 """
 
 from __future__ import annotations
@@ -44,11 +48,23 @@ from benchmarks._common import (  # noqa: E402
 )
 
 NAME = "inference_latency"
-MODES = ("predict", "predict_fp32", "cam", "cam_nofreeze", "cam_amp")
+MODES = ("predict", "predict_fp32", "predict_fp32_nocl", "cam", "cam_nofreeze", "cam_amp")
+PREDICT_MODES = ("predict_fp32_nocl", "predict_fp32", "predict")
+# mode -> (autocast dtype, memory format of the network and its input)
+PRECISION = {
+    "predict": ("bf16", "channels_last"),
+    "predict_fp32": ("fp32", "channels_last"),
+    "predict_fp32_nocl": ("fp32", "contiguous"),
+    "cam": ("fp32", "channels_last net, contiguous input"),
+    "cam_nofreeze": ("fp32", "channels_last net, contiguous input"),
+    "cam_amp": ("bf16", "channels_last"),
+}
 COLUMNS = [
+    "arch",
     "size",
     "members",
     "mode",
+    "precision",
     "ms_per_roi",
     "model_rss_mb",
     "peak_delta_mb",
@@ -87,11 +103,13 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     dev = torch.device(device)
-    net = Ensemble(members, arch, 2).eval().to(dev, memory_format=torch.channels_last)
+    channels_last = mode != "predict_fp32_nocl"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = Ensemble(members, arch, 2).eval().to(dev, memory_format=fmt)
     x = torch.rand(batch, 1, size, size, device=dev)
     extra: dict[str, Any] = {}
-    if mode in ("predict", "predict_fp32"):
-        inferer = AutocastInferer(dev.type, enabled=mode == "predict", channels_last=True)
+    if mode in PREDICT_MODES:
+        inferer = AutocastInferer(dev.type, enabled=mode == "predict", channels_last=channels_last)
 
         def step() -> Any:
             with torch.inference_mode():
@@ -129,6 +147,8 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
         "size": size,
         "members": members,
         "mode": mode,
+        "precision": PRECISION[mode][0],
+        "memory_format": PRECISION[mode][1],
         "arch": arch,
         "batch": batch,
         "ms_per_roi": 1000.0 * median(times) / batch,
@@ -148,11 +168,15 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
 
 def main(argv: list[str] | None = None) -> dict:
     ap = base_parser(NAME, __doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 512])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
     ap.add_argument("--members", type=int, nargs="+", default=[1, 5], help="ensemble sizes K")
-    ap.add_argument("--modes", nargs="+", default=["predict", "cam", "cam_amp"], choices=MODES)
+    ap.add_argument(
+        "--modes", nargs="+", default=["predict", "predict_fp32", "predict_fp32_nocl", "cam", "cam_amp"], choices=MODES
+    )
     ap.add_argument("--compare-freeze", action="store_true", help="add cam_nofreeze (slow and memory-hungry)")
-    ap.add_argument("--arch", default="resnext50_32x4d")
+    ap.add_argument(
+        "--arch", default="efficientnet_lite0", help="efficientnet_lite0 (the bundle's), resnext50_32x4d, ..."
+    )
     ap.add_argument("--batch", type=int, default=1, help="ROIs per call (latency is per ROI)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
@@ -160,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--child", default=None, help=argparse_hidden())
     args = ap.parse_args(argv)
     if args.smoke:
-        args.sizes, args.members, args.arch, args.warmup, args.reps = [64], [2], "resnet18", 0, 1
+        args.sizes, args.members, args.warmup, args.reps = [64], [2], 0, 1  # on the chosen architecture
         args.in_process = True
     device = setup(args)
     if args.child:
@@ -198,7 +222,36 @@ def main(argv: list[str] | None = None) -> dict:
                     print(table([row], COLUMNS))
         print()
         print(table(run.rows, COLUMNS, f"Latency per ROI ({args.arch}, batch {args.batch}, {device})"))
+        prec = precision_table(run.rows)
+        if prec:
+            run.payload["precision_table"] = prec
+            cols = ["arch", "size", "members", *(f"{m}_ms" for m in PREDICT_MODES), "fastest", "fastest_vs_fp32_nocl"]
+            print()
+            print(
+                table(
+                    prec,
+                    [c for c in cols if any(c in r for r in prec)],
+                    f"Inference precision side by side ({args.arch}, ms per ROI, {device}; predict = bf16 autocast + "
+                    "channels_last, predict_fp32 = fp32 + channels_last, predict_fp32_nocl = fp32 contiguous)",
+                )
+            )
     return run.payload
+
+
+def precision_table(rows: list[dict]) -> list[dict]:
+    """One row per (architecture, size, K) with the ``predict*`` modes' ms per ROI and the fastest of them."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        if r["mode"] in PREDICT_MODES:
+            key = (r["arch"], r["size"], r["members"])
+            row = out.setdefault(key, {"arch": r["arch"], "size": r["size"], "members": r["members"]})
+            row[f"{r['mode']}_ms"] = r["ms_per_roi"]
+    for row in out.values():
+        ms = {m: row[f"{m}_ms"] for m in PREDICT_MODES if f"{m}_ms" in row}
+        row["fastest"] = min(ms, key=ms.get)
+        ref = ms.get("predict_fp32_nocl")
+        row["fastest_vs_fp32_nocl"] = ref / ms[row["fastest"]] if ref else None  # speed-up, >= 1
+    return list(out.values())
 
 
 def argparse_hidden() -> str:

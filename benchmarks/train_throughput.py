@@ -9,13 +9,17 @@ the plain loop fed ``MetaTensor`` batches (what the trainer's network sees), and
 trainer with an inferer that drops the metadata before the network (``benchmarks/_variants.py``);
 ``bundle+tensor+none`` also frees the gradients between iterations (``optim_set_to_none``) as the plain loop does.
 
-Precisions: ``fp32`` and ``amp`` (channels_last + bfloat16 autocast, as ``AutocastInferer`` does on CPU and
-CUDA). Throughput is the batch size over the median iteration time after
+Precisions (``--precisions``): ``fp32`` (float32, contiguous tensors), ``fp32_cl`` (float32, network and batches in
+channels_last) and ``amp`` (channels_last + bfloat16 autocast, as ``AutocastInferer`` does on CPU and CUDA): the
+bundle's ``amp`` / ``channels_last`` settings (``configs/train.json``; ``scripts.inferers.default_amp`` picks ``amp``
+per architecture and device). After the per-size tables a precision table puts them side by side (images/s of each
+variant, ratio to ``fp32`` and the fastest). Throughput is the batch size over the median iteration time after
 warm-up. An untimed first round runs every variant once (whichever network first meets an input shape pays for
 kernel creation: without it, the variant that ran first looked 20-40 % slower); the timed rounds then alternate
 the order of the variants, so that a change in machine load hits all of them.
 
-    python benchmarks/train_throughput.py                    # 128 and 224 px, resnext50_32x4d, CPU (~7 min)
+    python benchmarks/train_throughput.py          # efficientnet_lite0, 128/224 px, 3 precisions (~5 min, 2 cores)
+    python benchmarks/train_throughput.py --arch resnext50_32x4d --precisions fp32 amp    # the paper's network
     python benchmarks/train_throughput.py --device cuda --batch 32
 """
 
@@ -44,7 +48,10 @@ from benchmarks._common import (  # noqa: E402
 
 NAME = "train_throughput"
 VARIANTS = ["bundle", "bundle+tensor", "bundle+tensor+none", "plain", "plain+meta"]
+# precision -> (bfloat16 autocast, channels_last)
+PRECISIONS = {"fp32": (False, False), "fp32_cl": (False, True), "amp": (True, True)}
 COLUMNS = [
+    "arch",
     "size",
     "precision",
     "variant",
@@ -54,6 +61,7 @@ COLUMNS = [
     "step_ms",
     "post_ms",
     "ratio_vs_plain",
+    "ratio_vs_fp32",
     "foreign_cores",
 ]
 
@@ -77,12 +85,13 @@ def build_bundle_trainer(
     device: str,
     plain_tensor: bool = False,
     set_to_none: bool = False,
+    channels_last: bool | None = None,
 ) -> tuple[Any, Any]:
     """The bundle's SupervisedTrainer from configs/train.json (validation moved out of the way).
 
     ``plain_tensor`` swaps the inferer for ``benchmarks._variants.PlainTensorInferer`` (metadata dropped before
     the network), everything else unchanged; ``set_to_none`` sets the trainer's ``optim_set_to_none`` (gradients
-    freed instead of zero-filled between iterations, as the plain loop does).
+    freed instead of zero-filled between iterations, as the plain loop does); ``channels_last`` defaults to ``amp``.
     """
     extra: dict[str, Any] = (
         {"train#inferer#_target_": "benchmarks._variants.PlainTensorInferer"} if plain_tensor else {}
@@ -97,7 +106,7 @@ def build_bundle_trainer(
         batch,
         device,
         amp=amp,
-        channels_last=amp,
+        channels_last=amp if channels_last is None else channels_last,
         **{"train#trainer#max_epochs": 1, "train#trainer#epoch_length": iters, **extra},
     )
     return wf, wf.parser.get_parsed_content("train#trainer")
@@ -161,15 +170,18 @@ def run_plain(
     lr: float,
     weight_decay: float,
     meta: bool = False,
+    channels_last: bool | None = None,
 ) -> dict[str, list[float]]:
-    """A plain training loop: index a batch from memory, forward/loss/backward/step."""
+    """A plain training loop: index a batch from memory, forward/loss/backward/step (``channels_last``: network and
+    batches in channels_last memory format; defaults to ``amp``)."""
     import torch
 
     from scripts.network import param_groups
 
     dev = torch.device(device)
     dtype = torch.bfloat16  # as AutocastInferer, on CPU and CUDA
-    fmt = torch.channels_last if amp else torch.contiguous_format
+    channels_last = amp if channels_last is None else channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(dev, memory_format=fmt)
     network.train()
     opt = torch.optim.AdamW(param_groups(network, lr), lr=lr, weight_decay=weight_decay)
@@ -190,7 +202,7 @@ def run_plain(
             from monai.data import MetaTensor
 
             x = MetaTensor(x)
-        if amp:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -239,12 +251,20 @@ def load_memory_data(wf: Any) -> tuple[Any, Any]:
 def main(argv: list[str] | None = None) -> dict:
     ap = base_parser(NAME, __doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 224], help="input sizes (px)")
-    ap.add_argument("--arch", default="resnext50_32x4d")
+    ap.add_argument(
+        "--arch", default="efficientnet_lite0", help="efficientnet_lite0 (the bundle's), resnext50_32x4d, ..."
+    )
     ap.add_argument("--batch", type=int, default=16, help="batch size (the config's default is 16)")
     ap.add_argument("--warmup", type=int, default=2, help="iterations not timed, per round")
     ap.add_argument("--iters", type=int, default=5, help="timed iterations per round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating bundle/plain rounds")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "amp"], choices=["fp32", "amp"])
+    ap.add_argument(
+        "--precisions",
+        nargs="+",
+        default=list(PRECISIONS),
+        choices=list(PRECISIONS),
+        help="fp32 (contiguous), fp32_cl (fp32 + channels_last), amp (bf16 autocast + channels_last)",
+    )
     ap.add_argument(
         "--variants",
         nargs="+",
@@ -254,9 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--n-rois", type=int, default=None, help="training ROIs in memory (default: 4 batches)")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.sizes, args.arch, args.batch = [64], "resnet18", 2
-        args.warmup, args.iters, args.rounds, args.precisions = 1, 1, 1, ["amp"]
+    if args.smoke:  # every precision once, on the chosen architecture
+        args.sizes, args.batch = [64], 2
+        args.warmup, args.iters, args.rounds = 1, 1, 1
     device = setup(args)
     logging.getLogger().setLevel(logging.WARNING)
     import torch
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"# {n_rois} synthetic ROIs ({roi_size} px) written in {time.perf_counter() - t0:.1f} s")
         for size in args.sizes:
             for precision in args.precisions:
-                amp = precision == "amp"
+                amp, channels_last = PRECISIONS[precision]
                 iters = args.warmup + args.iters
                 torch.manual_seed(0)
                 trainers = {}
@@ -290,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                             device,
                             plain_tensor=v.startswith("bundle+tensor"),
                             set_to_none=v.endswith("+none"),
+                            channels_last=channels_last,
                         )
                 wf = next(iter(trainers.values()))[0]
                 images, labels = load_memory_data(wf)
@@ -327,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 lr,
                                 wd,
                                 meta=v == "plain+meta",
+                                channels_last=channels_last,
                             )
                         if r > 0:
                             for k in acc[v]:
@@ -337,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
                     rows[v] = {
                         "size": size,
                         "precision": precision,
+                        "autocast": "bf16" if amp else None,
+                        "channels_last": channels_last,
                         "variant": v,
                         "arch": args.arch,
                         "batch": args.batch,
@@ -349,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
                     for v in rows:
                         rows[v]["ratio_vs_plain"] = rows[v]["img_per_s"] / rows["plain"]["img_per_s"]
                 run.rows.extend(rows.values())
+                add_fp32_ratios(run.rows)
                 print(table(list(rows.values()), COLUMNS))
                 del wf, trainers, plain_nets
         run.payload["notes"] = (
@@ -356,9 +381,43 @@ def main(argv: list[str] | None = None) -> dict:
             "with the config's random augmentation over the CacheDataset; plain: tensor indexing); step_ms = "
             "forward + loss + backward + optimiser step; post_ms = the bundle's postprocessing and iteration handlers."
         )
+        add_fp32_ratios(run.rows)
+        run.payload["precision_table"] = precision_table(run.rows, args.precisions)
         print()
         print(table(run.rows, COLUMNS, f"Training throughput ({args.arch}, batch {args.batch}, {device})"))
+        print()
+        print(
+            table(
+                run.payload["precision_table"],
+                ["arch", "size", "variant", *(f"{p}_img_per_s" for p in args.precisions), "fastest", "fastest_vs_fp32"],
+                f"Precision side by side ({args.arch}, images/s, {device}; fp32_cl = fp32 + channels_last, "
+                "amp = bf16 autocast + channels_last)",
+            )
+        )
     return run.payload
+
+
+def add_fp32_ratios(rows: list[dict]) -> None:
+    """``ratio_vs_fp32``: each row's images/s over the fp32 row of the same architecture, size and variant."""
+    fp32 = {(r["arch"], r["size"], r["variant"]): r["img_per_s"] for r in rows if r["precision"] == "fp32"}
+    for r in rows:
+        ref = fp32.get((r["arch"], r["size"], r["variant"]))
+        r["ratio_vs_fp32"] = r["img_per_s"] / ref if ref else None
+
+
+def precision_table(rows: list[dict], precisions: list[str]) -> list[dict]:
+    """One row per (architecture, size, variant): images/s of each precision and the fastest of them."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["arch"], r["size"], r["variant"])
+        row = out.setdefault(key, {"arch": r["arch"], "size": r["size"], "variant": r["variant"]})
+        row[f"{r['precision']}_img_per_s"] = r["img_per_s"]
+    for row in out.values():
+        rates = {p: row.get(f"{p}_img_per_s") for p in precisions if row.get(f"{p}_img_per_s")}
+        best = max(rates, key=rates.get) if rates else None
+        row["fastest"] = best
+        row["fastest_vs_fp32"] = rates[best] / rates["fp32"] if best and "fp32" in rates else None
+    return list(out.values())
 
 
 if __name__ == "__main__":

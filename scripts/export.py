@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.export", description=__doc__.splitlines()[0])
     p.add_argument("--bundle-root", default=str(BUNDLE_DIR), help="folder holding models/model.pt (outputs go there)")
     p.add_argument("--formats", nargs="+", choices=("torchscript", "onnx"), default=["torchscript", "onnx"])
-    p.add_argument("--arch", default=None, help="override the config's arch (e.g. resnet18)")
+    p.add_argument("--arch", default=None, help="override the config's arch (efficientnet_lite0), e.g. resnext50_32x4d")
     p.add_argument("--num-members", type=int, default=None, help="override the config's num_members")
     p.add_argument("--image-size", type=int, default=128, help="ROI size for the parity check")
     p.add_argument("--no-check", action="store_true", help="skip the eager / TorchScript / ONNX Runtime parity check")

@@ -20,6 +20,19 @@ def _as_bool(value: bool | str) -> bool:
     return bool(value)
 
 
+def default_amp(arch: str, device: torch.device | str) -> bool:
+    """Whether bf16 autocast is the faster default: always on CUDA; on CPU not for EfficientNet-Lite.
+
+    Measured with ``benchmarks/train_throughput.py`` (docs/performance.md): on CPU, EfficientNet-Lite's depthwise
+    convolutions train faster in float32 than under bf16 autocast, while ResNet/ResNeXt train faster in bf16.
+    """
+    if str(device).startswith("cuda"):
+        return True
+    from scripts.network import is_lite
+
+    return not is_lite(arch)
+
+
 class AutocastInferer(Inferer):
     """Run ``network(inputs)`` under ``torch.autocast`` and return float32 outputs.
 

