@@ -20,17 +20,18 @@ def _as_bool(value: bool | str) -> bool:
     return bool(value)
 
 
-def default_amp(arch: str, device: torch.device | str) -> bool:
-    """Whether bf16 autocast is the faster default: always on CUDA; on CPU not for EfficientNet-Lite.
+def default_amp(arch: str, device: torch.device | str, image_size: int = 128) -> bool:
+    """Whether bf16 autocast is the faster default: on CUDA always; on CPU, not for EfficientNet-Lite below 224 px.
 
-    Measured with ``benchmarks/train_throughput.py`` (docs/performance.md): on CPU, EfficientNet-Lite's depthwise
-    convolutions train faster in float32 than under bf16 autocast, while ResNet/ResNeXt train faster in bf16.
+    Measured with ``benchmarks/train_throughput.py`` on a 2-core CPU (docs/performance.md, 2026-12-02): training
+    EfficientNet-Lite0 ran at 53.8 img/s in float32 + channels_last vs 38.3 in bf16 at 128 px, but 15.2 vs 19.0 at
+    224 px; ResNet/ResNeXt train faster in bf16 at both sizes.
     """
     if str(device).startswith("cuda"):
         return True
     from scripts.network import is_lite
 
-    return not is_lite(arch)
+    return not is_lite(arch) or int(image_size) >= 224
 
 
 class AutocastInferer(Inferer):

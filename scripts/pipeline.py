@@ -54,7 +54,7 @@ class Settings:
     batch_size: int = 16
     learning_rate: float | None = None  # None: each stage config's own (1e-3 in both)
     backbone_lr_factor: float | None = None  # None: the stage configs' (1.0: the backbone learns at the head's rate)
-    amp: bool | None = None  # None: scripts.inferers.default_amp (bf16 on CUDA; on CPU fp32 for EfficientNet-Lite)
+    amp: bool | None = None  # None: scripts.inferers.default_amp (bf16; fp32 for EfficientNet-Lite on CPU < 224 px)
     seed: int = 0
     threshold_rule: str = "youden"
     threshold_value: float | None = None

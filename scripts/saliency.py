@@ -7,8 +7,9 @@ Shapes and units:
 - maps: ``(B, H, W)`` float32 in [0, 1] (min-max normalised per image, a flat map is all zeros);
 - masks: ``(H, W)`` bool, True = lesion; distances and tolerances are in pixels of the array they refer to.
 
-The target layer of every member is ``member.target_layer`` (the last stride-32 feature map: ``backbone.layer4[-1]`` or ``backbone.bn2``), so one cell
-of the Grad-CAM feature map covers 32 x 32 pixels of the network input: the pointing game's default tolerance.
+The target layer of every member is ``member.target_layer`` (the last stride-32 feature map: ``backbone.layer4[-1]``
+or ``backbone.bn2``), so one cell of the Grad-CAM feature map covers 32 x 32 pixels of the network input: the
+pointing game's default tolerance.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class EnsembleCAM:
         threshold: decision threshold on P(malignant) for ``target="predicted"``.
         amp: run the forward pass under bfloat16 autocast (as ``AutocastInferer``) with a channels_last input;
             the target layer's activations and gradients are cast to float32 before the map is computed. 1.3x
-            (224 px, 5 members) to 3x (512 px, 1 member) faster on CPU; maps correlate > 0.99 with float32 ones for ResNets, 0.94-0.99 for EfficientNet-Lite (its bf16 activations at ``bn2`` are 3-8 % off).
+            (224 px, 5 members) to 3x (512 px, 1 member) faster on CPU; maps correlate > 0.99 with float32 ones for
+            ResNets, 0.94-0.99 for EfficientNet-Lite (its bf16 activations at ``bn2`` are 3-8 % off).
 
     Calling it with ``x`` ``(B, 1, H, W)`` returns a :class:`CAMResult`: the ensemble map (mean of the members'
     maps, renormalised to [0, 1]), the members' maps and the ensemble's probabilities. It works inside

@@ -143,3 +143,12 @@ def test_ensemble_torchscript_export_matches_eager():
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.allclose(scripted(x), ens(x), atol=1e-5)
+
+
+def test_default_precision_follows_the_measured_rule():
+    from scripts.inferers import default_amp
+
+    assert default_amp("efficientnet_lite0", "cpu", 128) is False  # float32 + channels_last is faster there
+    assert default_amp("efficientnet_lite0", "cpu", 224) is True
+    assert default_amp("resnext50_32x4d", "cpu", 128) is True
+    assert default_amp("efficientnet_lite0", "cuda:0", 128) is True
