@@ -153,9 +153,13 @@ def run_stage(
 
 def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
     """Generate (or reuse) the synthetic intermediate and target datalists."""
+    return prepare_synthetic_intermediate(s, dataset_dir), prepare_synthetic_target(s, dataset_dir)
+
+
+def prepare_synthetic_target(s: Settings, dataset_dir: Path) -> Path:
+    """Generate (or reuse) the synthetic target datalist."""
     from scripts.synthetic import generate_dataset
 
-    inter = prepare_synthetic_intermediate(s, dataset_dir)
     target = generate_dataset(
         dataset_dir,
         "target",
@@ -167,7 +171,7 @@ def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
         image_size=s.image_size,
         seed=s.seed,
     )
-    return inter, Path(target)
+    return Path(target)
 
 
 def prepare_synthetic_intermediate(s: Settings, dataset_dir: Path) -> Path:
@@ -205,9 +209,11 @@ def resolve_datalists(s: Settings, root: Path) -> tuple[Path, Path, bool]:
     elif dataset_dir:
         target = find_datalist(dataset_dir, "target")
     else:
-        inter, target = prepare_synthetic(s, synthetic_dir)
+        target = prepare_synthetic_target(s, synthetic_dir)
         if s.intermediate_datalist:
             inter = Path(s.intermediate_datalist).resolve()
+        else:
+            inter = prepare_synthetic_intermediate(s, synthetic_dir) if s.intermediate else None
         return inter, target, True
     if s.intermediate_datalist:
         inter = Path(s.intermediate_datalist).resolve()
