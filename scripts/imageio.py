@@ -41,29 +41,98 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> Path:
     return Path(path)
 
 
-def _open(path: str | os.PathLike) -> np.ndarray:
+def read_raster(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Read a PNG / PGM / TIFF as a 2-D array; the one raster reader of data preparation and inference.
+
+    The decoded size is checked from the file header against ``max_pixels`` (default: the cap of
+    :mod:`scripts.prepare.bounds`) before decoding. Grayscale modes are returned as stored; a palette image whose
+    palette is gray is converted to its gray levels (8-bit); colour images (RGB, RGBA, LA, colour palettes) are
+    refused. Raises :class:`ImageFileError` (a ``ValueError``) whose message says what is wrong, in words.
+    """
+    from PIL import UnidentifiedImageError
+
+    from scripts.prepare.bounds import check_size
+    from scripts.prepare.errors import PrepareError
+
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            try:
+                check_size(h, w, "image", getattr(im, "n_frames", 1) if im.format == "TIFF" else 1, max_pixels)
+            except PrepareError as e:
+                raise ImageFileError(str(e)) from None
             im.load()
-            return np.array(im)
+            if im.mode == "P":
+                rgb = np.array(im.convert("RGB"))
+                if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                    raise ImageFileError("colour palette image: a grayscale image is expected")
+                return np.ascontiguousarray(rgb[..., 0])
+            if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "PA", "RGBX", "La"):
+                raise ImageFileError(f"colour image (PIL mode {im.mode}): a grayscale image is expected")
+            arr = np.array(im)
+    except ImageFileError:
+        raise
     except FileNotFoundError:
-        raise ImageFileError(f"{path}: file not found") from None
-    except Exception as e:
-        raise ImageFileError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+        raise ImageFileError("file not found") from None
+    except UnidentifiedImageError:
+        raise ImageFileError("not a readable image file (unknown or corrupt format)") from None
+    except MemoryError:
+        raise ImageFileError("image cannot be decoded: not enough memory") from None
+    except Exception as e:  # truncated PNG/TIFF, decompression bomb, bad chunk
+        raise ImageFileError(f"corrupt or truncated image ({type(e).__name__})") from None
+    if arr.ndim != 2:
+        raise ImageFileError(f"expected a 2-D grayscale image, got shape {arr.shape}")
+    return arr
 
 
-def read_roi_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a ROI PNG as float32 ``(H, W)`` in [0, 1] (16-bit scaled by 65535, 8-bit by 255)."""
-    arr = _open(path)
-    if arr.ndim == 3:
-        raise ImageFileError(f"{path}: expected a single-channel image, got shape {arr.shape}")
+def raster_to_unit(arr: np.ndarray) -> np.ndarray:
+    """Scale a raster's stored values to float32 [0, 1]: 8-bit by 255, 16-bit by 65535, 32-bit integers by
+    ``max(65535, max)``, floats by min-max."""
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if arr.dtype.kind in "ui":
+        if arr.dtype.itemsize == 1:
+            top = 255.0
+        elif arr.dtype.itemsize == 2:
+            top = 65535.0
+        else:  # PIL mode "I" (32-bit) usually holds 16-bit data
+            top = max(65535.0, float(arr.max()))
+        return np.clip(arr.astype(np.float32) / top, 0.0, 1.0)
+    arr = arr.astype(np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ImageFileError(f"{int(arr.size - finite.sum())} pixel(s) are NaN or infinite")
+    lo, hi = float(arr.min()), float(arr.max())
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def check_not_blank(image: np.ndarray, what: str = "image") -> None:
+    """Refuse NaN/inf pixels and an image that holds one value only (blank or constant): never a result."""
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise ImageFileError(f"{what}: {int(image.size - finite.sum())} pixel(s) are NaN or infinite")
+    if image.size and float(np.max(image)) <= float(np.min(image)):
+        raise ImageFileError(f"{what}: every pixel has the same value {float(image.flat[0]):g} (blank image)")
+
+
+def _open(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    try:
+        return read_raster(path, max_pixels)
+    except ImageFileError as e:
+        raise ImageFileError(f"{Path(path).name}: {e}") from None
+
+
+def read_roi_png(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Read a ROI PNG as float32 ``(H, W)`` in [0, 1] (16-bit scaled by 65535, 8-bit by 255; see
+    :func:`read_raster` for the accepted modes and the size cap)."""
+    arr = _open(path, max_pixels)
     scale = 65535.0 if arr.dtype in (np.uint16, np.int32, np.int16) else 255.0
+    if arr.dtype == np.bool_:
+        scale = 1.0
     return (arr.astype(np.float32) / scale).clip(0.0, 1.0)
 
 
 def read_mask_png(path: str | os.PathLike) -> np.ndarray:
     """Read a mask PNG as boolean ``(H, W)``."""
     arr = _open(path)
-    if arr.ndim == 3:
-        arr = arr[..., 0]
     return arr > 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.prepare.bounds import check_pitch, check_size
 from scripts.prepare.dicom_io import is_dicom, read_dicom
 from scripts.prepare.errors import PrepareError
 
@@ -34,82 +35,101 @@ def _suffix(path: str | os.PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-def _read_raster(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _read_raster(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    from scripts.imageio import ImageFileError, raster_to_unit, read_raster
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGB", "RGBA", "P", "LA"):
-                raise PrepareError(f"colour image (PIL mode {im.mode}): a grayscale image is expected")
-            arr = np.array(im)
-    except PrepareError:
-        raise
-    except FileNotFoundError:
-        raise PrepareError("file not found") from None
-    except UnidentifiedImageError:
-        raise PrepareError("not a readable image file (unknown or corrupt format)") from None
-    except Exception as e:  # truncated PNG/TIFF
-        raise PrepareError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
-    if arr.ndim != 2:
-        raise PrepareError(f"expected a 2-D grayscale image, got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float32)
-    if arr.dtype.kind in "ui":
-        if arr.dtype.itemsize == 1:
-            top = 255.0
-        elif arr.dtype.itemsize == 2:
-            top = 65535.0
-        else:  # PIL mode "I" (32-bit) usually holds 16-bit data
-            top = max(65535.0, float(arr.max()))
-        return np.clip(arr.astype(np.float32) / top, 0.0, 1.0)
-    arr = arr.astype(np.float32)
-    lo, hi = float(arr.min()), float(arr.max())
-    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return raster_to_unit(read_raster(path, max_pixels))
+    except ImageFileError as e:
+        raise PrepareError(str(e)) from None
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float]]:
+def _read_nifti(
+    path: Path, max_pixels: int | None = None, read_spacing: bool = True
+) -> tuple[np.ndarray, tuple[float, float] | None]:
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        zooms = img.header.get_zooms()
+        shape = tuple(int(n) for n in img.shape)
+        zooms = [float(z) for z in img.header.get_zooms()]
     except FileNotFoundError:
         raise PrepareError("file not found") from None
+    except MemoryError:
+        raise PrepareError("corrupt NIfTI header (needs more memory than available)") from None
     except Exception as e:
-        raise PrepareError(f"corrupt or unreadable NIfTI ({type(e).__name__}: {e})") from None
+        raise PrepareError(f"corrupt or unreadable NIfTI header ({type(e).__name__})") from None
+    kept = [n for n in shape if n != 1]
+    if len(kept) != 2:
+        raise PrepareError(f"expected a 2-D NIfTI image, got shape {shape}")
+    check_size(kept[1], kept[0], "NIfTI image", 1, max_pixels)
+    axes = [i for i, n in enumerate(shape) if n != 1]
+    pixdim = [zooms[i] if i < len(zooms) else 0.0 for i in axes]
+    # axis 0 = x (columns) -> (rows, cols); pixdim 0 (unset) is an error, never "1 mm" assumed
+    spacing = check_pitch([pixdim[1], pixdim[0]], "NIfTI pixdim") if read_spacing else None
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except MemoryError:
+        raise PrepareError("NIfTI data cannot be read: not enough memory") from None
+    except Exception as e:
+        raise PrepareError(f"corrupt or truncated NIfTI data ({type(e).__name__})") from None
     data = np.squeeze(data)
     if data.ndim != 2:
         raise PrepareError(f"expected a 2-D NIfTI image, got shape {data.shape}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise PrepareError(f"NIfTI image: {int(data.size - finite.sum())} pixel(s) are NaN or infinite")
     lo, hi = float(data.min()), float(data.max())
-    pixels = (data - lo) / (hi - lo) if hi > lo else np.zeros_like(data)
-    # axis 0 = x (columns), axis 1 = y (rows) -> (rows, cols)
-    return np.ascontiguousarray(pixels.T), (float(zooms[1]), float(zooms[0]))
+    if hi <= lo:
+        raise PrepareError(f"NIfTI image: every pixel has the same value {lo:g} (blank image)")
+    pixels = (data - lo) / (hi - lo)
+    return np.ascontiguousarray(pixels.T), spacing
 
 
 def load_image(
-    path: str | os.PathLike, spacing_mm: float | tuple[float, float] | None = None, apply_voi: bool = True
+    path: str | os.PathLike,
+    spacing_mm: float | tuple[float, float] | None = None,
+    apply_voi: bool = True,
+    max_pixels: int | None = None,
+    allow_blank: bool = False,
 ) -> LoadedImage:
-    """Read ``path``; ``spacing_mm`` (mm, or ``(row, col)``) overrides the pitch the file states (or lacks)."""
+    """Read ``path``; ``spacing_mm`` (mm, or ``(row, col)``) overrides the pitch the file states (or lacks).
+
+    One reader, one set of rules for preparation and inference: the bounds of :mod:`scripts.prepare.bounds`
+    (pitch, magnification, window, rescale, decoded size ``max_pixels``) are checked before decoding, and an image
+    with NaN/inf pixels or a single value everywhere (blank) is refused (``allow_blank`` for masks)."""
     path = Path(path)
+    if spacing_mm is not None:
+        spacing_mm = check_pitch(
+            [spacing_mm, spacing_mm] if np.isscalar(spacing_mm) else list(spacing_mm), "spacing_mm"
+        )
+    if path.is_symlink() and not path.exists():
+        raise PrepareError("dangling symbolic link (its target does not exist)")
     if not path.exists():
         raise PrepareError("file not found")
-    if path.is_file() and path.stat().st_size == 0:
+    if not path.is_file():
+        raise PrepareError("not a regular file")
+    if path.stat().st_size == 0:
         raise PrepareError("file is empty")
     suffix = _suffix(path)
     if suffix in NIFTI_SUFFIXES:
-        pixels, spacing = _read_nifti(path)
+        pixels, spacing = _read_nifti(path, max_pixels, read_spacing=spacing_mm is None)
         kind = "nifti"
     elif suffix in RASTER_SUFFIXES:
-        pixels, spacing, kind = _read_raster(path), None, suffix.lstrip(".")
+        pixels, spacing, kind = _read_raster(path, max_pixels), None, suffix.lstrip(".")
     elif is_dicom(path) or suffix == "":
-        dimg = read_dicom(path, apply_voi=apply_voi)
+        dimg = read_dicom(path, apply_voi=apply_voi, max_pixels=max_pixels, read_spacing=spacing_mm is None)
         pixels, spacing, kind = dimg.pixels, dimg.spacing_mm, "dicom"
     else:
         raise PrepareError(f"unsupported image format {suffix!r}: use DICOM, PNG, PGM, TIFF or NIfTI (.nii, .nii.gz)")
+    if not allow_blank:
+        finite = np.isfinite(pixels)
+        if not finite.all():
+            raise PrepareError(f"{int(pixels.size - finite.sum())} pixel(s) are NaN or infinite")
+        if pixels.size and float(pixels.max()) <= float(pixels.min()):
+            raise PrepareError(f"every pixel has the same value {float(pixels.flat[0]):g} (blank image)")
     if spacing_mm is not None:
-        spacing = (float(spacing_mm), float(spacing_mm)) if np.isscalar(spacing_mm) else tuple(map(float, spacing_mm))
+        spacing = spacing_mm
     return LoadedImage(pixels.astype(np.float32, copy=False), spacing, kind)
 
 
@@ -117,6 +137,6 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a lesion mask (any supported format) as boolean ``(H, W)``: non-zero = lesion."""
     path = Path(path)
     if _suffix(path) in RASTER_SUFFIXES or _suffix(path) in NIFTI_SUFFIXES:
-        return load_image(path).pixels > 0
+        return load_image(path, allow_blank=True).pixels > 0
     # DICOM masks: raw stored values, no windowing
-    return load_image(path, apply_voi=False).pixels > 0.5
+    return load_image(path, apply_voi=False, allow_blank=True).pixels > 0.5

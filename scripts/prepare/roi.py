@@ -14,9 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scripts.prepare.bounds import check_pitch
 from scripts.prepare.errors import PrepareError
 
 PAD_CHOICES = ("edge", "zero")
+MAX_SIGMA_PX = 64.0  # anti-alias Gaussian: beyond this the output pitch is > 100x the input pitch
+MAX_WINDOW_PIXELS = 64_000_000  # the input window the resampler filters (float32: 256 MB)
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,7 @@ def _grid(geom: RoiGeometry, centre: tuple[float, float], spacing: tuple[float, 
 def _check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float]:
     if spacing is None:
         raise PrepareError("pixel pitch unknown: the file states none; give the source pitch (e.g. --source-pitch-mm)")
-    spacing = (float(spacing[0]), float(spacing[1]))
-    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise PrepareError(f"invalid pixel pitch {spacing} mm")
-    return spacing
+    return check_pitch([float(spacing[0]), float(spacing[1])], "pixel pitch")
 
 
 def _sample(
@@ -87,11 +87,23 @@ def _sample(
     from scipy import ndimage
 
     h, w = image.shape
+    if max(sigma) > MAX_SIGMA_PX:
+        raise PrepareError(
+            f"resampling needs an anti-alias Gaussian of sigma {max(sigma):.0f} px (limit {MAX_SIGMA_PX:g}): the "
+            "output pitch is more than 100 times the input pitch"
+        )
     margin = [int(math.ceil(4 * s)) + 2 for s in sigma]
     r0 = max(int(math.floor(rows.min())) - margin[0], 0)
     r1 = min(int(math.ceil(rows.max())) + margin[0] + 1, h)
     c0 = max(int(math.floor(cols.min())) - margin[1], 0)
     c1 = min(int(math.ceil(cols.max())) + margin[1] + 1, w)
+    if r1 <= r0 or c1 <= c0:
+        raise PrepareError("the ROI's field of view does not overlap the image")
+    if (r1 - r0) * (c1 - c0) > MAX_WINDOW_PIXELS:
+        raise PrepareError(
+            f"the ROI's field of view covers {(r1 - r0) * (c1 - c0) / 1e6:.0f} Mpixel of the input (limit "
+            f"{MAX_WINDOW_PIXELS / 1e6:g}): check the pixel pitch"
+        )
     window = np.asarray(image[r0:r1, c0:c1], dtype=np.float32)
     if max(sigma) > 0:
         window = ndimage.gaussian_filter(window, sigma=sigma, mode="nearest")
@@ -117,7 +129,7 @@ def crop_roi(
 
     ``image``: ``(H, W)`` float in [0, 1] with pitch ``spacing_mm`` (row, col). Returns the ``(size, size)``
     float32 ROI and the fraction of it that lies outside the image (padded). Raises :class:`PrepareError` when the
-    centre lies outside the image or the image is empty.
+    centre lies outside the image, the image is empty, or the ROI is blank (one value everywhere).
     """
     spacing = _check_spacing(spacing_mm)
     image = np.asarray(image)
@@ -132,8 +144,14 @@ def crop_roi(
         )
     rows, cols = _grid(geom, (r, c), spacing)
     sigma = tuple(max(0.0, (geom.pitch_mm / s - 1.0) / 2.0) for s in spacing)
-    roi = _sample(image, rows, cols, sigma, geom.pad)
-    return np.clip(roi, 0.0, 1.0), outside_fraction(image.shape, rows, cols)
+    roi = np.clip(_sample(image, rows, cols, sigma, geom.pad), 0.0, 1.0)
+    if not np.isfinite(roi).all():
+        raise PrepareError("the cropped ROI holds NaN or infinite values")
+    if float(roi.max()) <= float(roi.min()):
+        raise PrepareError(
+            f"the cropped ROI holds one value everywhere ({float(roi.flat[0]):g}, blank): no image content at this centre"
+        )
+    return roi, outside_fraction(image.shape, rows, cols)
 
 
 def crop_mask(
