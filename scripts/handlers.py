@@ -156,21 +156,44 @@ class PredictionTableHandler(_RowTable):
             row[f"prob_{name}"] = f"{v:.6f}"
         return row
 
+    def attach(self, engine: Engine) -> None:
+        """Collect per iteration, write on completion, and write the rows collected so far if the run fails.
+
+        Ignite calls only the first ``EXCEPTION_RAISED`` handler: attach this one before ``StatsHandler``."""
+        super().attach(engine)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._write_partial)
+
     def _collect(self, engine: Engine) -> None:
         for batch, out in zip(engine.state.batch, engine.state.output):
             error = str(batch.get(self.error_key) or "")
             self.rows.append(self.row(str(batch[self.case_key]), None if error else out[self.pred_key], error))
 
-    def _write(self, engine: Engine) -> None:
+    def _write_partial(self, engine: Engine, e: BaseException) -> None:
+        """The run stopped: write the rows it has (the table says so in the log), then re-raise."""
+        try:
+            if getattr(self, "rows", None):
+                self._save()
+                logger.error(
+                    "run stopped (%s) after %d case(s): %s holds their rows only", type(e).__name__, len(self.rows),
+                    self.output_csv,
+                )  # fmt: skip
+        finally:
+            raise e
+
+    def _save(self) -> None:
         import csv
 
         from scripts.atomic import atomic_path
 
         with atomic_path(self.output_csv) as tmp:
-            with open(tmp, "w", newline="") as f:
+            # case ids from non-UTF-8 file names carry surrogates: written as backslash escapes, never a crash
+            with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
                 w = csv.DictWriter(f, fieldnames=self.columns)
                 w.writeheader()
                 w.writerows(self.rows)
+
+    def _write(self, engine: Engine) -> None:
+        self._save()
         n_err = sum(r["status"] == "error" for r in self.rows)
         logger.info("wrote %d predictions (%d input errors) to %s", len(self.rows) - n_err, n_err, self.output_csv)
         if n_err and n_err == len(self.rows) and self.fail_if_all_errors:

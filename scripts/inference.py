@@ -41,7 +41,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize
 
-from scripts.prepare.csv_source import cell_float
+from scripts.prepare.bounds import scrub
+from scripts.prepare.csv_source import cell_float, read_csv_rows
+from scripts.prepare.dicom_io import printable
+from scripts.prepare.errors import PrepareError
 from scripts.schema import unique_case
 
 logger = logging.getLogger(__name__)
@@ -63,18 +66,57 @@ def _is_dicom_file(path: Path) -> bool:
     return path.suffix == "" and is_dicom(path)
 
 
+FOLDER_SUFFIXES = ROI_SUFFIXES + DICOM_SUFFIXES + (".nii", ".nii.gz", ".tif", ".tiff", ".pgm")
+
+
+def _folder_reason(p: Path) -> str | None:
+    """Why a folder entry is left out of the inputs (``None``: it is an input)."""
+    if p.is_symlink() and not p.exists():
+        return "dangling symbolic link"
+    if p.is_dir():
+        return "a folder (the scan is not recursive)"
+    if not p.is_file():
+        return "not a regular file"
+    name = p.name.lower()
+    if name.endswith(FOLDER_SUFFIXES):
+        return None  # an empty or broken file of a supported type gets an error row
+    if p.suffix == "":
+        if p.stat().st_size == 0:
+            return "empty file without a suffix"
+        return None if _is_dicom_file(p) else "no suffix and no DICOM preamble"
+    return f"unsupported suffix {printable(p.suffix)} (inputs: {', '.join(FOLDER_SUFFIXES)}, or DICOM without suffix)"
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else p.stem
+
+
 def items_from_folder(folder: str | os.PathLike) -> list[dict]:
-    """One item per ROI PNG or DICOM file directly in ``folder`` (sorted by name); case id = file stem."""
+    """One item per image directly in ``folder`` (sorted by name): ROI PNGs, DICOM (``.dcm``/``.dicom`` or a DICM
+    preamble), NIfTI, TIFF and PGM; case id = file stem (non-UTF-8 bytes as ``\\xNN``). Every entry left out is
+    logged with its reason."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InferenceInputError(f"input_dir {folder} is not a folder")
-    files = [
-        p for p in sorted(folder.iterdir()) if p.is_file() and (p.suffix.lower() in ROI_SUFFIXES or _is_dicom_file(p))
-    ]
+    files, skipped = [], 0
+    for p in sorted(folder.iterdir()):
+        reason = _folder_reason(p)
+        if reason is None:
+            files.append(p)
+        else:
+            skipped += 1
+            logger.info("input_dir: %s left out: %s", printable(p.name), reason)
+    if skipped:
+        logger.warning(
+            "input_dir: %d entr%s left out (see the log for each reason)", skipped, "y" if skipped == 1 else "ies"
+        )
     if not files:
-        raise InferenceInputError(f"{folder}: no ROI PNG (*.png) or DICOM (*.dcm, *.dicom, DICM preamble) files")
+        raise InferenceInputError(
+            f"{printable(folder.name)}: no input images ({', '.join(FOLDER_SUFFIXES)}, or DICOM without suffix)"
+        )
     used: set[str] = set()
-    return [{"image": str(p), "case": unique_case(p.stem, used)} for p in files]
+    return [{"image": str(p), "case": unique_case(printable(_stem(p)), used)} for p in files]
 
 
 def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
@@ -83,24 +125,25 @@ def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
     A row whose cells cannot be parsed becomes an item that carries its ``error``, so that it is reported in the
     output table beside the other rows' results; a missing file or a CSV without an ``image`` column raises.
     """
+    from scripts.prepare.bounds import check_pitch
+    from scripts.prepare.errors import PrepareError
+
     csv_path = Path(csv_path)
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = [{(k or "").strip().lower(): (v or "") for k, v in r.items()} for r in csv.DictReader(f)]
-    except FileNotFoundError:
-        raise InferenceInputError(f"input_csv {csv_path}: file not found") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise InferenceInputError(f"input_csv {csv_path}: not a readable CSV ({e})") from None
-    if not rows:
-        raise InferenceInputError(f"input_csv {csv_path}: no rows")
-    if "image" not in rows[0]:
-        raise InferenceInputError(f"input_csv {csv_path}: no 'image' column (columns: {', '.join(rows[0])})")
+    numbered = read_csv_rows(csv_path, InferenceInputError)
+    first = numbered[0][1]
+    if "image" not in first:
+        raise InferenceInputError(
+            f"input_csv {csv_path.name}: no 'image' column (columns: {', '.join(c for c in first if c)[:200]})"
+        )
     used: set[str] = set()
     items = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in numbered:
         image = row["image"].strip()
-        case = (row.get("case") or "").strip() or (Path(image).stem if image else f"line{line}")
-        item: dict[str, Any] = {"image": str(csv_path.parent / image) if image else "", "case": unique_case(case, used)}
+        case = (row.get("case") or "").strip() or (_stem(Path(image)) if image else f"line{line}")
+        item: dict[str, Any] = {
+            "image": str(csv_path.parent / image) if image else "",
+            "case": unique_case(printable(case), used),
+        }
         try:
             if not image:
                 raise InferenceInputError("empty image cell")
@@ -109,10 +152,13 @@ def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
                 raise InferenceInputError("give both x and y, or neither")
             unit = (row.get("unit") or "px").strip().lower()
             if unit not in ("px", "mm"):
-                raise InferenceInputError(f"unit {unit!r} must be px or mm")
+                raise InferenceInputError("unit must be px or mm")
             spacing = cell_float(row, "spacing_mm", InferenceInputError)
-            if spacing is not None and spacing <= 0:
-                raise InferenceInputError(f"spacing_mm {spacing} must be positive")
+            if spacing is not None:
+                try:
+                    check_pitch(spacing, "spacing_mm")
+                except PrepareError as e:
+                    raise InferenceInputError(str(e)) from None
             if x is not None:
                 item.update(x=x, y=y, unit=unit)
             if spacing is not None:
@@ -151,7 +197,9 @@ def _short_reason(e: BaseException, path: str | None) -> str:
         parent = str(Path(path).parent)
         if parent not in ("", "."):
             text = text.replace(parent + os.sep, "")
-    return text[:300]
+    if not isinstance(e, (InferenceInputError, PrepareError)):  # library text: may quote header values
+        text = f"unexpected error ({type(e).__name__}: {scrub(text, 160)})"
+    return printable(text)[:300]
 
 
 class LoadInputd(MapTransform):
@@ -177,6 +225,10 @@ class LoadInputd(MapTransform):
         pad: ``"edge"`` or ``"zero"`` padding where the field of view leaves the image.
         max_outside_fraction: refuse a crop with more of it outside the image than this.
         on_error: ``"record"`` or ``"raise"``.
+        max_megapixels: refuse an input image larger than this (checked from the file header before decoding).
+
+    Degenerate inputs are errors, as in data preparation: NaN/inf pixels, a blank (one-valued) image or ROI, and
+    the header bounds of :mod:`scripts.prepare.bounds` give an error row, never a prediction.
     """
 
     def __init__(
@@ -188,6 +240,7 @@ class LoadInputd(MapTransform):
         pad: str = "edge",
         max_outside_fraction: float = 0.75,
         on_error: str = "record",
+        max_megapixels: float | None = None,
     ) -> None:
         super().__init__(keys)
         if len(self.keys) != 1:
@@ -202,6 +255,7 @@ class LoadInputd(MapTransform):
         self.max_outside_fraction = float(max_outside_fraction)
         self.on_error = on_error
         self.resize = Resize(self.size, mode="area")
+        self.max_pixels = None if max_megapixels is None else int(float(max_megapixels) * 1e6)
 
     # -- readers ---------------------------------------------------------------------------------------------------
 
@@ -212,7 +266,7 @@ class LoadInputd(MapTransform):
 
         path = Path(item[self.key])
         try:
-            img = load_image(path, spacing_mm=item.get("spacing_mm"))
+            img = load_image(path, spacing_mm=item.get("spacing_mm"), max_pixels=self.max_pixels)
         except PrepareError as e:
             raise InferenceInputError(str(e)) from None
         if img.spacing_mm is None:
@@ -264,7 +318,7 @@ class LoadInputd(MapTransform):
             from scripts.imageio import ImageFileError, read_roi_png
 
             try:
-                return read_roi_png(path)
+                return read_roi_png(path, self.max_pixels)
             except ImageFileError as e:
                 raise InferenceInputError(str(e)) from None
         return self._crop(item)
@@ -281,19 +335,26 @@ class LoadInputd(MapTransform):
         if not error:
             try:
                 roi = self._load(item)
-                if not np.isfinite(roi).all():
-                    raise InferenceInputError("image holds NaN or infinite values")
+                finite = np.isfinite(roi)
+                if not finite.all():
+                    raise InferenceInputError(f"{int(roi.size - finite.sum())} pixel(s) are NaN or infinite")
+                if roi.size and float(roi.max()) <= float(roi.min()):
+                    raise InferenceInputError(
+                        f"every pixel of the ROI has the same value {float(roi.flat[0]):g} (blank image)"
+                    )
                 image = torch.from_numpy(np.ascontiguousarray(roi, dtype=np.float32))[None]
                 if tuple(image.shape[1:]) != self.size:
                     image = self.resize(image)
                 if isinstance(image, MetaTensor):
                     image = image.as_tensor()
                 image = image.to(torch.float32).clamp_(0.0, 1.0)
+            except MemoryError:
+                error = "not enough memory to read or resample this image"
             except Exception as e:  # one unreadable input must not stop the others
                 error = _short_reason(e, path)
         if error:
             if self.on_error == "raise":
                 raise InferenceInputError(f"case {case}: {error}")
-            logger.warning("case %s: input skipped: %s", case, error)
+            logger.warning("case %s: input skipped: %s", printable(case), error)
             image = torch.zeros((1, *self.size), dtype=torch.float32)
         return {"image": image, "case": case, "error": error}

@@ -208,7 +208,7 @@ def test_all_inputs_failing_is_an_error_after_the_table_is_written(bundle, tmp_p
 
 
 def test_clear_errors_for_bad_input_options(tmp_path):
-    with pytest.raises(InferenceInputError, match="no ROI PNG"):
+    with pytest.raises(InferenceInputError, match="no input images"):
         select_inputs(input_dir=str(tmp_path))
     with pytest.raises(InferenceInputError, match="not both"):
         select_inputs(input_dir=str(tmp_path), input_csv=str(tmp_path / "c.csv"))

@@ -158,8 +158,9 @@ def test_patient_leakage_refused(dataset, tmp_path):
         r["split"] = "train"
     rows[1]["patient"] = rows[0]["patient"]
     rows[1]["split"] = "test"
-    with pytest.raises(PreparationFailed, match="several splits"):
+    with pytest.raises(PreparationFailed, match=r"in training \(CSV line 2\) and in test \(CSV line 3\)") as e:
         prepare_csv(_write_csv(src / "leak.csv", rows), tmp_path / "leak", num_folds=2)
+    assert "hospital-patient" not in str(e.value)
     assert not (tmp_path / "leak" / "datalist_target.json").exists()
 
 

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from scripts.prepare.bounds import DEFAULT_MAX_PIXELS, check_pitch, set_max_pixels
 from scripts.prepare.errors import ON_ERROR_CHOICES, PreparationFailed, PrepareError
 from scripts.prepare.roi import PAD_CHOICES, RoiGeometry
 
@@ -24,7 +25,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds (patient-grouped, stratified)")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds and of any test split")
     p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="stop", help="stop at the first bad case or skip")
-    p.add_argument("--overwrite", action="store_true", help="reuse an --out folder prepared with other settings")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a preparation made with other settings in --out (only once the new run has succeeded)",
+    )
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=DEFAULT_MAX_PIXELS / 1e6,
+        help="refuse images larger than this, checked from the file header before decoding (default %(default)g)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -72,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         geom = RoiGeometry.resolve(args.pitch_mm, args.fov_mm, args.size, pad=args.pad)
+        if getattr(args, "source_pitch_mm", None) is not None:
+            check_pitch(args.source_pitch_mm, "--source-pitch-mm")
+        if not args.max_megapixels > 0:
+            raise ValueError(f"--max-megapixels {args.max_megapixels:g} must be positive")
+        set_max_pixels(int(args.max_megapixels * 1e6))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     except PreparationFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"summary: {e.report.summary()}; report: {Path(args.out) / 'prepare_report.json'}", file=sys.stderr)
+        report = e.report_path or Path(args.out) / "prepare_report.json"
+        print(f"summary: {e.report.summary()}; report: {report}", file=sys.stderr)
         return 1
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -66,6 +66,39 @@ def cell_float(row: dict, key: str, error: type[Exception] = PrepareError) -> fl
     return f
 
 
+def read_csv_rows(csv_path: str | Path, error: type[Exception] = PrepareError) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for every data row of a CSV; header names stripped and lower-cased.
+
+    Blank lines before the header are skipped (line numbers stay those of the file); a missing or unreadable file
+    raises ``error`` with one clear message naming the file."""
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            lines = f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        raise error(f"{csv_path.name}: CSV file not found") from None
+    except IsADirectoryError:
+        raise error(f"{csv_path.name}: is a folder, not a CSV file") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{csv_path.name}: not a UTF-8 text file (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise error(f"{csv_path.name}: cannot be read ({type(e).__name__})") from None
+    skip = 0
+    while skip < len(lines) and not lines[skip].strip():
+        skip += 1
+    try:
+        reader = csv.DictReader(lines[skip:])
+        rows = []
+        for r in reader:
+            row = {(k or "").strip().lower(): (v if isinstance(v, str) else "") for k, v in r.items()}
+            rows.append((skip + reader.line_num, row))
+    except csv.Error as e:
+        raise error(f"{csv_path.name}: not a readable CSV ({e})") from None
+    if not rows:
+        raise error(f"{csv_path.name}: no rows (a header line and at least one row are expected)")
+    return rows
+
+
 def _birads(row: dict) -> int | None:
     v = (row.get("birads") or "").strip()
     if v == "":
@@ -95,7 +128,8 @@ class _ImageCache:
 
 def _render(row: dict, path: Path, base: Path, cache: _ImageCache, geom: RoiGeometry, pitch: float | None):
     def render():
-        spacing_override = cell_float(row, "spacing_mm") or pitch
+        spacing_override = cell_float(row, "spacing_mm")
+        spacing_override = pitch if spacing_override is None else spacing_override
         img = cache.get(path, spacing_override)
         spacing = img.spacing_mm
         if spacing is None:
@@ -169,23 +203,20 @@ def csv_cases(
     """Yield one :class:`CaseSpec` per CSV row (rows grouped by image so each image is decoded once)."""
     csv_path = Path(csv_path)
     base = csv_path.parent
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = [{(k or "").strip().lower(): (v or "") for k, v in r.items()} for r in csv.DictReader(f)]
-    except FileNotFoundError:
-        raise PrepareError(f"{csv_path}: CSV file not found") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise PrepareError(f"{csv_path}: not a readable CSV ({e})") from None
-    if not rows:
-        raise PrepareError(f"{csv_path}: no rows")
+    numbered = read_csv_rows(csv_path)
+    lines = [n for n, _ in numbered]
+    rows = [r for _, r in numbered]
     missing = [c for c in ("image", "label", "patient") if c not in rows[0]]
     if missing:
-        raise PrepareError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+        raise PrepareError(
+            f"{csv_path.name}: missing column(s) {', '.join(missing)} in the header line "
+            f"(found: {', '.join(c for c in rows[0] if c)[:200] or 'none'})"
+        )
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["image"], i))
     cache = _ImageCache()
     for i in order:
         row = rows[i]
-        line = i + 2  # header is line 1
+        line = lines[i]
         roi_key = "|".join(row.get(k, "") for k in ("image", "x", "y", "size", "x0", "y0", "x1", "y1", "mask", "unit"))
         case = "case_" + pseudonym(roi_key).split("_", 1)[1][:10]
         where = f"{csv_path.name} line {line}"

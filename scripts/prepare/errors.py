@@ -21,9 +21,10 @@ class PrepareError(ValueError):
 class PreparationFailed(RuntimeError):
     """Preparation stopped (``on_error="stop"``) or produced nothing; ``report`` holds the per-case errors."""
 
-    def __init__(self, message: str, report: "ErrorReport"):
+    def __init__(self, message: str, report: "ErrorReport", report_path: str | os.PathLike | None = None):
         super().__init__(message)
         self.report = report
+        self.report_path = report_path
 
 
 @dataclass
@@ -42,7 +43,9 @@ class ErrorReport:
 
     def fail(self, case: str, file: str | os.PathLike | None, reason: str) -> None:
         """Record a failed case; raise when stopping on the first error."""
-        entry = {"case": case, "file": None if file is None else str(file), "reason": reason}
+        from scripts.prepare.dicom_io import printable
+
+        entry = {"case": case, "file": None if file is None else printable(str(file)), "reason": printable(reason)}
         self.errors.append(entry)
         logger.error("case %s failed (%s): %s", case, entry["file"], reason)
         if self.on_error == "stop":

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,6 +30,7 @@ import numpy as np
 
 from scripts.atomic import write_json, write_text
 from scripts.imageio import write_mask_png, write_roi_png
+from scripts.prepare.bounds import scrub
 from scripts.prepare.errors import ErrorReport, PreparationFailed, PrepareError
 from scripts.schema import (
     TARGET_CLASSES,
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("target", "intermediate")
 MAX_OUTSIDE_FRACTION = 0.75
+STAGING = ".prepare-new"
 
 
 @dataclass
@@ -92,19 +95,29 @@ class Pseudonymiser:
 
 @dataclass
 class OutputFolder:
-    """Owns ``out_dir``: settings check, per-case atomic writes, resumable records."""
+    """Owns ``out_dir``: settings check, per-case atomic writes, resumable records.
+
+    A folder prepared with other settings is refused, or with ``overwrite`` the new run is built in a staging
+    folder (``out_dir/.prepare-new``) and only :meth:`commit` (after the new datalists are written) replaces the old
+    ROI files, datalists and ``prepare.json``: a failing ``--overwrite`` run leaves the old preparation as it was.
+    """
 
     out_dir: Path
     settings: dict
     overwrite: bool = False
     fingerprint: str = field(init=False)
+    work_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.fingerprint = settings_fingerprint(self.settings)
+        self.work_dir = self.out_dir
         manifest = self.out_dir / "prepare.json"
         if manifest.is_file():
-            old = json.loads(manifest.read_text()).get("fingerprint")
+            try:
+                old = json.loads(manifest.read_text()).get("fingerprint")
+            except (OSError, ValueError, AttributeError):
+                old = "unreadable"
             if old != self.fingerprint:
                 if not self.overwrite:
                     raise PreparationFailed(
@@ -112,13 +125,43 @@ class OutputFolder:
                         "choose another --out folder or pass --overwrite",
                         ErrorReport(),
                     )
-                for p in self.out_dir.glob("datalist_*.json"):
-                    p.unlink()
+                self.work_dir = self.out_dir / STAGING
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+                self.work_dir.mkdir(parents=True)
+                return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(manifest, {"fingerprint": self.fingerprint, "settings": self.settings})
 
+    @property
+    def staged(self) -> bool:
+        """True when this run is built in the staging folder (``--overwrite`` of other settings)."""
+        return self.work_dir != self.out_dir
+
+    def commit(self) -> None:
+        """Move a staged run into place (old ROI files and datalists out, new ones in), then write the manifest."""
+        if not self.staged:
+            return
+        old = self.out_dir / ".prepare-old"
+        shutil.rmtree(old, ignore_errors=True)
+        old.mkdir()
+        for p in [self.out_dir / "roi", *self.out_dir.glob("datalist_*.json")]:
+            if p.exists():
+                os.replace(p, old / p.name)
+        for p in [self.work_dir / "roi", *self.work_dir.glob("datalist_*.json")]:
+            if p.exists():
+                os.replace(p, self.out_dir / p.name)
+        write_json(self.out_dir / "prepare.json", {"fingerprint": self.fingerprint, "settings": self.settings})
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.work_dir = self.out_dir
+
+    def discard(self) -> None:
+        """Remove a staged run that failed (the old preparation stays)."""
+        if self.staged:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
     def _paths(self, task: str, case: str) -> tuple[Path, Path, Path]:
-        folder = self.out_dir / "roi" / task
+        folder = self.work_dir / "roi" / task
         return folder / f"{case}.png", folder / f"{case}_mask.png", folder / f"{case}.json"
 
     def reuse(self, spec: CaseSpec) -> dict | None:
@@ -133,7 +176,7 @@ class OutputFolder:
         if record.get("fingerprint") != self.fingerprint:
             return None
         item = record["item"]
-        if item.get("mask") and not (self.out_dir / item["mask"]).is_file():
+        if item.get("mask") and not (self.work_dir / item["mask"]).is_file():
             return None
         return item
 
@@ -144,11 +187,11 @@ class OutputFolder:
         mask_rel = None
         if mask is not None:
             write_mask_png(msk, mask)
-            mask_rel = msk.relative_to(self.out_dir).as_posix()
+            mask_rel = msk.relative_to(self.work_dir).as_posix()
         fields = dict(spec.fields)
         fields.update(info)
         item = make_item(
-            image=img.relative_to(self.out_dir).as_posix(),
+            image=img.relative_to(self.work_dir).as_posix(),
             label=fields.pop("label"),
             patient=fields.pop("patient"),
             case=spec.case,
@@ -189,10 +232,11 @@ def run_cases(specs: Iterable[CaseSpec], out: OutputFolder, report: ErrorReport)
         except PrepareError as e:
             report.fail(spec.case, spec.file, str(e))
             continue
-        except (MemoryError, KeyboardInterrupt):
-            raise
+        except MemoryError:  # one huge or hostile input: that case fails, the others go on
+            report.fail(spec.case, spec.file, "not enough memory to read or resample this image")
+            continue
         except Exception as e:  # a bug or an input we did not foresee: still a per-case report
-            report.fail(spec.case, spec.file, f"unexpected {type(e).__name__}: {e}")
+            report.fail(spec.case, spec.file, f"unexpected error ({type(e).__name__}: {scrub(str(e), 160)})")
             continue
         if frac > 0:
             pad = out.settings.get("pad")
@@ -200,6 +244,32 @@ def run_cases(specs: Iterable[CaseSpec], out: OutputFolder, report: ErrorReport)
         report.n_ok += 1
         items[spec.task].append(item)
     return items
+
+
+def _where(items: list[dict]) -> str:
+    lines = sorted(int(it["csv_line"]) for it in items if it.get("csv_line") is not None)
+    if lines:
+        return f"CSV line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:10]))}{' ...' if len(lines) > 10 else ''}"
+    return "case(s) " + ", ".join(sorted(str(it["case"]) for it in items)[:10])
+
+
+def _check_patient_splits(task: str, train: list[dict], test: list[dict]) -> None:
+    """Refuse an official split that puts one patient in both training and test, naming the input lines."""
+    in_test: dict[str, list[dict]] = {}
+    for it in test:
+        in_test.setdefault(str(it["patient"]), []).append(it)
+    problems = []
+    for patient in sorted({str(it["patient"]) for it in train} & set(in_test)):
+        tr = [it for it in train if str(it["patient"]) == patient]
+        problems.append(f"patient {patient} is in training ({_where(tr)}) and in test ({_where(in_test[patient])})")
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise PrepareError(
+            f"{task}: the given split puts {len(problems)} patient(s) in both training and test: "
+            + "; ".join(problems[:5])
+            + more
+            + ". Give each patient's rows one split."
+        )
 
 
 def build_datalists(
@@ -238,6 +308,7 @@ def build_datalists(
         if official:
             train = [it for it in task_items if it["official_split"] == "training"]
             test = [it for it in task_items if it["official_split"] == "test"]
+            _check_patient_splits(task, train, test)
             split_rule = "official"
         elif task == "target":
             train, test = split_by_patient(task_items, test_fraction, seed=seed)
@@ -289,14 +360,22 @@ def prepare_source(
     settings.setdefault("test_fraction", test_fraction)
     out = OutputFolder(Path(out_dir), settings, overwrite=overwrite)
     report = ErrorReport(on_error=on_error)
-    report_path = out.out_dir / "prepare_report.json"
+    report_path = out.out_dir / ("prepare_report_failed.json" if out.staged else "prepare_report.json")
+
+    def failed(message: str) -> None:
+        result = {"settings": settings, "datalists": {}, **report.as_dict(), "status": f"failed: {message}"}
+        if out.staged:
+            result["note"] = "--overwrite run failed: the earlier preparation in this folder was left as it was"
+        write_json(report_path, result)
+        out.discard()
+
     try:
         items = run_cases(make_specs(report), out, report)
         if not any(items.values()):
             raise PreparationFailed("no case could be prepared: " + report.summary(), report)
         written = build_datalists(
             items,
-            out.out_dir,
+            out.work_dir,
             source=source,
             pitch_mm=geom.pitch_mm,
             num_folds=num_folds,
@@ -306,19 +385,28 @@ def prepare_source(
         )
     except PreparationFailed as e:
         e.report = report
-        result = {"settings": settings, "datalists": {}, **report.as_dict(), "status": f"failed: {e}"}
-        write_json(report_path, result)
+        e.report_path = report_path
+        failed(str(e))
         raise
     except (PrepareError, DatalistError) as e:
-        result = {"settings": settings, "datalists": {}, **report.as_dict(), "status": f"failed: {e}"}
-        write_json(report_path, result)
-        raise PreparationFailed(str(e), report) from None
+        failed(str(e))
+        err = PreparationFailed(str(e), report)
+        err.report_path = report_path
+        raise err from None
+    except BaseException as e:  # interrupted, or a bug outside the per-case isolation: keep the record
+        failed(f"interrupted ({type(e).__name__})")
+        raise
+    out.commit()
+    report_path = out.out_dir / "prepare_report.json"
     result = {
         "settings": settings,
-        "datalists": {k: str(v) for k, v in written.items()},
+        "datalists": {k: str(out.out_dir / Path(v).name) for k, v in written.items()},
         **report.as_dict(),
         "status": "ok",
     }
     write_json(report_path, result)
+    stale = out.out_dir / "prepare_report_failed.json"
+    if stale.is_file():
+        stale.unlink()
     logger.info("%s", report.summary())
     return result
