@@ -100,10 +100,22 @@ def check_size(rows: int, cols: int, what: str = "image", frames: int = 1, limit
 # -- scrubbing of library text --------------------------------------------------------------------------------------
 
 _BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""", re.S)
-_QUOTED = re.compile(r"""(['"]).*?(?<!\\)\1""", re.S)
+_QUOTED = re.compile(r"""(?<![A-Za-z])(['"])(.*?)(?<!\\)\1""", re.S)
 _AFTER_VALUE = re.compile(r"(?i)\bvalues?\s*[:=].*$", re.S)
 _LONG_TOKEN = re.compile(r"\S{41,}")
+_AFTER_VR = re.compile(r"(\bVR [A-Z]{2})\s*:.*$", re.S)
 _TAG = re.compile(r"\(\s*[0-9A-Fa-f]{4}\s*,\s*[0-9A-Fa-f]{4}\s*\)")
+
+
+def _keep_keywords(m: re.Match) -> str:
+    """A quoted DICOM keyword (e.g. 'BitsStored') is kept: it names an attribute, not a value."""
+    inner = m.group(2)
+    if re.fullmatch(r"[A-Z][A-Za-z0-9]{1,63}", inner):
+        from pydicom.datadict import tag_for_keyword
+
+        if tag_for_keyword(inner) is not None:
+            return f"{m.group(1)}{inner}{m.group(1)}"
+    return "<value>"
 
 
 def scrub(text: str, limit: int = 200) -> str:
@@ -111,8 +123,9 @@ def scrub(text: str, limit: int = 200) -> str:
     are replaced by ``<value>``; whitespace collapsed; trimmed to ``limit`` characters."""
     text = str(text)
     text = _AFTER_VALUE.sub("<value>", text)
+    text = _AFTER_VR.sub(r"\1: <value>", text)
     text = _BYTES.sub("<value>", text)
-    text = _QUOTED.sub("<value>", text)
+    text = _QUOTED.sub(_keep_keywords, text)
     text = _LONG_TOKEN.sub("<value>", text)
     text = text.replace("^", " ")
     text = " ".join(text.split())

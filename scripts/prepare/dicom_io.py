@@ -351,10 +351,61 @@ def read_dicom(
     raise caught
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_PEEK_BYTES = 4 << 20
+
+
+def _check_deflated_size(path: str | os.PathLike, limit: int | None) -> None:
+    """A deflated file is inflated whole by pydicom before any attribute can be read: inflate only its first
+    4 MB here, read Rows/Columns from them, and refuse an image above the decode cap before pydicom sees it."""
+    import io
+    import zlib
+
+    import pydicom
+    from pydicom.filereader import read_preamble
+
+    with open(path, "rb") as f:
+        try:
+            read_preamble(f, False)
+            meta = pydicom.filereader._read_file_meta_info(f)
+        except Exception:
+            return  # not a well-formed file meta group: dcmread reports it
+        if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        prefix = b""
+        try:
+            while len(prefix) < _PEEK_BYTES:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                prefix += inflater.decompress(chunk, _PEEK_BYTES - len(prefix))
+        except zlib.error:
+            raise DicomReadError("deflated DICOM data are corrupt (cannot be inflated)") from None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(prefix), force=True, stop_before_pixels=True)  # explicit VR LE stream
+    except Exception:
+        ds = None
+    rows = cols = None
+    if ds is not None:
+        rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows is None or cols is None:
+        raise DicomReadError("deflated DICOM: Rows/Columns not found in the first 4 MB of inflated data")
+    frames = _int_attr(ds, "NumberOfFrames", 1) if "NumberOfFrames" in ds else 1
+    try:
+        check_size(int(rows), int(cols), "DICOM Rows x Columns", max(frames, 1), limit)
+    except PrepareError as e:
+        raise DicomReadError(str(e)) from None
+
+
 def _read_dicom(path: str | os.PathLike, apply_voi: bool, limit: int | None, read_spacing: bool) -> DicomImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    try:
+        _check_deflated_size(path, limit)
+    except FileNotFoundError:
+        raise DicomReadError("file not found") from None
     try:
         ds = pydicom.dcmread(os.fspath(path))
     except FileNotFoundError:

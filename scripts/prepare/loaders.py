@@ -44,6 +44,18 @@ def _read_raster(path: Path, max_pixels: int | None = None) -> np.ndarray:
         raise PrepareError(str(e)) from None
 
 
+def _raw_pixdim(path: Path, img) -> list[float] | None:
+    """``pixdim[1:]`` as stored in the file (unchecked), or ``None`` when the header cannot be re-read."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            header = type(img.header).from_fileobj(f, check=False)
+        return [float(v) for v in header["pixdim"][1:]]
+    except Exception:
+        return None
+
+
 def _read_nifti(
     path: Path, max_pixels: int | None = None, read_spacing: bool = True
 ) -> tuple[np.ndarray, tuple[float, float] | None]:
@@ -64,7 +76,8 @@ def _read_nifti(
         raise PrepareError(f"expected a 2-D NIfTI image, got shape {shape}")
     check_size(kept[1], kept[0], "NIfTI image", 1, max_pixels)
     axes = [i for i, n in enumerate(shape) if n != 1]
-    pixdim = [zooms[i] if i < len(zooms) else 0.0 for i in axes]
+    raw = _raw_pixdim(path, img)  # nibabel replaces a pixdim of 0 by 1 on loading: read what the file says
+    pixdim = [raw[i] if raw is not None and i < len(raw) else (zooms[i] if i < len(zooms) else 0.0) for i in axes]
     # axis 0 = x (columns) -> (rows, cols); pixdim 0 (unset) is an error, never "1 mm" assumed
     spacing = check_pitch([pixdim[1], pixdim[0]], "NIfTI pixdim") if read_spacing else None
     try:
