@@ -242,3 +242,84 @@ def test_csv_rows_with_bad_numbers_carry_their_error(tmp_path):
     assert items[1]["error"] == "rois.csv line 3: column x: 'ten' is not a number"
     assert items[2]["error"] == "rois.csv line 4: column spacing_mm: 'inf' is not finite"
     assert "error" not in items[3] and "x" not in items[3]
+
+
+def test_odd_file_names_and_left_out_entries(bundle, tmp_path, caplog):
+    """Non-UTF-8 names are written as backslash escapes (never a crash); what the scan leaves out is logged."""
+    import logging
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_roi_png(folder / os.fsdecode(b"latin1_\xe9.png"), _roi(1))
+    write_roi_png(folder / "plain.png", _roi(2))
+    (folder / "scan.jpg").write_bytes(b"\xff\xd8\xff")
+    os.symlink(folder / "gone.png", folder / "dangling.png")
+    with caplog.at_level(logging.INFO, logger="scripts.inference"):
+        rows = run_inference(bundle, tmp_path / "out", input_dir=str(folder))
+    assert [(r["case"], r["status"]) for r in rows] == [("latin1_\\xe9", "ok"), ("plain", "ok")]
+    assert "dangling.png left out: dangling symbolic link" in caplog.text
+    assert "scan.jpg left out: unsupported suffix .jpg" in caplog.text
+
+
+def test_a_failing_run_still_writes_the_rows_it_has(bundle, tmp_path, monkeypatch):
+    from scripts.network import Ensemble
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        write_roi_png(folder / f"roi{i}.png", _roi(i))
+    calls = []
+    real = Ensemble.forward
+
+    def failing_forward(self, x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(self, x)
+
+    monkeypatch.setattr(Ensemble, "forward", failing_forward)
+    with pytest.raises(Exception):
+        run_inference(bundle, tmp_path / "out", input_dir=str(folder), batch_size=3)
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["roi0", "roi1", "roi2"] and all(r["status"] == "ok" for r in rows)
+
+
+def test_degenerate_inputs_are_error_rows_as_in_prepare(tmp_path):
+    """One rule in prepare and inference: blank or non-finite images and out-of-range headers are errors."""
+    from PIL import Image
+
+    from scripts.prepare.errors import PrepareError
+    from scripts.prepare.loaders import load_image
+
+    write_dicom(tmp_path / "nanwin.dcm", np.arange(96 * 96).reshape(96, 96) % 4000, pixel_spacing=(0.1, 0.1))
+    import pydicom
+
+    ds = pydicom.dcmread(tmp_path / "nanwin.dcm")
+    ds.WindowCenter, ds.WindowWidth = "NaN", "NaN"
+    with pydicom.config.disable_value_validation():
+        ds.save_as(tmp_path / "nanwin.dcm")
+    Image.fromarray(np.zeros((64, 64), np.uint16)).save(tmp_path / "black.png")
+    gray = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    Image.fromarray(gray).convert("P").save(tmp_path / "palette.png")
+    load = LoadInputd("image", image_size=SIZE)
+    for name, needle in (("nanwin.dcm", "finite"), ("black.png", "blank")):
+        out = load({"image": str(tmp_path / name), "case": name})
+        assert needle in out["error"], (name, out["error"])
+        with pytest.raises(PrepareError, match=needle):
+            load_image(tmp_path / name, spacing_mm=0.1)
+    # a palette PNG with a gray palette is read as its gray levels by both
+    out = load({"image": str(tmp_path / "palette.png"), "case": "p"})
+    assert out["error"] == ""
+    np.testing.assert_allclose(load_image(tmp_path / "palette.png").pixels, gray / 255.0, atol=1e-6)
+    items = items_from_csv(_csv(tmp_path, "image,spacing_mm\nblack.png,0\nblack.png,1e-7\n"))
+    assert [it["error"] for it in items] == [
+        "c.csv line 2: spacing_mm 0\\0 mm is outside the plausible pixel pitch range 0.01-1 mm",
+        "c.csv line 3: spacing_mm 1e-07\\1e-07 mm is outside the plausible pixel pitch range 0.01-1 mm",
+    ]
+
+
+def _csv(folder: Path, text: str) -> Path:
+    (folder / "c.csv").write_text(text)
+    return folder / "c.csv"

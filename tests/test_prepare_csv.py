@@ -1,6 +1,7 @@
 """Generic CSV source: every image format and ROI form, pseudonymous keys, bad input, leakage, atomic resume, CLI."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,85 @@ def test_cli(dataset, tmp_path, capsys):
         main(["csv", "--in", str(table), "--out", str(out), "--pitch-mm", "0.1", "--fov-mm", "10", "--size", "64"]) == 2
     )
     assert main(["csv", "--in", str(src / "nope.csv"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_one_bad_case_never_costs_the_run(dataset, tmp_path, monkeypatch):
+    """A MemoryError or an unforeseen exception in one case is that case's error; the report and datalists follow."""
+    import scripts.prepare.csv_source as cs
+
+    src, rows = dataset
+    table = _write_csv(src / "rois.csv", rows)
+    real = cs.load_image
+
+    def flaky(path, *args, **kwargs):
+        if path.name == "e5.png":
+            raise MemoryError
+        if path.name == "c.tif":
+            raise TypeError("object of type 'DSfloat' has no len() 'DOE^JANE'")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cs, "load_image", flaky)
+    res = prepare_csv(table, tmp_path / "out", num_folds=2, on_error="skip")
+    assert res["status"] == "ok" and res["n_ok"] == 4 and len(res["errors"]) == 2
+    reasons = {e["file"].split(":")[0]: e["reason"] for e in res["errors"]}
+    assert reasons["rois.csv line 6"] == "not enough memory to read or resample this image"
+    assert "TypeError" in reasons["rois.csv line 4"] and "DOE" not in reasons["rois.csv line 4"]
+    assert (tmp_path / "out" / "datalist_target.json").is_file()
+    assert json.loads((tmp_path / "out" / "prepare_report.json").read_text())["n_ok"] == 4
+
+
+def test_interrupted_run_still_writes_its_report(dataset, tmp_path, monkeypatch):
+    import scripts.prepare.csv_source as cs
+
+    src, rows = dataset
+    monkeypatch.setattr(cs, "load_image", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_csv(_write_csv(src / "rois.csv", rows), tmp_path / "out", num_folds=2, on_error="skip")
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["status"] == "failed: interrupted (KeyboardInterrupt)"
+
+
+def test_overwrite_keeps_the_old_preparation_until_the_new_one_succeeds(dataset, tmp_path):
+    src, rows = dataset
+    table = _write_csv(src / "rois.csv", rows)
+    out = tmp_path / "out"
+    prepare_csv(table, out, num_folds=2)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "prepare_report.json"}
+    broken = src / "broken.csv"
+    broken.write_text("image,label\nnope.png,0\n")  # a whole-file error: no patient column
+    with pytest.raises(PreparationFailed, match="missing column"):
+        prepare_csv(broken, out, num_folds=3, overwrite=True)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.parent.name != ".prepare-new"}
+    assert all(after.get(p) == data for p, data in before.items()), "an old output was changed or deleted"
+    assert (out / "prepare_report_failed.json").is_file() and not (out / ".prepare-new").exists()
+    res = prepare_csv(table, out, num_folds=2)  # the original command still works and reuses everything
+    assert res["n_reused"] == 6
+    # a successful --overwrite replaces the old run's files
+    res = prepare_csv(table, out, num_folds=3, overwrite=True, test_fraction=0.3)
+    assert res["status"] == "ok" and res["n_reused"] == 0
+    assert read_datalist(out / "datalist_target.json")["metadata"]["num_folds"] == 3
+    assert not (out / ".prepare-new").exists() and not (out / "prepare_report_failed.json").exists()
+    for it in read_datalist(out / "datalist_target.json")["training"]:
+        assert (out / it["image"]).is_file()
+
+
+def test_csv_quirks_blank_lines_zero_spacing_and_one_clear_message(dataset, tmp_path, capsys):
+    src, rows = dataset
+    table = _write_csv(src / "rois.csv", rows)
+    (src / "blank_first.csv").write_text("\n\n" + table.read_text())
+    res = prepare_csv(src / "blank_first.csv", tmp_path / "blank", num_folds=2)
+    assert res["n_ok"] == 6
+    lines = {it["csv_line"] for it in read_datalist(tmp_path / "blank" / "datalist_target.json")["training"]}
+    assert lines <= set(range(4, 10))  # line numbers are the file's (header on line 3)
+    rows[1]["spacing_mm"] = 0  # not "no value": an error, never replaced by the file's pitch
+    rows[0]["spacing_mm"] = 1e-7  # the hang of the issue: refused at once
+    res = prepare_csv(_write_csv(src / "zero.csv", rows), tmp_path / "zero", num_folds=2, on_error="skip")
+    reasons = sorted(e["reason"] for e in res["errors"])
+    assert reasons == [
+        "spacing_mm 0\\0 mm is outside the plausible pixel pitch range 0.01-1 mm",
+        "spacing_mm 1e-07\\1e-07 mm is outside the plausible pixel pitch range 0.01-1 mm",
+    ]
+    (src / "latin1.csv").write_bytes("image,label,patient\nb.png,0,Jos\xe9\n".encode("latin-1"))
+    assert main(["csv", "--in", str(src / "latin1.csv"), "--out", str(tmp_path / "l")]) == 1
+    err = capsys.readouterr().err
+    assert "latin1.csv: not a UTF-8 text file" in err and "Traceback" not in err

@@ -113,3 +113,55 @@ def test_real_cbis_ddsm_crop():
     expected = (raw - raw.min()) / (raw.max() - raw.min())
     np.testing.assert_allclose(d.pixels, expected, atol=1e-6)
     assert len(np.unique(d.pixels)) > 100  # a crop, not a binary mask
+
+
+def test_physical_bounds_checked_before_decoding(tmp_path):
+    """Out-of-range pitch, magnification, window, rescale and size: an error naming the field, value and range."""
+    import time
+
+    cases = {
+        "tiny.dcm": (dict(pixel_spacing=(1e-7, 1e-7)), "PixelSpacing 1e-07\\1e-07 mm is outside the plausible"),
+        "mag.dcm": (dict(imager_pixel_spacing=(0.07, 0.07)), "EstimatedRadiographicMagnificationFactor 1e+09"),
+        "win.dcm": (dict(window=(2048.0, 0.0)), "WindowWidth 0 is out of range"),
+        "slope.dcm": (dict(slope=1.0, intercept=float("inf")), "RescaleIntercept inf is not a finite number"),
+    }
+    for name, (kwargs, needle) in cases.items():
+        path = write_dicom(tmp_path / name, RAMP, **kwargs)
+        if name == "mag.dcm":
+            import pydicom
+
+            ds = pydicom.dcmread(path)
+            ds.EstimatedRadiographicMagnificationFactor = 1e9
+            ds.save_as(path)
+        t = time.perf_counter()
+        with pytest.raises(DicomReadError) as err:
+            read_dicom(path)
+        assert needle in str(err.value) and time.perf_counter() - t < 1.0, str(err.value)
+    import pydicom
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "one.dcm", RAMP, pixel_spacing=(0.1, 0.1)))
+    ds.PixelSpacing = 0.1  # one value: once "unexpected TypeError: object of type 'DSfloat' has no len()"
+    ds.save_as(tmp_path / "one.dcm")
+    with pytest.raises(DicomReadError, match=r"PixelSpacing has 1 value\(s\): two \(row, column\) are expected"):
+        read_dicom(tmp_path / "one.dcm")
+    with pytest.raises(DicomReadError, match="exceeds the decode limit of 0.001 Mpixel"):
+        read_dicom(write_dicom(tmp_path / "big.dcm", RAMP), max_pixels=1000)
+
+
+def test_pydicom_messages_never_carry_header_values(tmp_path, caplog):
+    """Two corrupted bytes (the VR of TransferSyntaxUID becomes 5I) make pydicom quote the raw value: summarised."""
+    import logging
+
+    path = write_dicom(tmp_path / "x.dcm", RAMP, patient_name="QZXMARK^JANE", patient_id="QZXMARK-ID")
+    data = path.read_bytes()
+    i = data.find(b"\x02\x00\x10\x00UI")
+    (tmp_path / "bad.dcm").write_bytes(data[: i + 4] + b"5I" + data[i + 6 :])
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(DicomReadError) as err:
+            read_dicom(tmp_path / "bad.dcm")
+    assert "QZXMARK" not in str(err.value) and "QZXMARK" not in caplog.text
+    assert "bad.dcm: the DICOM reader reported" in caplog.text
+    path = write_dicom(tmp_path / "ph.dcm", RAMP, photometric="QZXMARK")
+    with pytest.raises(DicomReadError, match="unsupported PhotometricInterpretation") as err:
+        read_dicom(path)
+    assert "QZXMARK" not in str(err.value)
