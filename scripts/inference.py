@@ -174,19 +174,29 @@ def select_inputs(
     input_csv: str | os.PathLike | None = None,
     datalist: str | os.PathLike | None = None,
     split: str = "test",
+    exit_on_error: bool = False,
 ) -> list[dict]:
-    """The inference items: ``input_dir``, else ``input_csv``, else the ``split`` of ``datalist`` (never two)."""
-    if input_dir and input_csv:
-        raise InferenceInputError("give input_dir or input_csv, not both")
-    if input_dir:
-        return items_from_folder(input_dir)
-    if input_csv:
-        return items_from_csv(input_csv)
-    if not datalist:
-        raise InferenceInputError("no input: give input_dir, input_csv, or datalist (+ split)")
-    from scripts.schema import load_split
+    """The inference items: ``input_dir``, else ``input_csv``, else the ``split`` of ``datalist`` (never two).
 
-    return load_split(datalist, split)
+    A whole-input problem (no such folder, an unreadable CSV, no ``image`` column) raises
+    :class:`InferenceInputError`; with ``exit_on_error`` (``configs/inference.json``) it ends the process with
+    that one message instead of a traceback through the config parser."""
+    try:
+        if input_dir and input_csv:
+            raise InferenceInputError("give input_dir or input_csv, not both")
+        if input_dir:
+            return items_from_folder(input_dir)
+        if input_csv:
+            return items_from_csv(input_csv)
+        if not datalist:
+            raise InferenceInputError("no input: give input_dir, input_csv, or datalist (+ split)")
+        from scripts.schema import load_split
+
+        return load_split(datalist, split)
+    except InferenceInputError as e:
+        if exit_on_error:
+            raise SystemExit(f"error: {e}") from None
+        raise
 
 
 def _short_reason(e: BaseException, path: str | None) -> str:

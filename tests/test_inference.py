@@ -323,3 +323,9 @@ def test_degenerate_inputs_are_error_rows_as_in_prepare(tmp_path):
 def _csv(folder: Path, text: str) -> Path:
     (folder / "c.csv").write_text(text)
     return folder / "c.csv"
+
+
+def test_whole_file_csv_error_is_one_message(bundle, tmp_path):
+    (tmp_path / "c.csv").write_text("\n\npath,x\nfoo,1\n")  # leading blank lines are skipped; no image column
+    with pytest.raises(SystemExit, match=r"^error: input_csv c.csv: no 'image' column \(columns: path, x\)$"):
+        run_inference(bundle, tmp_path / "out", input_csv=str(tmp_path / "c.csv"))
