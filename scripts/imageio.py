@@ -49,16 +49,24 @@ def read_raster(path: str | os.PathLike, max_pixels: int | None = None) -> np.nd
     palette is gray is converted to its gray levels (8-bit); colour images (RGB, RGBA, LA, colour palettes) are
     refused. Raises :class:`ImageFileError` (a ``ValueError``) whose message says what is wrong, in words.
     """
+    import warnings
+
     from PIL import UnidentifiedImageError
 
     from scripts.prepare.bounds import check_size
+    from scripts.prepare.bounds import max_pixels as default_max_pixels
     from scripts.prepare.errors import PrepareError
 
+    limit = default_max_pixels() if max_pixels is None else int(max_pixels)
+    Image.MAX_IMAGE_PIXELS = max(limit, 1)  # PIL's own bomb check, consistent with ours (it refuses above 2x)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             try:
-                check_size(h, w, "image", getattr(im, "n_frames", 1) if im.format == "TIFF" else 1, max_pixels)
+                check_size(h, w, "image", 1, limit)
             except PrepareError as e:
                 raise ImageFileError(str(e)) from None
             im.load()
@@ -76,9 +84,13 @@ def read_raster(path: str | os.PathLike, max_pixels: int | None = None) -> np.nd
         raise ImageFileError("file not found") from None
     except UnidentifiedImageError:
         raise ImageFileError("not a readable image file (unknown or corrupt format)") from None
+    except Image.DecompressionBombError:
+        raise ImageFileError(
+            f"image size exceeds the decode limit of {limit / 1e6:g} Mpixel (from its header)"
+        ) from None
     except MemoryError:
         raise ImageFileError("image cannot be decoded: not enough memory") from None
-    except Exception as e:  # truncated PNG/TIFF, decompression bomb, bad chunk
+    except Exception as e:  # truncated PNG/TIFF, bad chunk
         raise ImageFileError(f"corrupt or truncated image ({type(e).__name__})") from None
     if arr.ndim != 2:
         raise ImageFileError(f"expected a 2-D grayscale image, got shape {arr.shape}")
@@ -104,15 +116,6 @@ def raster_to_unit(arr: np.ndarray) -> np.ndarray:
         raise ImageFileError(f"{int(arr.size - finite.sum())} pixel(s) are NaN or infinite")
     lo, hi = float(arr.min()), float(arr.max())
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-
-
-def check_not_blank(image: np.ndarray, what: str = "image") -> None:
-    """Refuse NaN/inf pixels and an image that holds one value only (blank or constant): never a result."""
-    finite = np.isfinite(image)
-    if not finite.all():
-        raise ImageFileError(f"{what}: {int(image.size - finite.sum())} pixel(s) are NaN or infinite")
-    if image.size and float(np.max(image)) <= float(np.min(image)):
-        raise ImageFileError(f"{what}: every pixel has the same value {float(image.flat[0]):g} (blank image)")
 
 
 def _open(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:

@@ -3,8 +3,9 @@
 Three ways to name the inputs of ``configs/inference.json``:
 
 - a datalist split (``datalist`` + ``split``): the bundle's prepared ROIs;
-- a folder (``input_dir``): every ``*.png`` ROI and every DICOM file (``.dcm``/``.dicom``, or no suffix with a DICOM
-  preamble) in it, not recursive; the case id is the file stem;
+- a folder (``input_dir``): every ``*.png`` ROI, DICOM file (``.dcm``/``.dicom``, or no suffix with a DICOM
+  preamble), NIfTI, TIFF and PGM image in it, not recursive; the case id is the file stem; every other entry is
+  logged with the reason it was left out;
 - a CSV (``input_csv``) with one row per ROI (header names are case-insensitive; paths relative to the CSV's folder):
 
   ===========  ========  =========================================================================================

@@ -92,7 +92,7 @@ def check_size(rows: int, cols: int, what: str = "image", frames: int = 1, limit
     n = rows * cols * frames
     if n > limit:
         raise PrepareError(
-            f"{what} size {rows} x {cols}{f' x {frames} frames' if frames > 1 else ''} = {n / 1e6:.1f} Mpixel "
+            f"{what} size {rows} x {cols}{f' x {frames} frames' if frames > 1 else ''} = {n / 1e6:.3g} Mpixel "
             f"exceeds the decode limit of {limit / 1e6:g} Mpixel (raise it with --max-megapixels / max_megapixels)"
         )
 
