@@ -95,3 +95,27 @@ def test_masks():
     assert abs(int(m.sum()) - 400) < 50
     m2 = crop_mask(full[::2, ::2], (0.2, 0.2), (49.5 - 0.25, 44.5 - 0.25), geom)
     assert abs(int(m2.sum()) - 400) < 80
+
+
+def test_resampler_bounds_its_own_cost_and_refuses_blank_rois():
+    image = np.random.default_rng(0).random((400, 400)).astype(np.float32)
+    with pytest.raises(PrepareError, match="anti-alias Gaussian of sigma 100 px"):
+        crop_roi(image, (0.1, 0.1), (200.0, 200.0), RoiGeometry(pitch_mm=20.1, size=8))
+    with pytest.raises(PrepareError, match="outside the plausible pixel pitch range"):
+        crop_roi(image, (1e-7, 1e-7), (200.0, 200.0), RoiGeometry())
+    flat = np.zeros((400, 400), np.float32)
+    flat[:10, :10] = 1.0  # content far from the centre: the ROI itself is blank
+    with pytest.raises(PrepareError, match="blank"):
+        crop_roi(flat, (0.1, 0.1), (300.0, 300.0), RoiGeometry(size=32))
+
+
+def test_scrub_keeps_words_and_tags_but_no_values():
+    from scripts.prepare.bounds import header_problem, scrub
+
+    msg = "The value length (70) exceeds the maximum length of 64 allowed for VR UI. Value: b'1.2.QZXMARK^JANE'"
+    assert "QZXMARK" not in scrub(msg) and "VR UI" in scrub(msg)
+    assert scrub("A (0028,0101) 'BitsStored' value of '99'") == "A (0028,0101) 'BitsStored' value of <value>"
+    assert scrub("Invalid value for VR PN: QZXMARK JANE") == "Invalid value for VR PN: <value>"
+    assert (
+        header_problem("Invalid value for VR DA: 'QZXMARK' in (0010,0030)") == "invalid value for VR DA in (0010,0030)"
+    )

@@ -103,6 +103,7 @@ _BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""", re.S)
 _QUOTED = re.compile(r"""(?<![A-Za-z])(['"])(.*?)(?<!\\)\1""", re.S)
 _AFTER_VALUE = re.compile(r"(?i)\bvalues?\s*[:=].*$", re.S)
 _LONG_TOKEN = re.compile(r"\S{41,}")
+_OBJECT = re.compile(r"<[^<>]{0,80} at 0x[0-9a-fA-F]+>")
 _AFTER_VR = re.compile(r"(\bVR [A-Z]{2})\s*:.*$", re.S)
 _TAG = re.compile(r"\(\s*[0-9A-Fa-f]{4}\s*,\s*[0-9A-Fa-f]{4}\s*\)")
 
@@ -121,7 +122,7 @@ def _keep_keywords(m: re.Match) -> str:
 def scrub(text: str, limit: int = 200) -> str:
     """Library message text without header values: quoted strings, byte strings, ``Value: ...`` and long tokens
     are replaced by ``<value>``; whitespace collapsed; trimmed to ``limit`` characters."""
-    text = str(text)
+    text = _OBJECT.sub("<object>", str(text))
     text = _AFTER_VALUE.sub("<value>", text)
     text = _AFTER_VR.sub(r"\1: <value>", text)
     text = _BYTES.sub("<value>", text)
