@@ -30,7 +30,6 @@ the file by its name only (no folders) and never carry DICOM patient attributes.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
