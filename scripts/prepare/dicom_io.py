@@ -52,17 +52,26 @@ class DicomImage:
 
 def missing_decoder_message(transfer_syntax_uid: str) -> str | None:
     """Return an install hint when pydicom has no working decoder for ``transfer_syntax_uid``, else ``None``."""
-    from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
     uid = UID(str(transfer_syntax_uid))
     if not uid.is_compressed:
         return None
     try:
-        decoder = get_decoder(uid)
-    except NotImplementedError:
-        return f"transfer syntax {uid} ({uid.name}) has no pixel decoder in pydicom"
-    if decoder.is_available:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pydicom 2 (the MONAI Label app's environment): pixel data handlers instead of decoders
+        import pydicom.config
+
+        handlers = [h for h in pydicom.config.pixel_data_handlers if h.supports_transfer_syntax(uid)]
+        if not handlers:
+            return f"transfer syntax {uid} ({uid.name}) has no pixel decoder in pydicom"
+        available = any(h.is_available() for h in handlers)
+    else:
+        try:
+            available = get_decoder(uid).is_available
+        except NotImplementedError:
+            return f"transfer syntax {uid} ({uid.name}) has no pixel decoder in pydicom"
+    if available:
         return None
     name, packages = _DECODER_HINTS.get(str(uid), (uid.name, "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"))
     return (
@@ -123,8 +132,12 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 def dataset_to_pixels(ds, apply_voi: bool = True) -> tuple[np.ndarray, str]:
     """Turn a decoded dataset into float32 ``(H, W)`` in [0, 1], brighter = denser; returns (pixels, voi note)."""
-    from pydicom.pixels import apply_modality_lut
-    from pydicom.pixels import apply_voi as voi_lookup
+    try:
+        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels import apply_voi as voi_lookup
+    except ImportError:  # pydicom 2
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+        from pydicom.pixel_data_handlers.util import apply_voi as voi_lookup
 
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise DicomReadError(f"{int(ds.SamplesPerPixel)} samples per pixel (colour): only grayscale is supported")
