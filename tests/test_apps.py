@@ -58,8 +58,13 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     folder = root / "dicoms"
     folder.mkdir()
     stored = [np.round(r * 4095).astype(np.uint16) for r in rois]
-    dicom = dict(bits_stored=12, window=(2048, 4096), pixel_spacing=(TINY_SETTINGS["roi_pitch_mm"],) * 2,
-                 patient_name=PATIENT[0], patient_id=PATIENT[1])  # the window maps stored 0..4095 to [0, 1]
+    dicom = dict(
+        bits_stored=12,
+        window=(2048, 4096),
+        pixel_spacing=(TINY_SETTINGS["roi_pitch_mm"],) * 2,
+        patient_name=PATIENT[0],
+        patient_id=PATIENT[1],
+    )  # the window maps stored 0..4095 to [0, 1]
     files = {
         "png": write_roi_png(root / "roi_png.png", rois[0]),
         "mono2": write_dicom(folder / "roi_mono2.dcm", stored[0], **dicom),
@@ -125,9 +130,13 @@ def post_file(url: str, path: Path, timeout: float = 120) -> tuple[int, dict]:
     """POST ``path`` as the multipart form field ``file``; return (HTTP status, JSON body)."""
     boundary = uuid.uuid4().hex
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:

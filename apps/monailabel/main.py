@@ -92,7 +92,9 @@ class MicrocalcificationInferTask(BundleInferTask):
             raise RuntimeError(f"expected {len(self.class_names)} probabilities, got shape {probs.shape}")
         k = int(np.argmax(probs))
         return None, {
-            "prediction": [{"idx": i, "label": n, "score": float(p)} for i, (n, p) in enumerate(zip(self.class_names, probs))],
+            "prediction": [
+                {"idx": i, "label": n, "score": float(p)} for i, (n, p) in enumerate(zip(self.class_names, probs))
+            ],
             "probabilities": {n: float(p) for n, p in zip(self.class_names, probs)},
             "pred_class": k,
             "pred_label": self.class_names[k],

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
-
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Fragment, Image, IOType, Operator, OperatorSpec
 from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator
@@ -131,7 +130,11 @@ class DicomRoiLoaderOperator(Operator):
 
         s = self.settings
         self.loader = LoadInputd(
-            keys="image", image_size=s["image_size"], pitch_mm=s["roi_pitch_mm"], roi_size=s["roi_size"], on_error="raise"
+            keys="image",
+            image_size=s["image_size"],
+            pitch_mm=s["roi_pitch_mm"],
+            roi_size=s["roi_size"],
+            on_error="raise",
         )
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
@@ -147,7 +150,9 @@ class DicomRoiLoaderOperator(Operator):
         except InferenceInputError as e:
             reason = str(e).removeprefix(f"case {case}: ")
             logger.error("%s: %s", path.name, reason)
-            write_json(self.output_folder, case, {**info, "status": "error", "error": reason, "model": self.settings["model"]})
+            write_json(
+                self.output_folder, case, {**info, "status": "error", "error": reason, "model": self.settings["model"]}
+            )
             return
         op_output.emit(Image(roi[0].numpy()), "image")
         op_output.emit(info, "case")
