@@ -117,6 +117,43 @@ def test_reference_probabilities_are_not_degenerate(reference):
     assert np.allclose([v.sum() for v in reference.values()], 1.0, atol=1e-5)
 
 
+# -- the inference config's contract with both tools' stock operators (runs without the apps' environments) ---------
+
+
+def test_inference_config_fits_the_stock_operators(tmp_path):
+    """What MONAI Label's ``BundleInferTask`` and MONAI Deploy's ``MonaiBundleInferenceOperator`` rely on."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    from scripts.imageio import write_roi_png
+
+    meta = json.loads((REPO / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    assert list(fmt["inputs"]) == ["image"] and list(fmt["outputs"]) == ["pred"]
+    assert fmt["outputs"]["pred"]["type"] == "probabilities"  # Deploy: a dict with the probabilities
+    assert fmt["outputs"]["pred"]["channel_def"] == {"0": "benign", "1": "malignant"}  # Label: the labels
+    assert "classification" in meta["name"].lower()  # Label infers the task type from such names
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "inference.json"))
+    # MONAI Label passes the device as a string; fp32 (bf16 autocast rounds the probabilities to ~3 digits)
+    parser.update({"arch": "resnet18", "device": "cpu", "on_input_error": "raise", "amp": False})
+    pre = parser.get_parsed_content("preprocessing")
+    assert isinstance(pre, Compose)  # Deploy requires a Compose
+    assert not [t for t in pre.transforms if type(t).__name__.startswith("LoadImage")]  # Deploy would strip them
+    write_roi_png(tmp_path / "a.png", np.full((64, 64), 0.5))
+    for image in (str(tmp_path / "a.png"), np.full((64, 64), 0.5, np.float32)):  # a file (Label), an array (Deploy)
+        out = pre({"image": image})
+        assert isinstance(out["image"], MetaTensor) and out["image"].shape == (1, 128, 128)  # Deploy reads .meta
+    post = parser.get_parsed_content("postprocessing")
+    assert isinstance(post, Compose) and "saliency" not in str(parser["postprocessing"]).lower()
+    net = parser.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        probs = parser.get_parsed_content("inferer")(out["image"][None], net)
+    assert probs.shape == (1, 2) and torch.allclose(probs.sum(1), torch.ones(1), atol=1e-5)  # already probabilities
+
+
 # -- MONAI Label ---------------------------------------------------------------------------------------------------
 
 
