@@ -116,7 +116,7 @@ class MicrocalcificationApp(MONAILabelApp):
             conf=conf,
             name="Mammographic microcalcification classification",
             description="Benign/malignant probabilities for a microcalcification ROI (PNG or DICOM)",
-            version="1",
+            version=json.loads((self.bundle / "configs" / "metadata.json").read_text()).get("version", ""),
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
