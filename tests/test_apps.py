@@ -220,7 +220,8 @@ def label_server(app_bundle, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    assert proc.returncode is not None
+    with pytest.raises(OSError):  # stopped: nothing answers on the port any more
+        urllib.request.urlopen(f"{base}/info/", timeout=5)
 
 
 def test_monailabel_lists_the_classification_model(label_server):
@@ -289,3 +290,14 @@ def test_deploy_reports_the_corrupt_file_and_writes_no_patient_identifiers(deplo
     assert "2 classified, 1 error(s)" in proc.stderr
     for p in out.iterdir():
         assert not any(s in p.read_text() for s in PATIENT), p.name
+
+
+def test_deploy_exits_1_when_no_file_can_be_classified(app_bundle, inputs, tmp_path):
+    need_env(DEPLOY_PY, "deploy")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "only.dcm").write_bytes(inputs["corrupt"].read_bytes())
+    cmd = f'ulimit -s 32768 && exec "{DEPLOY_PY}" app -i "{tmp_path / "in"}" -o "{tmp_path / "out"}" -m "{app_bundle}"'
+    proc = subprocess.run(["bash", "-c", cmd], cwd=APPS / "deploy", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "0 classified, 1 error(s)" in proc.stderr
+    assert json.loads((tmp_path / "out" / "only.json").read_text())["status"] == "error"

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict
 
@@ -112,11 +113,19 @@ class DicomRoiLoaderOperator(Operator):
     """
 
     def __init__(
-        self, fragment: Fragment, *args: Any, files: list[Path], output_folder: Path, settings: dict, **kwargs: Any
+        self,
+        fragment: Fragment,
+        *args: Any,
+        files: list[Path],
+        output_folder: Path,
+        settings: dict,
+        tally: Counter,
+        **kwargs: Any,
     ) -> None:
         self.files = list(files)
         self.output_folder = Path(output_folder)
         self.settings = settings
+        self.tally = tally
         self._next = 0
         self._used: set[str] = set()
         super().__init__(fragment, *args, **kwargs)
@@ -153,6 +162,7 @@ class DicomRoiLoaderOperator(Operator):
             write_json(
                 self.output_folder, case, {**info, "status": "error", "error": reason, "model": self.settings["model"]}
             )
+            self.tally["error"] += 1
             return
         op_output.emit(Image(roi[0].numpy()), "image")
         op_output.emit(info, "case")
@@ -165,9 +175,12 @@ class ClassificationWriterOperator(Operator):
     each probability with ``int()`` and is not used).
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, output_folder: Path, settings: dict, **kwargs: Any) -> None:
+    def __init__(
+        self, fragment: Fragment, *args: Any, output_folder: Path, settings: dict, tally: Counter, **kwargs: Any
+    ) -> None:
         self.output_folder = Path(output_folder)
         self.settings = settings
+        self.tally = tally
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -191,11 +204,16 @@ class ClassificationWriterOperator(Operator):
             "model": self.settings["model"],
         }
         write_json(self.output_folder, info["case"], record)
+        self.tally["ok"] += 1
         logger.info("%s: %s (p_malignant %.4f)", info["file"], names[k], probs[-1])
 
 
 class MicrocalcificationClassificationApp(Application):
-    """DICOM ROIs → bundle inference → one JSON per image."""
+    """DICOM ROIs → bundle inference → one JSON per image; ``tally`` counts the results written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.tally: Counter = Counter()
+        super().__init__(*args, **kwargs)
 
     def compose(self) -> None:
         app_context: AppContext = Application.init_app_context(self.argv)
@@ -211,7 +229,13 @@ class MicrocalcificationClassificationApp(Application):
         app_context.models = None
 
         loader = DicomRoiLoaderOperator(
-            self, CountCondition(self, len(files)), files=files, output_folder=output, settings=settings, name="loader"
+            self,
+            CountCondition(self, len(files)),
+            files=files,
+            output_folder=output,
+            settings=settings,
+            tally=self.tally,
+            name="loader",
         )
         infer = MonaiBundleInferenceOperator(
             self,
@@ -221,7 +245,9 @@ class MicrocalcificationClassificationApp(Application):
             bundle_path=bundle,
             name="bundle_inference",
         )
-        writer = ClassificationWriterOperator(self, output_folder=output, settings=settings, name="writer")
+        writer = ClassificationWriterOperator(
+            self, output_folder=output, settings=settings, tally=self.tally, name="writer"
+        )
         self.add_flow(loader, infer, {("image", "image")})
         self.add_flow(infer, writer, {("pred", "pred")})
         self.add_flow(loader, writer, {("case", "case")})
@@ -236,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except AppInputError as e:
         logger.error("%s", e)
         return 2
-    context = Application.init_app_context(app.argv)
-    records = [json.loads(p.read_text()) for p in sorted(Path(context.output_path).glob("*.json"))]
-    ok = sum(r.get("status") == "ok" for r in records)
-    logger.info("%d classified, %d error(s); results in %s", ok, len(records) - ok, context.output_path)
+    ok, errors = app.tally["ok"], app.tally["error"]
+    logger.info(
+        "%d classified, %d error(s); results in %s", ok, errors, Application.init_app_context(app.argv).output_path
+    )
     return 0 if ok else 1
