@@ -254,6 +254,23 @@ def test_monailabel_rejects_a_corrupt_upload_and_keeps_serving(label_server, inp
     np.testing.assert_allclose(list(body["probabilities"].values()), reference["png"], atol=TOL)
 
 
+def test_bundle_dicom_reader_gives_the_same_hints_under_the_apps_pydicom_2():
+    """The MONAI Label environment has pydicom 2: the reader's decoder check must answer as under pydicom 3."""
+    need_env(LABEL_PY, "monailabel")
+    from scripts.prepare.dicom_io import missing_decoder_message
+
+    uids = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"]  # none, JPEG-LS, RLE
+    code = (
+        "import json, sys, pydicom; from scripts.prepare.dicom_io import missing_decoder_message as m; "
+        "print(json.dumps([pydicom.__version__, [m(u) for u in sys.argv[1:]]]))"
+    )
+    proc = subprocess.run([str(LABEL_PY), "-c", code, *uids], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    version, hints = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert version.startswith("2.")
+    assert hints == [missing_decoder_message(u) for u in uids]
+
+
 # -- MONAI Deploy --------------------------------------------------------------------------------------------------
 
 
