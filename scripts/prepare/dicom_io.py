@@ -60,17 +60,26 @@ class DicomImage:
 
 def missing_decoder_message(transfer_syntax_uid: str) -> str | None:
     """Return an install hint when pydicom has no working decoder for ``transfer_syntax_uid``, else ``None``."""
-    from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
     uid = UID(str(transfer_syntax_uid))
     if not uid.is_compressed:
         return None
     try:
-        decoder = get_decoder(uid)
-    except NotImplementedError:
-        return f"transfer syntax {uid} ({uid.name}) has no pixel decoder in pydicom"
-    if decoder.is_available:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pydicom 2 (the MONAI Label app's environment): pixel data handlers instead of decoders
+        import pydicom.config
+
+        handlers = [h for h in pydicom.config.pixel_data_handlers if h.supports_transfer_syntax(uid)]
+        if not handlers:
+            return f"transfer syntax {uid} ({uid.name}) has no pixel decoder in pydicom"
+        available = any(h.is_available() for h in handlers)
+    else:
+        try:
+            available = get_decoder(uid).is_available
+        except NotImplementedError:
+            return f"transfer syntax {uid} ({uid.name}) has no pixel decoder in pydicom"
+    if available:
         return None
     name, packages = _DECODER_HINTS.get(str(uid), (uid.name, "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"))
     return (
@@ -247,8 +256,12 @@ def dataset_to_pixels(ds, apply_voi: bool = True, limit: int | None = None) -> t
 
     The header is checked (:func:`check_header`) before the pixel data are decoded; a decoded image with
     non-finite values, or one that is constant (before or after the VOI mapping), is refused."""
-    from pydicom.pixels import apply_modality_lut
-    from pydicom.pixels import apply_voi as voi_lookup
+    try:
+        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels import apply_voi as voi_lookup
+    except ImportError:  # pydicom 2
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+        from pydicom.pixel_data_handlers.util import apply_voi as voi_lookup
 
     hdr = check_header(ds, limit)
     photometric = hdr["photometric"]

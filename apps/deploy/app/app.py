@@ -1,0 +1,269 @@
+"""MONAI Deploy application: classify each mammography DICOM ROI in a folder as benign or malignant.
+
+    python app -i INPUT -o OUTPUT [-m BUNDLE]
+
+``INPUT`` is a DICOM file or a folder of them (``*.dcm``, ``*.dicom``, files without a suffix, or files with the
+DICM preamble; not recursive), one ROI per file, MONOCHROME1 or MONOCHROME2. ``BUNDLE`` is the bundle folder
+(``configs/``, ``scripts/``, ``models/model.ts`` or ``models/model.pt``); by default the repository this app lives in.
+``OUTPUT`` receives one ``<case>.json`` per input file (case = file stem):
+
+- ``{"status": "ok", "probabilities": {"benign": p0, "malignant": p1}, "pred_class": k, "pred_label": name, ...}``;
+- ``{"status": "error", "error": reason, ...}`` for a file that cannot be read (the others are still classified).
+
+Operators: :class:`DicomRoiLoaderOperator` (one file per tick, read and cropped at the training scale by the
+bundle's own reader: photometric interpretation, rescale, VOI, pixel pitch) → the SDK's stock
+``MonaiBundleInferenceOperator`` (the bundle's ``preprocessing``, ``inferer`` and network, unmodified) →
+:class:`ClassificationWriterOperator`. Outputs never hold DICOM attributes (no patient identifiers); the case id is
+the file stem, so do not name files after patients. Exit status: 0 when at least one file was classified, 1 when
+none could be, 2 for a bad input or bundle path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import AppContext, Application, Fragment, Image, IOType, Operator, OperatorSpec
+from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator
+
+APP_DIR = Path(__file__).resolve().parent
+DEFAULT_BUNDLE = APP_DIR.parents[2]  # the repository root is the bundle
+DICOM_SUFFIXES = (".dcm", ".dicom")
+logger = logging.getLogger("microcalcification_app")
+
+
+class AppInputError(ValueError):
+    """A bad input folder or bundle folder (not a per-file error)."""
+
+
+def find_bundle(path: str | os.PathLike | None) -> Path:
+    """The bundle folder: ``path`` itself, or its single subfolder holding ``configs/inference.json``."""
+    root = Path(path) if path else DEFAULT_BUNDLE
+    if (root / "configs" / "inference.json").is_file():
+        return root.resolve()
+    subs = [p for p in sorted(root.iterdir()) if (p / "configs" / "inference.json").is_file()] if root.is_dir() else []
+    if len(subs) == 1:
+        return subs[0].resolve()
+    raise AppInputError(f"{root} is not a bundle folder (no configs/inference.json in it or in one subfolder)")
+
+
+def list_inputs(path: str | os.PathLike) -> list[Path]:
+    """DICOM files in ``path`` (a file, or a folder: ``.dcm``/``.dicom``, no suffix, or a DICM preamble), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise AppInputError(f"input {path} is neither a file nor a folder")
+
+    def is_candidate(p: Path) -> bool:
+        if not p.is_file() or p.name.startswith("."):
+            return False
+        if p.suffix.lower() in DICOM_SUFFIXES or p.suffix == "":
+            return True
+        with open(p, "rb") as f:
+            head = f.read(132)
+        return head[128:132] == b"DICM"
+
+    files = [p for p in sorted(path.iterdir()) if is_candidate(p)]
+    if not files:
+        raise AppInputError(f"input folder {path} holds no DICOM files (*.dcm, *.dicom, no suffix, DICM preamble)")
+    return files
+
+
+def read_bundle_settings(bundle: Path) -> dict[str, Any]:
+    """The ROI geometry, class names and model name/version the bundle's configs state."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    meta = parser["_meta_"]
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return {
+        "image_size": int(parser["image_size"]),
+        "roi_pitch_mm": float(parser["roi_pitch_mm"]),
+        "roi_size": int(parser["roi_size"]),
+        "class_names": [channel_def[str(i)] for i in range(len(channel_def))],
+        "model": {"name": meta.get("name", ""), "version": meta.get("version", "")},
+    }
+
+
+def write_json(out_dir: Path, case: str, record: dict) -> Path:
+    """Write ``out_dir/<case>.json`` atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{case}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+class DicomRoiLoaderOperator(Operator):
+    """Read one DICOM ROI per tick with the bundle's reader and emit it as an ``Image`` (``(S, S)`` in [0, 1]).
+
+    Output ``image``: the ROI; output ``case``: ``{"case", "file"}`` for the writer. A file that cannot be read
+    gets its error record written here (the downstream operators never see it) and nothing is emitted that tick.
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        files: list[Path],
+        output_folder: Path,
+        settings: dict,
+        tally: Counter,
+        **kwargs: Any,
+    ) -> None:
+        self.files = list(files)
+        self.output_folder = Path(output_folder)
+        self.settings = settings
+        self.tally = tally
+        self._next = 0
+        self._used: set[str] = set()
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.output("image")
+        spec.output("case")
+
+    def start(self) -> None:
+        from scripts.inference import LoadInputd
+
+        s = self.settings
+        self.loader = LoadInputd(
+            keys="image",
+            image_size=s["image_size"],
+            pitch_mm=s["roi_pitch_mm"],
+            roi_size=s["roi_size"],
+            on_error="raise",
+        )
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from scripts.inference import InferenceInputError
+        from scripts.schema import unique_case
+
+        path = self.files[self._next]
+        self._next += 1
+        case = unique_case(path.stem, self._used)
+        info = {"case": case, "file": path.name}
+        try:
+            roi = self.loader({"image": str(path), "case": case})["image"]
+        except InferenceInputError as e:
+            reason = str(e).removeprefix(f"case {case}: ")
+            logger.error("%s: %s", path.name, reason)
+            write_json(
+                self.output_folder, case, {**info, "status": "error", "error": reason, "model": self.settings["model"]}
+            )
+            self.tally["error"] += 1
+            return
+        op_output.emit(Image(roi[0].numpy()), "image")
+        op_output.emit(info, "case")
+
+
+class ClassificationWriterOperator(Operator):
+    """Write the bundle operator's ``pred`` (``{"probabilities": ...}``) as ``<case>.json``.
+
+    The predicted class is the argmax of the probabilities (the stock operator's own ``result`` field truncates
+    each probability with ``int()`` and is not used).
+    """
+
+    def __init__(
+        self, fragment: Fragment, *args: Any, output_folder: Path, settings: dict, tally: Counter, **kwargs: Any
+    ) -> None:
+        self.output_folder = Path(output_folder)
+        self.settings = settings
+        self.tally = tally
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("pred")
+        spec.input("case")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        pred = op_input.receive("pred")
+        info = op_input.receive("case")
+        probs = np.asarray(pred["probabilities"], dtype=np.float64).reshape(-1)
+        names = self.settings["class_names"]
+        if probs.shape != (len(names),) or not np.isfinite(probs).all():
+            raise RuntimeError(f"{info['file']}: expected {len(names)} finite probabilities, got {probs.tolist()}")
+        k = int(np.argmax(probs))
+        record = {
+            **info,
+            "status": "ok",
+            "probabilities": {n: float(p) for n, p in zip(names, probs)},
+            "pred_class": k,
+            "pred_label": names[k],
+            "model": self.settings["model"],
+        }
+        write_json(self.output_folder, info["case"], record)
+        self.tally["ok"] += 1
+        logger.info("%s: %s (p_malignant %.4f)", info["file"], names[k], probs[-1])
+
+
+class MicrocalcificationClassificationApp(Application):
+    """DICOM ROIs → bundle inference → one JSON per image; ``tally`` counts the results written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.tally: Counter = Counter()
+        super().__init__(*args, **kwargs)
+
+    def compose(self) -> None:
+        app_context: AppContext = Application.init_app_context(self.argv)
+        files = list_inputs(app_context.input_path)
+        output = Path(app_context.output_path)
+        bundle = find_bundle(app_context.model_path if app_context.args.get("model") else None)
+        settings = read_bundle_settings(bundle)
+        if str(bundle) not in sys.path:
+            sys.path.insert(0, str(bundle))  # the bundle's scripts package (its readers, transforms, network)
+        logger.info("bundle %s (%s %s), %d input file(s)", bundle, *settings["model"].values(), len(files))
+        # The SDK's model factory wraps a folder given with -m as a generic Model without a predictor, which the
+        # bundle operator would then call; with no models in the context it loads the bundle from bundle_path.
+        app_context.models = None
+
+        loader = DicomRoiLoaderOperator(
+            self,
+            CountCondition(self, len(files)),
+            files=files,
+            output_folder=output,
+            settings=settings,
+            tally=self.tally,
+            name="loader",
+        )
+        infer = MonaiBundleInferenceOperator(
+            self,
+            app_context=app_context,
+            input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
+            output_mapping=[IOMapping("pred", Dict[str, Any], IOType.IN_MEMORY)],
+            bundle_path=bundle,
+            name="bundle_inference",
+        )
+        writer = ClassificationWriterOperator(
+            self, output_folder=output, settings=settings, tally=self.tally, name="writer"
+        )
+        self.add_flow(loader, infer, {("image", "image")})
+        self.add_flow(infer, writer, {("pred", "pred")})
+        self.add_flow(loader, writer, {("case", "case")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the application (``argv``: as ``sys.argv``, program name first); return the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app = MicrocalcificationClassificationApp([sys.executable, *argv] if argv is not None else None)
+    try:
+        app.run()
+    except AppInputError as e:
+        logger.error("%s", e)
+        return 2
+    ok, errors = app.tally["ok"], app.tally["error"]
+    logger.info(
+        "%d classified, %d error(s); results in %s", ok, errors, Application.init_app_context(app.argv).output_path
+    )
+    return 0 if ok else 1

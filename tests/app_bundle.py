@@ -1,0 +1,90 @@
+"""A tiny trained bundle for the MONAI Label and MONAI Deploy apps' tests (and for trying the apps by hand).
+
+    python -m tests.app_bundle /tmp/apps/microcalcification_classification
+
+writes a bundle folder (``configs/`` with the tiny settings written into ``inference.json``, ``scripts/``,
+``models/model.pt``, ``LICENSE``) whose network is a one-member resnet18 ensemble at 64 px trained for one epoch on
+a few synthetic ROIs: seconds on a 2-core CPU. The folder name must contain "classification" for MONAI Label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: values written into the tiny bundle's configs/inference.json (fp32 so that every tool computes the same numbers)
+TINY_SETTINGS: dict[str, Any] = {
+    "arch": "resnet18",
+    "num_members": 1,
+    "image_size": 64,
+    "roi_size": 64,
+    "roi_pitch_mm": 0.2,
+    "amp": False,
+    "batch_size": 4,
+}
+
+
+def train_tiny_ensemble(data_root: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One epoch of a one-member resnet18 ensemble on 16 synthetic 64-px target ROIs; returns its state dict."""
+    from scripts.network import Ensemble
+    from scripts.schema import load_split
+    from scripts.synthetic import generate_dataset
+    from scripts.transforms import LoadROId
+
+    datalist = generate_dataset(data_root, "target", n_train=16, n_test=0, num_folds=2, image_size=64, seed=seed)
+    items = load_split(datalist, "training")
+    load = LoadROId(keys="image", image_size=64)
+    x = torch.stack([torch.as_tensor(load(dict(it))["image"]).float() for it in items])
+    y = torch.tensor([int(it["label"]) for it in items])
+    torch.manual_seed(seed)
+    ens = Ensemble(1, "resnet18")
+    net = ens.members[0].train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for i in range(0, len(items), 8):  # one epoch, batch 8
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x[i : i + 8]), y[i : i + 8])
+        loss.backward()
+        opt.step()
+    return ens.eval().state_dict()
+
+
+def make_app_bundle(dest: str | Path, data_root: str | Path | None = None) -> Path:
+    """Write the tiny bundle to ``dest`` (created; must not exist) and return it."""
+    dest = Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists")
+    (dest / "models").mkdir(parents=True)
+    shutil.copytree(REPO / "configs", dest / "configs")
+    shutil.copytree(REPO / "scripts", dest / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "LICENSE", dest / "LICENSE")
+    config_path = dest / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config.update(TINY_SETTINGS)
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    meta_path = dest / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = [64, 64]
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+    data_root = Path(data_root) if data_root else dest.parent / f"{dest.name}_data"
+    torch.save(train_tiny_ensemble(data_root), dest / "models" / "model.pt")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.app_bundle", description=__doc__.splitlines()[0])
+    p.add_argument("dest", help="bundle folder to create (its name must contain 'classification' for MONAI Label)")
+    a = p.parse_args(argv)
+    print(make_app_bundle(a.dest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
