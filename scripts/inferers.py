@@ -34,6 +34,15 @@ def default_amp(arch: str, device: torch.device | str, image_size: int = 128) ->
     return not is_lite(arch) or int(image_size) >= 224
 
 
+def saliency_amp(arch: str, amp: bool | str) -> bool:
+    """Whether saliency maps may use bf16 autocast: as ``amp`` for ResNets (maps correlate > 0.99 with float32
+    ones), never for EfficientNet-Lite, whose bf16 maps at its stride-16 target layer correlated only 0.78-0.99
+    with float32 ones (tests/test_saliency.py, 64 px)."""
+    from scripts.network import is_lite
+
+    return _as_bool(amp) and not is_lite(arch)
+
+
 class AutocastInferer(Inferer):
     """Run ``network(inputs)`` under ``torch.autocast`` and return float32 outputs.
 

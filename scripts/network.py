@@ -92,8 +92,10 @@ class GrayClassifier(nn.Module):
 
     The grayscale input (``(B, 1, H, W)`` in [0, 1]) is repeated to three channels and normalised as the
     family's ImageNet weights expect (torchvision: ImageNet mean/std; EfficientNet-Lite: mean 0.5, std 0.5).
-    The Grad-CAM target layer (:attr:`target_layer`) is the last stride-32 feature map: ``backbone.layer4[-1]``
-    (ResNet family) or ``backbone.bn2`` (EfficientNet-Lite: the head convolution's BN + ReLU6).
+    The saliency target layer (:attr:`target_layer`) is ``backbone.layer4[-1]`` for the ResNet family (stride 32)
+    and ``backbone.blocks[4]`` for EfficientNet-Lite (stride 16, 112 channels in Lite0): at 128 px its last
+    feature map (``bn2``, 4 x 4 cells) gave maps at chance against the calcification masks, the stride-16 map with
+    HiResCAM well above (docs/saliency.md).
 
     Args:
         arch: ``efficientnet_lite0``, ``efficientnet_lite1``, or a torchvision ResNet-family constructor name
@@ -125,8 +127,8 @@ class GrayClassifier(nn.Module):
 
     @property
     def target_layer(self) -> nn.Module:
-        """Grad-CAM's target layer: the last stride-32 feature map."""
-        return self.backbone.bn2 if is_lite(self.arch) else self.backbone.layer4[-1]
+        """The saliency target layer: ``backbone.blocks[4]`` (EfficientNet-Lite, stride 16) or ``backbone.layer4[-1]``."""
+        return self.backbone.blocks[4] if is_lite(self.arch) else self.backbone.layer4[-1]
 
     def stages(self) -> list[tuple[str, list[nn.Module]]]:
         """The backbone's stages from input to head, ``[(name, modules), ...]`` (freezing, randomisation checks)."""

@@ -60,7 +60,7 @@ class Settings:
     threshold_value: float | None = None
     n_boot: int = 1000
     saliency: bool = True
-    saliency_method: str = "gradcam"
+    saliency_method: str = "hirescam"
     extra_overrides: dict = field(default_factory=dict)
 
     @classmethod
@@ -465,6 +465,23 @@ def _datalist_source(path: Path | None) -> str | None:
     return " ".join(str(x) for x in (meta.get("source"), meta.get("task")) if x)
 
 
+def _print_localisation(saliency: dict) -> None:
+    """One line per localisation metric of the saliency maps on all masked test ROIs: mean [CI] vs chance."""
+    table, st = (saliency.get("table") or {}).get("all") or {}, saliency.get("settings") or {}
+    if not table.get("n"):
+        return
+    print(f"saliency {st.get('method')} at {st.get('layer')} ({table['n']} ROIs with masks):")
+    for key, name, d in (("pointing_game", "pointing game", 3), ("energy_in_mask", "energy in mask", 4)):
+        lo, hi = table[f"{key}_ci"]
+        verdict = "above chance" if table[f"{key}_above_chance"] else "NOT above chance"
+        chance = table[key + "_chance"]
+        print(f"  {name:15s} {table[key]:.{d}f} (95% CI {lo:.{d}f}-{hi:.{d}f}), chance {chance:.{d}f}: {verdict}")
+    if table.get("pointing_game_centre") is not None:
+        print(
+            f"  {'centre prior':15s} {table['pointing_game_centre']:.3f} (pointing game of a map fixed at the ROI centre)"
+        )
+
+
 def _print_headline(summary: dict, results: Path) -> None:
     auc, thr, m = summary["auc"], summary["threshold"], summary["metrics"]
     print("\n=== ensemble on the test split ===", flush=True)
@@ -481,6 +498,7 @@ def _print_headline(summary: dict, results: Path) -> None:
         print(f"network {net.get('arch')}: ImageNet weights from {w['source']}{sha}")
     else:
         print(f"network {net.get('arch')}: initialised {net.get('init')}")
+    _print_localisation(summary.get("saliency") or {})
     if summary.get("data", {}).get("source") == "synthetic":
         print("NOTE: synthetic data; these numbers are not clinical evidence.")
     if summary.get("settings", {}).get("init") == "scratch":

@@ -394,23 +394,39 @@ def _dataset_section(
     return "".join(out)
 
 
+def _ci_cell(v: dict, key: str) -> str:
+    """``mean [low-high] (chance)`` of one localisation metric, with ``*`` when it is above chance."""
+    ci = v.get(f"{key}_ci")
+    cell = _num(v.get(key)) + (f" [{_num(ci[0])}-{_num(ci[1])}]" if ci else "")
+    star = "*" if v.get(f"{key}_above_chance") else ""
+    return f"{cell}{star} ({_num(v.get(key + '_chance'))})"
+
+
 def _localisation_section(summary: dict) -> str:
-    """Grad-CAM localisation against the lesion masks, each figure beside its chance level."""
+    """Saliency localisation against the lesion masks: each figure with its 95 % CI, chance level and the centre
+    prior's pointing game."""
     sal = summary.get("saliency")
     if not sal or not sal.get("table"):
         return ""
     rows = []
     for group, v in sal["table"].items():
         cells = [_e(group), _e(v.get("n"))]
-        for key in ("pointing_game", "energy_in_mask", "iou"):
-            cells.append(f"{_num(v.get(key))} ({_num(v.get(key + '_chance'))})")
+        cells += [_ci_cell(v, "pointing_game"), _num(v.get("pointing_game_centre")), _ci_cell(v, "energy_in_mask")]
+        cells.append(f"{_num(v.get('iou'))} ({_num(v.get('iou_chance'))})")
         rows.append(cells)
     st = sal.get("settings", {})
     out = [
         "<h2>Saliency localisation</h2>",
-        f"<p>{_e(st.get('method', ''))} maps of the ensemble (target: {_e(st.get('target', ''))}); "
-        f"pointing-game tolerance: {_e(st.get('tolerance', ''))}. Chance level in brackets.</p>",
-        _table(["group", "n", "pointing game", "energy in mask", "IoU"], rows, left_cols=1),
+        f"<p>{_e(st.get('method', ''))} maps of the ensemble (target: {_e(st.get('target', ''))}, layer "
+        f"{_e(st.get('layer', ''))}); pointing-game tolerance: {_e(st.get('tolerance', ''))}. Mean [95 % CI, "
+        f"{_e(st.get('ci', 'bootstrap'))}] (chance level); * = above chance (the CI of the paired excess over chance "
+        "excludes 0). The centre prior is a map that always peaks at the ROI centre: ROIs cropped around a lesion "
+        "make it a strong baseline.</p>",
+        _table(
+            ["group", "n", "pointing game", "centre prior", "energy in mask", "IoU"],
+            rows,
+            left_cols=1,
+        ),
     ]
     final = (sal.get("randomisation") or {}).get("final")
     if final:

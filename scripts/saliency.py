@@ -7,9 +7,9 @@ Shapes and units:
 - maps: ``(B, H, W)`` float32 in [0, 1] (min-max normalised per image, a flat map is all zeros);
 - masks: ``(H, W)`` bool, True = lesion; distances and tolerances are in pixels of the array they refer to.
 
-The target layer of every member is ``member.target_layer`` (the last stride-32 feature map: ``backbone.layer4[-1]``
-or ``backbone.bn2``), so one cell of the Grad-CAM feature map covers 32 x 32 pixels of the network input: the
-pointing game's default tolerance.
+The target layer of every member is ``member.target_layer`` (``backbone.layer4[-1]``, stride 32, for ResNets;
+``backbone.blocks[4]``, stride 16, for EfficientNet-Lite) unless a module name is given. The pointing game's
+default tolerance is one cell of the target layer's feature map, measured from its shape during the call.
 """
 
 from __future__ import annotations
@@ -33,11 +33,18 @@ from scripts.schema import unique_case
 
 logger = logging.getLogger(__name__)
 
-METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "eigencam": "EigenCAM", "layercam": "LayerCAM"}
+METHODS = {
+    "hirescam": "HiResCAM",
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "eigencam": "EigenCAM",
+    "layercam": "LayerCAM",
+}
 TARGETS = ("malignant", "predicted")
 CLASS_NAMES = ("benign", "malignant")
 MALIGNANT = 1
-FEATURE_STRIDE = 32  # pixels of network input per cell of layer4's feature map
+FEATURE_STRIDE = 32  # default tolerance (px) of the pure pointing_game function: one cell of a stride-32 map
+BOOTSTRAP_RESAMPLES = 2000  # percentile-bootstrap CIs of the localisation table
 RANDOMISATION_MODES = ("cascading", "full")
 _EPS = 1e-8
 AMP_DTYPE = torch.bfloat16  # as scripts.inferers.AutocastInferer's default, on CPU and CUDA
@@ -73,8 +80,15 @@ def ensemble_members(ensemble: nn.Module) -> list[nn.Module]:
     return list(members) if members is not None else [ensemble]
 
 
-def _target_layer(member: nn.Module) -> nn.Module:
+def _target_layer(member: nn.Module, name: str | None = None) -> nn.Module:
     member = getattr(member, "module", member)
+    if name:
+        modules = dict(member.named_modules())
+        if name not in modules:
+            raise ValueError(
+                f"no module {name!r} in {type(member).__name__} (e.g. 'backbone.blocks.4', 'backbone.bn2')"
+            )
+        return modules[name]
     layer = getattr(member, "target_layer", None)
     if layer is None:
         raise TypeError(f"{type(member).__name__} has no 'target_layer' (expected a scripts.network.GrayClassifier)")
@@ -86,7 +100,11 @@ class EnsembleCAM:
 
     Args:
         ensemble: an :class:`~scripts.network.Ensemble` (or a single member network).
-        method: ``"gradcam"``, ``"gradcam++"``, ``"eigencam"`` (class-agnostic: ignores ``target``) or ``"layercam"``.
+        method: ``"hirescam"`` (gradient x activation per cell, Draelos & Carin 2020; identical to Grad-CAM at a
+            last layer followed by global pooling and a linear head), ``"gradcam"``, ``"gradcam++"``,
+            ``"eigencam"`` (class-agnostic: ignores ``target``) or ``"layercam"``.
+        layer: the target layer's module name inside a member (e.g. ``"backbone.bn2"``); ``None``: the member's
+            ``target_layer``.
         target: ``"malignant"`` (class 1's logit) or ``"predicted"`` (the ensemble's predicted class, with
             P(malignant) >= ``threshold`` meaning malignant); every member explains the same class.
         freeze: during a call no parameter requires gradients and the backward pass stops at the target layer's
@@ -109,11 +127,12 @@ class EnsembleCAM:
     def __init__(
         self,
         ensemble: nn.Module,
-        method: str = "gradcam",
+        method: str = "hirescam",
         target: str = "malignant",
         freeze: bool = True,
         threshold: float = 0.5,
         amp: bool = False,
+        layer: str | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -124,7 +143,11 @@ class EnsembleCAM:
         self.method, self.target, self.freeze, self.threshold = method, target, bool(freeze), float(threshold)
         self.amp = bool(amp)
         self.members = ensemble_members(ensemble)
-        self.layers = [_target_layer(m) for m in self.members]
+        self.layers = [_target_layer(m, layer) for m in self.members]
+        names = {mod: name for name, mod in getattr(self.members[0], "module", self.members[0]).named_modules()}
+        self.layer_name: str = layer or names.get(self.layers[0], type(self.layers[0]).__name__)
+        self.cell_px: tuple[float, float] | None = None
+        self._feature_hw: tuple[int, int] | None = None
         cam_cls = getattr(pytorch_grad_cam, METHODS[method])
         modes = [m.training for m in self.members]
         self.cams = [cam_cls(model=m, target_layers=[layer]) for m, layer in zip(self.members, self.layers)]
@@ -160,6 +183,7 @@ class EnsembleCAM:
     def _cut(self, _module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
         """Forward hook on the target layer, registered before the library's: float32 output, and with ``freeze``
         a detached leaf, so that gradients are computed for the head only."""
+        self._feature_hw = (int(out.shape[-2]), int(out.shape[-1]))
         return out.detach().float().requires_grad_(True) if self.freeze else out.float()
 
     def __call__(self, x: torch.Tensor, classes: Sequence[int] | None = None) -> CAMResult:
@@ -211,6 +235,8 @@ class EnsembleCAM:
                 p.requires_grad_(flag)
             for m, mode in zip(self.members, modes):
                 m.train(mode)
+        if self._feature_hw is not None:
+            self.cell_px = (x.shape[-2] / self._feature_hw[0], x.shape[-1] / self._feature_hw[1])
         stacked = np.stack(member_maps)  # (K, B, H, W)
         return CAMResult(normalise_maps(stacked.mean(0)), stacked, probs.cpu().numpy().astype(np.float32))
 
@@ -282,21 +308,23 @@ def iou_at(cam: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
 
 
 def chance_levels(mask: np.ndarray, tolerance_px: float = FEATURE_STRIDE) -> dict[str, float]:
-    """What an uninformative map scores: ``area_fraction`` (energy-in-mask of a uniform map, and IoU of a map
-    selecting every pixel) and ``pointing`` (hit probability of a uniformly random point: the fraction of pixels
-    within ``tolerance_px`` of the mask)."""
+    """What uninformative maps score: ``area_fraction`` (energy-in-mask of a uniform map, and IoU of a map
+    selecting every pixel), ``pointing`` (hit probability of a uniformly random point: the fraction of pixels
+    within ``tolerance_px`` of the mask) and ``centre`` (1.0 if a map peaking at the ROI's centre is a hit: a
+    location prior, since ROIs are usually cropped around the lesion)."""
     mask = np.asarray(mask) > 0
-    return {
-        "area_fraction": float(mask.mean()),
-        "pointing": float((distance_to_mask(mask) <= tolerance_px).mean()),
-    }
+    dist = distance_to_mask(mask)
+    h, w = mask.shape
+    rows, cols = np.nonzero(mask)
+    centre = float(np.sqrt(((rows - (h - 1) / 2) ** 2 + (cols - (w - 1) / 2) ** 2).min()) <= tolerance_px)
+    return {"area_fraction": float(mask.mean()), "pointing": float((dist <= tolerance_px).mean()), "centre": centre}
 
 
 def localisation_metrics(
     cam: np.ndarray, mask: np.ndarray, tolerance_px: float = FEATURE_STRIDE, iou_threshold: float = 0.5
 ) -> dict[str, float]:
     """All metrics of one map against its mask, with chance levels: ``hit``, ``energy``, ``iou``,
-    ``chance_area``, ``chance_pointing``, ``tolerance_px``."""
+    ``chance_area``, ``chance_pointing``, ``centre_hit`` (the centre prior's hit), ``tolerance_px``."""
     chance = chance_levels(mask, tolerance_px)
     return {
         "hit": pointing_game(cam, mask, tolerance_px),
@@ -304,32 +332,67 @@ def localisation_metrics(
         "iou": iou_at(cam, mask, iou_threshold),
         "chance_area": chance["area_fraction"],
         "chance_pointing": chance["pointing"],
+        "centre_hit": chance["centre"],
         "tolerance_px": float(tolerance_px),
     }
 
 
-def _summarise(records: Sequence[dict]) -> dict[str, Any]:
+_METRIC_CHANCE = (("pointing_game", "hit", "chance_pointing"), ("energy_in_mask", "energy", "chance_area"))
+
+
+def _bootstrap_means(values: np.ndarray, rng: np.random.Generator, alpha: float = 0.05) -> list[float]:
+    """Percentile-bootstrap ``[low, high]`` of the mean of ``values`` (``(N,)`` or ``(N, K)``: one CI per column)."""
+    idx = rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
+    means = values[idx].mean(axis=1)
+    return np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0).tolist()
+
+
+def _summarise(records: Sequence[dict], seed: int = 0) -> dict[str, Any]:
+    """Means of one group with 95 % percentile-bootstrap CIs (resampling ROIs). For the pointing game and energy in
+    mask, ``<metric>_excess_ci`` is the CI of the mean paired difference ``metric - chance`` and
+    ``<metric>_above_chance`` is True when its lower end is above 0."""
     n = len(records)
+    out: dict[str, Any] = {"n": n}
+    if not n:
+        for metric, _, _ in _METRIC_CHANCE:
+            out.update({metric: None, f"{metric}_chance": None, f"{metric}_ci": None})
+            out.update({f"{metric}_excess_ci": None, f"{metric}_above_chance": None})
+        out.update({"pointing_game_centre": None, "iou": None, "iou_chance": None, "iou_ci": None})
+        return out
+    rng = np.random.default_rng(seed)
 
-    def mean(key: str) -> float | None:
-        return float(np.mean([float(r[key]) for r in records])) if n else None
+    def col(key: str) -> np.ndarray:
+        return np.array([float(r[key]) for r in records])
 
-    return {
-        "n": n,
-        "pointing_game": mean("hit"),
-        "pointing_game_chance": mean("chance_pointing"),
-        "energy_in_mask": mean("energy"),
-        "energy_in_mask_chance": mean("chance_area"),
-        "iou": mean("iou"),
-        "iou_chance": mean("chance_area"),
-    }
+    for metric, key, chance_key in _METRIC_CHANCE:
+        value, chance = col(key), col(chance_key)
+        excess = _bootstrap_means(value - chance, rng)
+        out.update(
+            {
+                metric: float(value.mean()),
+                f"{metric}_ci": _bootstrap_means(value, rng),
+                f"{metric}_chance": float(chance.mean()),
+                f"{metric}_excess_ci": excess,
+                f"{metric}_above_chance": bool(excess[0] > 0),
+            }
+        )
+    if all("centre_hit" in r for r in records):
+        out["pointing_game_centre"] = float(col("centre_hit").mean())
+    else:
+        out["pointing_game_centre"] = None
+    iou = col("iou")
+    out.update(
+        {"iou": float(iou.mean()), "iou_ci": _bootstrap_means(iou, rng), "iou_chance": out["energy_in_mask_chance"]}
+    )
+    return out
 
 
 def localisation_table(records: Sequence[dict], class_names: Sequence[str] = CLASS_NAMES) -> dict[str, dict]:
     """Aggregate per-ROI records (keys ``label``, ``correct`` and those of :func:`localisation_metrics`).
 
     Groups: ``all``, ``correct``, ``misclassified``, each class name, and ``<class>/correct``,
-    ``<class>/misclassified``. Each group gives ``n`` and the mean of each metric with its chance level beside it
+    ``<class>/misclassified``. Each group gives ``n``, the mean of each metric with its 95 % bootstrap CI and its
+    chance level, whether it is above chance (see :func:`_summarise`) and the centre prior's pointing game
     (``None`` for an empty group). Records without a label count only in ``all``.
     """
     groups: dict[str, list[dict]] = {"all": list(records), "correct": [], "misclassified": []}
@@ -404,13 +467,14 @@ def _reinitialise(modules: Sequence[nn.Module]) -> None:
 def randomisation_check(
     ensemble: nn.Module,
     images: torch.Tensor,
-    method: str = "gradcam",
+    method: str = "hirescam",
     target: str = "malignant",
     mode: str = "cascading",
     seed: int = 0,
     original_maps: np.ndarray | None = None,
     threshold: float = 0.5,
     amp: bool = False,
+    layer: str | None = None,
 ) -> dict[str, Any]:
     """Model-parameter randomisation test: re-initialise weights of a copy of the ensemble and compare maps.
 
@@ -420,7 +484,7 @@ def randomisation_check(
         mode: ``"cascading"`` (re-initialise from the top: fc, layer4, ..., stem, cumulatively, in every member)
             or ``"full"`` (every layer at once).
         original_maps: the ensemble's maps for ``images`` ``(N, H, W)``, when already computed (with the same ``amp``).
-        amp: autocast forward passes (see :class:`EnsembleCAM`).
+        amp, layer: as for :class:`EnsembleCAM`.
 
     Returns ``{"mode", "n_images", "steps": [{"randomised", "spearman", "pearson", "ssim"}, ...], "final"}``:
     mean similarities between original and randomised maps (1 = unchanged). Maps that barely change when the
@@ -439,7 +503,7 @@ def randomisation_check(
     else:
         classes = [MALIGNANT] * len(images)
     if original_maps is None:
-        with EnsembleCAM(ensemble, method, target, threshold=threshold, amp=amp) as cam:
+        with EnsembleCAM(ensemble, method, target, threshold=threshold, amp=amp, layer=layer) as cam:
             original_maps = cam(images, classes).maps
     clone = copy.deepcopy(getattr(ensemble, "module", ensemble)).eval()
     members = ensemble_members(clone)
@@ -454,7 +518,7 @@ def randomisation_check(
     device = next(clone.parameters()).device
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     steps = []
-    with EnsembleCAM(clone, method, target, threshold=threshold, amp=amp) as cam:
+    with EnsembleCAM(clone, method, target, threshold=threshold, amp=amp, layer=layer) as cam:
         for i, (name, modules) in enumerate(plan):
             with torch.random.fork_rng(devices=fork_devices):
                 torch.manual_seed(seed + i)
@@ -682,7 +746,7 @@ def run_saliency(
     items: Sequence[dict],
     ensemble: nn.Module,
     out_dir: str | Path,
-    method: str = "gradcam",
+    method: str = "hirescam",
     target: str = "malignant",
     threshold: float = 0.5,
     batch_size: int = 4,
@@ -699,6 +763,7 @@ def run_saliency(
     amp: bool = False,
     log_every: int = 20,
     seed: int = 0,
+    layer: str | None = None,
 ) -> dict[str, Any]:
     """Saliency workflow over datalist items (absolute paths, as :func:`scripts.schema.load_split` returns).
 
@@ -714,12 +779,13 @@ def run_saliency(
             maps resized back to the ROI (bilinear).
             ``None`` feeds ROIs at their own size (consecutive ROIs of one size are batched together).
         iou_threshold: map threshold for the IoU.
-        tolerance_cells: pointing-game tolerance in feature-map cells (1 cell = 32 px of network input,
-            converted to ROI pixels).
+        tolerance_cells: pointing-game tolerance in cells of the target layer's feature map (1 cell = 16 px of
+            network input for EfficientNet-Lite's default layer, 32 px for ResNets', converted to ROI pixels).
         randomisation: ``"cascading"``, ``"full"`` or ``None`` / ``"none"`` (skip) for :func:`randomisation_check`
             on the first ``randomisation_images`` ROIs (those of the first input shape).
         default_spacing_mm: pitch for items without ``spacing_mm`` (1.0 with a warning when both are missing).
-        freeze, amp: passed to :class:`EnsembleCAM` (``amp``: autocast forward, float32 maps).
+        freeze, amp, layer: passed to :class:`EnsembleCAM` (``amp``: autocast forward, float32 maps; ``layer``: the
+            target layer's module name, ``None`` for the members' ``target_layer``).
 
     Returns a summary: counts, tolerance, the localisation table, the randomisation result and output paths.
     """
@@ -743,10 +809,14 @@ def run_saliency(
     warned_spacing = False
     n_total = len(items)
     logger.info("saliency: %d ROIs, method=%s target=%s, output %s", n_total, method, target, out_dir)
-    with EnsembleCAM(ensemble, method=method, target=target, freeze=freeze, threshold=threshold, amp=amp) as cam:
+    cell_px: tuple[float, float] | None = None
+    cam_args = {"method": method, "target": target, "threshold": threshold, "amp": amp, "layer": layer}
+    with EnsembleCAM(ensemble, freeze=freeze, **cam_args) as cam:
+        layer_name = cam.layer_name
         for batch in _batches(items, batch_size, size):
             x = torch.cat([_resize(torch.from_numpy(roi)[None, None], size or roi.shape) for _, roi in batch])
             res = cam(x)
+            cell_px = cell_px or cam.cell_px
             if (
                 randomisation
                 and len(rand_inputs) < randomisation_images
@@ -785,7 +855,7 @@ def run_saliency(
                 if mask is not None:
                     in_h, in_w = x.shape[-2:]
                     scale = math.sqrt((roi.shape[0] / in_h) * (roi.shape[1] / in_w))
-                    tol = tolerance_cells * FEATURE_STRIDE * scale
+                    tol = tolerance_cells * math.sqrt(cam.cell_px[0] * cam.cell_px[1]) * scale
                     loc = localisation_metrics(cam_map, mask, tol, iou_threshold)
                     records.append({"case": case, "label": label, "correct": correct, **loc})
                 save_map_nifti(out_dir / "maps" / f"{name}.nii.gz", cam_map, spacing)
@@ -843,13 +913,10 @@ def run_saliency(
         rand = randomisation_check(
             ensemble,
             torch.stack(rand_inputs),
-            method=method,
-            target=target,
             mode=randomisation,
             seed=seed,
             original_maps=np.stack(rand_maps),
-            threshold=threshold,
-            amp=amp,
+            **cam_args,
         )
     counts = {"n": len(rows), "with_mask": len(records)}
     for gname, glabel, gcorrect in OUTCOMES:
@@ -861,13 +928,21 @@ def run_saliency(
         "target": "class-agnostic" if method == "eigencam" else target,
         "threshold": threshold,
         "iou_threshold": iou_threshold,
-        "tolerance": f"{tolerance_cells:g} feature-map cell(s) = {tolerance_cells * FEATURE_STRIDE:g} px of network "
-        "input, converted to ROI pixels",
+        "layer": layer_name,
+        "cell_px": None if cell_px is None else list(cell_px),
+        "tolerance": f"{tolerance_cells:g} feature-map cell(s)"
+        + (
+            ""
+            if cell_px is None
+            else f" = {tolerance_cells * math.sqrt(cell_px[0] * cell_px[1]):g} px of network input"
+        )
+        + ", converted to ROI pixels",
         "image_size": in_size,
         "freeze": freeze,
         "amp": amp,
         "chance": "uniform map: energy and IoU = mask area fraction; random point: pointing = fraction of pixels "
-        "within tolerance of the mask",
+        "within tolerance of the mask; centre prior: a map peaking at the ROI centre",
+        "ci": f"95 % percentile bootstrap over ROIs ({BOOTSTRAP_RESAMPLES} resamples)",
     }
     table = localisation_table(records, class_names)
     write_json(

@@ -142,8 +142,9 @@ def test_inference_config_fits_the_stock_operators(tmp_path):
     pre = parser.get_parsed_content("preprocessing")
     assert isinstance(pre, Compose)  # Deploy requires a Compose
     assert not [t for t in pre.transforms if type(t).__name__.startswith("LoadImage")]  # Deploy would strip them
-    write_roi_png(tmp_path / "a.png", np.full((64, 64), 0.5))
-    for image in (str(tmp_path / "a.png"), np.full((64, 64), 0.5, np.float32)):  # a file (Label), an array (Deploy)
+    roi = np.random.default_rng(0).uniform(0.2, 0.8, (64, 64)).astype(np.float32)  # not blank: blank ROIs are errors
+    write_roi_png(tmp_path / "a.png", roi)
+    for image in (str(tmp_path / "a.png"), roi):  # a file (Label), an array (Deploy)
         out = pre({"image": image})
         assert isinstance(out["image"], MetaTensor) and out["image"].shape == (1, 128, 128)  # Deploy reads .meta
     post = parser.get_parsed_content("postprocessing")

@@ -25,7 +25,7 @@ from scripts.network import (
 def test_default_architecture_is_efficientnet_lite0_and_outputs_logits():
     net = build_network()
     assert net.arch == "efficientnet_lite0" and net.head_name == "classifier"
-    assert net.backbone.bn2.num_features == 1280 and net.target_layer is net.backbone.bn2
+    assert net.backbone.bn2.num_features == 1280 and net.target_layer is net.backbone.blocks[4]
     assert net(torch.rand(2, 1, 64, 64)).shape == (2, 2)
 
 
