@@ -646,12 +646,16 @@ def _thumb(a: np.ndarray, size: int = 128) -> np.ndarray:
 
 
 def save_gallery(path: str | Path, groups: dict[str, list[dict]], per_group: int, title: str = "") -> Path:
-    """Figure with one row per outcome group (``{name: [{"roi", "cam", "mask" or None, "case", "prob"}, ...]}``);
-    the mask's outline is drawn in green."""
+    """Figure with one row per non-empty outcome group (``{name: [{"roi", "cam", "mask" or None, "case", "prob"},
+    ...]}``); groups without cases get no row but are named under the title. The mask's outline is drawn in green.
+    Returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = list(groups) or ["no ROIs"]
+    empty = [name for name, exs in groups.items() if not exs]
+    names = [name for name, exs in groups.items() if exs] or ["no ROIs"]
+    if empty:
+        title = (title + "\n" if title else "") + "no cases: " + ", ".join(empty)
     cols = max(1, per_group)
     fig = Figure(figsize=(2.2 * cols + 1.2, 2.4 * len(names) + 0.6), dpi=100)
     FigureCanvasAgg(fig)
@@ -669,8 +673,8 @@ def save_gallery(path: str | Path, groups: dict[str, list[dict]], per_group: int
                 if ex.get("mask") is not None:
                     ax.contour(ex["mask"], levels=[0.5], colors="lime", linewidths=0.8)
                 ax.set_title(f"{ex['case']}\nP(malig.)={ex['prob']:.2f}", fontsize=8)
-            elif c == 0:
-                ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            elif c == 0 and not exs:
+                ax.text(0.5, 0.5, "no ROIs", ha="center", va="center", transform=ax.transAxes, fontsize=9)
             else:
                 ax.axis("off")
             if c == 0:

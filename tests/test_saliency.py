@@ -468,3 +468,16 @@ def test_bundle_config_merged_after_inference(ensemble, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ensemble.state_dict().values()))
     zooms = nib.load(out / "maps" / "case000.nii.gz").header.get_zooms()[:2]
     np.testing.assert_allclose(zooms, (0.07, 0.07), rtol=1e-5)
+
+
+def test_gallery_draws_no_row_for_an_empty_group(tmp_path):
+    from PIL import Image
+
+    from scripts.saliency import save_gallery
+
+    ex = {"roi": np.random.default_rng(0).random((32, 32)), "cam": np.zeros((32, 32)), "mask": None, "case": "c1"}
+    ex["prob"] = 0.7
+    one = save_gallery(tmp_path / "one.png", {"malignant correct": [ex], "benign misclassified": []}, per_group=2)
+    two = save_gallery(tmp_path / "two.png", {"malignant correct": [ex], "benign correct": [ex]}, per_group=2)
+    h_one, h_two = Image.open(one).size[1], Image.open(two).size[1]
+    assert h_two - h_one == 240  # one 2.4-inch row fewer at 100 dpi
