@@ -10,7 +10,6 @@ Only the ``hash_val`` lines are rewritten (comments and order are kept); ``hash_
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import sys
 from pathlib import Path
@@ -18,19 +17,10 @@ from typing import Sequence
 
 import yaml
 
+from scripts.atomic import file_digest
+
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
 HASH_TYPES = ("sha256", "md5")
-
-
-def file_hash(path: str | Path, hash_type: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    if hash_type not in HASH_TYPES:
-        raise ValueError(f"hash_type must be one of {HASH_TYPES}, got {hash_type!r}")
-    h = hashlib.new(hash_type)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_entries(yml: str | Path) -> list[dict]:
@@ -57,7 +47,7 @@ def fill_hashes(yml: str | Path, bundle_root: str | Path | None = None) -> dict[
     for e in entries:
         f = root / e["path"]
         if f.is_file():
-            digests[e["path"]] = file_hash(f, e["hash_type"])
+            digests[e["path"]] = file_digest(f, e["hash_type"])
         else:
             print(f"warning: {f} not found; hash_val of {e['path']} left unchanged", file=sys.stderr)
     lines = yml.read_text().splitlines(keepends=True)
@@ -89,7 +79,7 @@ def check_hashes(yml: str | Path, bundle_root: str | Path | None = None) -> list
         f = root / e["path"]
         if not f.is_file():
             problems.append(f"{e['path']}: file not found")
-        elif file_hash(f, e["hash_type"]) != str(e["hash_val"]):
+        elif file_digest(f, e["hash_type"]) != str(e["hash_val"]):
             problems.append(f"{e['path']}: {e['hash_type']} differs from hash_val")
     return problems
 
