@@ -21,6 +21,7 @@ from monai.bundle import ConfigWorkflow
 from scripts import resilience
 from scripts.network import WeightsError, load_state_dict_file
 from scripts.pipeline import run_pipeline
+from scripts.resilience import ResumeHandler
 from tests.conftest import REPO, tiny_settings
 
 CONFIGS = REPO / "configs"
@@ -244,7 +245,8 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_data, 
 
     # rerun in the same bundle with another configuration (the normal loss): the checkpoint is stale, not resumed
     wf = workflow(root, tiny_data, epochs=3)
-    trainer, resume = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("train#handlers#6")
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    resume = next(h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, ResumeHandler))
     with caplog.at_level(logging.INFO, logger="scripts.resilience"):
         resume(trainer)  # what happens at Events.STARTED
     assert "written by a different configuration" in caplog.text and "starting from epoch 1" in caplog.text
