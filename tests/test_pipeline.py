@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -68,6 +69,18 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     assert caplog.text.count("up to date, skipped") >= 8
     assert "running" not in caplog.text
     assert before == {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
+    # a changed saliency method (in a copy of the run) reruns the saliency step and nothing upstream of it
+    import shutil
+
+    copy = work.parent / f"{work.name}_changed"
+    shutil.copytree(work, copy)
+    before = {p: p.stat().st_mtime_ns for p in (copy / "models").glob("*/model.pt")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        run_pipeline(dataclasses.replace(s, workdir=str(copy), saliency_method="layercam"))
+    assert re.findall(r"\[([^\]]+)\] running", caplog.text) == ["saliency"]
+    assert before == {p: p.stat().st_mtime_ns for p in (copy / "models").glob("*/model.pt")}
+    assert json.loads((copy / "results" / "metrics.json").read_text())["saliency"]["settings"]["method"] == "layercam"
 
 
 def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
