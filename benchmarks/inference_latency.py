@@ -11,6 +11,8 @@ model: ``peak_delta_mb``); on CUDA ``torch.cuda.max_memory_allocated``. Modes:
   channels_last: false``);
 * ``cam``: ``scripts.saliency.EnsembleCAM`` (pytorch-grad-cam, frozen parameters, float32): the map of every
   member and the ensemble's probabilities in one call;
+* ``cam_last``: ``EnsembleCAM(method="gradcam")`` at the last feature map (EfficientNet-Lite's ``bn2``), the default
+  before HiResCAM at ``blocks.4``;
 * ``cam_nofreeze``: the same with every parameter requiring gradients (the library's plain path; ``--compare-freeze``);
 * ``cam_amp``: ``EnsembleCAM(amp=True)``, the bundle's saliency default: channels_last + bfloat16 forward,
   float32 maps; the row reports the correlation of its ensemble map with ``cam``'s on the same ROI.
@@ -48,7 +50,8 @@ from benchmarks._common import (  # noqa: E402
 )
 
 NAME = "inference_latency"
-MODES = ("predict", "predict_fp32", "predict_fp32_nocl", "cam", "cam_nofreeze", "cam_amp")
+MODES = ("predict", "predict_fp32", "predict_fp32_nocl", "cam", "cam_last", "cam_nofreeze", "cam_amp")
+LAST_LAYER = {"efficientnet_lite0": "backbone.bn2", "efficientnet_lite1": "backbone.bn2"}  # cam_last (ResNets: default)
 PREDICT_MODES = ("predict_fp32_nocl", "predict_fp32", "predict")
 # mode -> (autocast dtype, memory format of the network and its input)
 PRECISION = {
@@ -56,6 +59,7 @@ PRECISION = {
     "predict_fp32": ("fp32", "channels_last"),
     "predict_fp32_nocl": ("fp32", "contiguous"),
     "cam": ("fp32", "channels_last net, contiguous input"),
+    "cam_last": ("fp32", "channels_last net, contiguous input"),
     "cam_nofreeze": ("fp32", "channels_last net, contiguous input"),
     "cam_amp": ("bf16", "channels_last"),
 }
@@ -116,7 +120,10 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
                 return inferer(x, net)
 
     else:
-        cam = EnsembleCAM(net, freeze=mode != "cam_nofreeze", amp=mode == "cam_amp")
+        if mode == "cam_last":  # plain Grad-CAM at the last feature map (the default before 0.5.0)
+            cam = EnsembleCAM(net, method="gradcam", layer=LAST_LAYER.get(arch))
+        else:
+            cam = EnsembleCAM(net, freeze=mode != "cam_nofreeze", amp=mode == "cam_amp")
 
         def step() -> Any:
             return cam(x)
