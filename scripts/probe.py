@@ -97,7 +97,7 @@ def train_probe(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         logger.info("probe epoch %d/%d: loss %.3f (%.0f s)", epoch + 1, epochs, total / len(xt), time.time() - t0)
     net.eval()
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import urllib.error
+from pathlib import Path
 
 import torchvision
 
@@ -48,7 +49,7 @@ def test_ablation_shares_data_and_stage1_and_reports_unavailable_imagenet_arms(t
             tmp_path / "runs" / "intermediate" / f"n{size}_seed0" / "models" / "intermediate" / "model.pt"
         ).is_file()
     # every arm and size is tested on the same cases
-    tests = {r["cases_csv"]: open(r["cases_csv"]).read().count("\n") for r in result["runs"]}
+    tests = {r["cases_csv"]: Path(r["cases_csv"]).read_text().count("\n") for r in result["runs"]}
     assert len(set(tests.values())) == 1
     md = (tmp_path / "ablation.md").read_text()
     assert "not run" in md and "synthetic" in md

@@ -479,5 +479,6 @@ def test_gallery_draws_no_row_for_an_empty_group(tmp_path):
     ex["prob"] = 0.7
     one = save_gallery(tmp_path / "one.png", {"malignant correct": [ex], "benign misclassified": []}, per_group=2)
     two = save_gallery(tmp_path / "two.png", {"malignant correct": [ex], "benign correct": [ex]}, per_group=2)
-    h_one, h_two = Image.open(one).size[1], Image.open(two).size[1]
+    with Image.open(one) as a, Image.open(two) as b:
+        h_one, h_two = a.size[1], b.size[1]
     assert h_two - h_one == 240  # one 2.4-inch row fewer at 100 dpi
