@@ -341,10 +341,9 @@ _METRIC_CHANCE = (("pointing_game", "hit", "chance_pointing"), ("energy_in_mask"
 
 
 def _bootstrap_means(values: np.ndarray, rng: np.random.Generator, alpha: float = 0.05) -> list[float]:
-    """Percentile-bootstrap ``[low, high]`` of the mean of ``values`` (``(N,)`` or ``(N, K)``: one CI per column)."""
-    idx = rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))
-    means = values[idx].mean(axis=1)
-    return np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0).tolist()
+    """Percentile-bootstrap ``[low, high]`` of the mean of ``values`` ``(N,)``, resampling its entries."""
+    means = values[rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))].mean(axis=1)
+    return np.quantile(means, [alpha / 2, 1 - alpha / 2]).tolist()
 
 
 def _summarise(records: Sequence[dict], seed: int = 0) -> dict[str, Any]:
