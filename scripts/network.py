@@ -415,6 +415,29 @@ def build_ensemble(
     return load_members(Ensemble(len(member_weights), arch, num_classes), member_weights)
 
 
+def fold_members(models_dir: str | os.PathLike, num_folds: int, fold: int | None = None) -> list[str]:
+    """The fold members' weight files ``<models_dir>/target_fold<k>/model.pt``: all ``num_folds``, or only ``fold``'s.
+
+    Raises :class:`WeightsError` naming every missing file (train those folds first)."""
+    folds = range(num_folds) if fold is None else [int(fold)]
+    if any(k < 0 or k >= num_folds for k in folds):
+        raise WeightsError(f"fold {fold} is not one of the datalist's {num_folds} folds (0..{num_folds - 1})")
+    files = [Path(models_dir) / f"target_fold{k}" / "model.pt" for k in folds]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise WeightsError(f"fold member weights not found: {', '.join(missing)} (train those target folds first)")
+    return [str(f) for f in files]
+
+
+def count_members(ensemble_file: str | os.PathLike) -> int:
+    """How many members the :class:`Ensemble` state dict in ``ensemble_file`` holds (``members.<k>.*`` keys)."""
+    state = load_state_dict_file(ensemble_file)
+    ks = {int(k.split(".")[1]) for k in state if k.startswith("members.") and k.split(".")[1].isdigit()}
+    if not ks or ks != set(range(len(ks))):
+        raise WeightsError(f"{ensemble_file}: not an ensemble state dict (no members.0 ... members.N keys)")
+    return len(ks)
+
+
 def load_members(ensemble: Ensemble, member_weights: Sequence[str | os.PathLike]) -> Ensemble:
     """Load each member of ``ensemble`` strictly from its state-dict file; returns ``ensemble``."""
     if len(member_weights) != len(ensemble.members):

@@ -1,66 +1,81 @@
-"""The main job: data -> intermediate stage -> K target folds -> ensemble -> evaluation, as one command.
+"""The main job: the bundle's config runs in order, each skipped while its output is current.
 
-Every stage is a run of the bundle's own configs (``configs/train.json`` + a stage override, ``configs/evaluate.json``)
-through :class:`monai.bundle.ConfigWorkflow`; this module only orders the runs, passes the stage weights on, and
-skips runs whose outputs are complete and were made by the same configuration and inputs (a fingerprint file
-beside each output).
+Every step is one ``python -m monai.bundle run`` of files in ``configs/`` (run here in-process through
+:class:`monai.bundle.ConfigWorkflow`); :func:`plan` lists them, ``--dry-run`` prints them as commands, and
+``docs/README.md`` ("The recipe as bundle commands") gives the default sequence. This module only chooses the configs,
+their order and the overrides that the command-line flags give; each step's fingerprint
+(:mod:`scripts.fingerprint`: its config files, overrides and input files) decides whether it reruns, and the log says why.
 
     python -m scripts.pipeline            # synthetic data, default size (see README for timings)
     python -m scripts.pipeline --quick    # a small run for trying it out
+    python -m scripts.pipeline --dry-run  # the bundle commands it would run
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from scripts.atomic import file_digest
+from scripts import fingerprint
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_DIR / "configs"
 logger = logging.getLogger("pipeline")
 
 
+def config_default(config: str, key: str) -> Any:
+    """The literal value of ``key`` (``a#b`` for nested) in ``configs/<config>``: the one place a default lives."""
+    value: Any = json.loads((CONFIGS / config).read_text())
+    for part in key.split("#"):
+        value = value[part]
+    return value
+
+
+def _default(config: str, key: str) -> Any:
+    return field(default_factory=lambda: config_default(config, key))
+
+
 @dataclass
 class Settings:
-    """What the main job runs; every field is a command-line flag (``--n-target-train`` for ``n_target_train``)."""
+    """What the main job runs; every field is a command-line flag (``--n-target-train`` for ``n_target_train``).
+
+    Defaults are read from the configs; ``None`` keeps each stage config's own value (e.g. its epochs)."""
 
     workdir: str = "."
     dataset_dir: str | None = None
     intermediate_datalist: str | None = None
     target_datalist: str | None = None
-    arch: str = "efficientnet_lite0"
-    image_size: int = 128
-    init: str = "imagenet"
+    arch: str = _default("train.json", "arch")
+    image_size: int = _default("train.json", "image_size")
+    init: str = _default("stage_intermediate.json", "init")
     imagenet_weights: str | None = None
-    folds: int = 3
+    folds: int = _default("synthetic.json", "num_folds")
     intermediate: bool = True
     intermediate_task: str = "film"
-    n_intermediate: int = 1200
-    n_target_train: int = 240
-    n_target_test: int = 200
+    n_intermediate: int = _default("synthetic.json", "intermediate_data#n_train")
+    n_target_train: int = _default("synthetic.json", "target_data#n_train")
+    n_target_test: int = _default("synthetic.json", "target_data#n_test")
     overlap: float | None = None
     cnr: float | None = None
     epochs_intermediate: int | None = None  # None: configs/stage_intermediate.json's train#trainer#max_epochs
     epochs_target: int | None = None  # None: configs/stage_target.json's
-    batch_size: int = 16
-    learning_rate: float | None = None  # None: each stage config's own (1e-3 in both)
-    backbone_lr_factor: float | None = None  # None: the stage configs' (1.0: the backbone learns at the head's rate)
+    batch_size: int = _default("train.json", "batch_size")
+    learning_rate: float | None = None  # None: each stage config's own
+    backbone_lr_factor: float | None = None  # None: the stage configs'
     amp: bool | None = None  # None: scripts.inferers.default_amp (bf16; fp32 for EfficientNet-Lite on CPU < 224 px)
-    seed: int = 0
-    threshold_rule: str = "youden"
+    seed: int = _default("train.json", "seed")
+    threshold_rule: str = _default("summarize.json", "threshold_rule")
     threshold_value: float | None = None
-    n_boot: int = 1000
+    n_boot: int = _default("summarize.json", "n_boot")
     saliency: bool = True
-    saliency_method: str = "hirescam"
+    saliency_method: str = _default("saliency.json", "saliency#method")
     extra_overrides: dict = field(default_factory=dict)
 
     @classmethod
@@ -73,52 +88,95 @@ class Settings:
         return cls(**base)
 
 
-# overrides that only say where files are: their contents enter the fingerprint through ``inputs``, so a moved
-# bundle or dataset folder does not make finished stages stale
-LOCATION_KEYS = ("bundle_root", "dataset_dir", "datalist", "init_weights", "members", "cases_csv", "output_dir")
+# overrides that only say where files are: their contents enter the fingerprint as input files, so a moved
+# bundle or dataset folder does not make finished steps stale
+LOCATION_KEYS = (
+    "bundle_root",
+    "dataset_dir",
+    "datalist",
+    "init_weights",
+    "intermediate_datalist",
+    "output_dir",
+    "saliency#metrics_file",
+)
 # --intermediate-task -> scripts.synthetic task: calcification clusters imaged as digitised screen film, or masses
 INTERMEDIATE_TASKS = {"film": "film", "masses": "intermediate"}
 
 
-def fingerprint(config_files: Sequence[Path], overrides: dict, inputs: Sequence[str | os.PathLike]) -> str:
-    """Hash of the config files' text, the overrides (less file locations) and the input files' contents."""
-    h = hashlib.sha256()
-    for c in config_files:
-        h.update(Path(c).read_bytes())
-    kept = {k: v for k, v in overrides.items() if k not in LOCATION_KEYS}
-    h.update(json.dumps(kept, sort_keys=True, default=str).encode())
-    for p in inputs:
-        h.update(file_digest(p).encode())
-    return h.hexdigest()
+@dataclass
+class Step:
+    """One ``python -m monai.bundle run <run_id> --config_file <configs> --<key> <value> ...``."""
+
+    name: str
+    configs: tuple[str, ...]  # file names under configs/, later ones override earlier ones
+    overrides: dict
+    output: Path  # the file whose presence (and fingerprint) says the step is done
+    inputs: dict = field(default_factory=dict)  # role -> file whose contents the output depends on
+    run_id: str = "run"
+    always: bool = False  # steps with their own up-to-date check (the synthetic generator) run every time
+
+    def fingerprint(self) -> fingerprint.Fingerprint:
+        settings = {k: v for k, v in self.overrides.items() if k not in LOCATION_KEYS}
+        return fingerprint.compute(
+            [CONFIGS / c for c in self.configs], {"run_id": self.run_id, **settings}, self.inputs
+        )
+
+    def command(self, root: Path | None = None, compact: bool = False) -> str:
+        """The step as a shell command run from the bundle folder.
+
+        ``root``: paths under it are written relative to it (``.``). ``compact``: leave out the overrides that equal
+        the configs' own values (evaluated with ``bundle_root`` ``.``), as in the documented sequence."""
+        files = "[" + ",".join(f"'configs/{c}'" for c in self.configs) + "]"
+        words = ["python", "-m", "monai.bundle", "run"] + ([self.run_id] if self.run_id != "run" else [])
+        words += ["--config_file", files]
+        overrides = {k: _relative(v, root) for k, v in self.overrides.items()}
+        defaults = _config_values(self.configs, overrides) if compact else {}
+        for k, v in overrides.items():  # values as Python literals (the command line's parser reads those)
+            if k in defaults and defaults[k] == v:
+                continue
+            words += [f"--{k}", v if isinstance(v, str) else repr(v)]
+        return " ".join(_quote(w) for w in words)
 
 
-def _fp_file(output: Path) -> Path:
-    return output.with_name(output.name + ".fingerprint")
+def _relative(value: Any, root: Path | None) -> Any:
+    if isinstance(value, str) and root is not None and (value == str(root) or value.startswith(str(root) + "/")):
+        return "." + value[len(str(root)) :]
+    return value
 
 
-def is_current(output: Path, fp: str) -> bool:
-    """True when ``output`` exists and was recorded as made with fingerprint ``fp``."""
-    f = _fp_file(output)
-    return output.is_file() and f.is_file() and f.read_text().strip() == fp
+def _config_values(configs: Sequence[str], keys: Sequence[str]) -> dict:
+    """What the ``configs`` (merged in order, ``bundle_root`` ``.``) resolve ``keys`` to; keys that cannot be
+    evaluated without data are left out."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in configs])
+    parser["bundle_root"] = "."
+    out = {}
+    for k in keys:
+        try:
+            out[k] = parser.get_parsed_content(k)
+        except Exception:  # noqa: BLE001 - e.g. a value that reads a datalist: keep the override
+            continue
+    return out
 
 
-def mark_current(output: Path, fp: str) -> None:
-    from scripts.atomic import write_text
+def _quote(word: str) -> str:
+    """Shell quoting that keeps a config list readable: ``"['configs/a.json','configs/b.json']"``."""
+    if "'" in word and not any(c in word for c in '"$`\\!'):
+        return f'"{word}"'
+    return shlex.quote(word)
 
-    write_text(_fp_file(output), fp + "\n")
 
-
-def run_config(
-    config_files: Sequence[Path], overrides: dict, workflow_type: str | None = "train", run_id: str = "run"
-) -> None:
+def run_config(configs: Sequence[str], overrides: dict, run_id: str = "run") -> None:
     """Run one bundle workflow in this process (``initialize`` -> ``run_id`` -> ``finalize``)."""
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
-        config_file=[str(c) for c in config_files],
+        config_file=[str(CONFIGS / c) for c in configs],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
-        workflow_type=workflow_type,
+        workflow_type="train" if "train.json" in configs and run_id == "run" else None,
         run_id=run_id,
         **overrides,
     )
@@ -127,108 +185,99 @@ def run_config(
     wf.finalize()
 
 
-def run_stage(
-    name: str,
-    config_files: Sequence[Path],
-    overrides: dict,
-    output: Path,
-    inputs: Sequence[Path],
-    **run_kwargs: Any,
-) -> tuple[Path, bool]:
-    """Run a stage unless ``output`` is current; returns (output, whether it ran)."""
-    fp = fingerprint(config_files, overrides, inputs)
-    if is_current(output, fp):
-        logger.info("[%s] up to date, skipped (%s)", name, output)
-        return output, False
-    _fp_file(output).unlink(missing_ok=True)
-    logger.info("[%s] running ...", name)
+def run_step(step: Step) -> dict:
+    """Run ``step`` unless its output is current; returns what happened (for ``main_job.json``)."""
+    if step.always:
+        logger.info("[%s] (the generator reuses its files when they are current)", step.name)
+        run_config(step.configs, step.overrides, step.run_id)
+        return {"step": step.name, "ran": True, "command": step.command()}
+    fp = step.fingerprint()
+    reason = fingerprint.why_stale(step.output, fp)
+    if reason is None:
+        logger.info("[%s] up to date, skipped (%s)", step.name, step.output)
+        return {"step": step.name, "ran": False, "command": step.command()}
+    fingerprint.forget(step.output)
+    logger.info("[%s] running (%s) ...", step.name, reason)
     t0 = time.time()
-    run_config(config_files, overrides, **run_kwargs)
-    if not output.is_file():
-        raise RuntimeError(f"[{name}] finished without writing {output}")
-    mark_current(output, fp)
-    logger.info("[%s] done in %.0f s -> %s", name, time.time() - t0, output)
-    return output, True
+    run_config(step.configs, step.overrides, step.run_id)
+    if not step.output.is_file():
+        raise RuntimeError(f"[{step.name}] finished without writing {step.output}")
+    fingerprint.record(step.output, fp)
+    seconds = round(time.time() - t0, 1)
+    logger.info("[%s] done in %.0f s -> %s", step.name, seconds, step.output)
+    return {"step": step.name, "ran": True, "why": reason, "seconds": seconds, "command": step.command()}
 
 
-def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
-    """Generate (or reuse) the synthetic intermediate and target datalists."""
-    return prepare_synthetic_intermediate(s, dataset_dir), prepare_synthetic_target(s, dataset_dir)
+def _given(**overrides: Any) -> dict:
+    """The overrides whose value is not ``None`` (``None``: keep the config's own value)."""
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
-def prepare_synthetic_target(s: Settings, dataset_dir: Path) -> Path:
-    """Generate (or reuse) the synthetic target datalist."""
-    from scripts.synthetic import generate_dataset
+def data_steps(
+    s: Settings, root: Path, synthetic_dir: Path | None = None
+) -> tuple[list[Step], Path | None, Path, bool]:
+    """Where the data come from: ``(steps that make synthetic data, intermediate, target, synthetic target)``.
 
-    target = generate_dataset(
-        dataset_dir,
-        "target",
-        n_train=s.n_target_train,
-        n_test=s.n_target_test,
-        overlap=s.overlap,
-        cnr=s.cnr,
-        num_folds=s.folds,
-        image_size=s.image_size,
-        seed=s.seed,
-    )
-    return Path(target)
-
-
-def prepare_synthetic_intermediate(s: Settings, dataset_dir: Path) -> Path:
-    """Generate (or reuse) the synthetic intermediate datalist of ``s.intermediate_task``."""
-    from scripts.synthetic import generate_dataset
-
+    Explicit files first, then ``--dataset-dir``, else the synthetic generator (``configs/synthetic.json``). A real
+    target without an intermediate datalist gets the synthetic intermediate set (logged)."""
     if s.intermediate_task not in INTERMEDIATE_TASKS:
         raise ValueError(
             f"--intermediate-task must be one of {sorted(INTERMEDIATE_TASKS)}, got {s.intermediate_task!r}"
         )
+    synthetic_dir = synthetic_dir or root / "data" / "synthetic"
     task = INTERMEDIATE_TASKS[s.intermediate_task]
-    return Path(
-        generate_dataset(
-            dataset_dir,
-            task,
-            n_train=s.n_intermediate,
-            n_test=0,
-            num_folds=s.folds,
-            image_size=s.image_size,
-            seed=s.seed,
-        )
+    over = {
+        "bundle_root": str(root),
+        "dataset_dir": str(synthetic_dir),
+        "image_size": s.image_size,
+        "seed": s.seed,
+        "num_folds": s.folds,
+        "target_data#n_train": s.n_target_train,
+        "target_data#n_test": s.n_target_test,
+        **_given(**{"target_data#overlap": s.overlap, "target_data#cnr": s.cnr}),
+        "intermediate_data#task": task,
+        "intermediate_data#n_train": s.n_intermediate,
+    }
+    configs = ("train.json", "synthetic.json")
+    make_target = Step(
+        "synthetic target data", configs, over, synthetic_dir / "target" / "datalist.json", {}, "make_target", True
     )
-
-
-def resolve_datalists(s: Settings, root: Path) -> tuple[Path, Path, bool]:
-    """``(intermediate, target, synthetic_target)``: explicit files first, then ``--dataset-dir``, else synthetic.
-
-    A real target without an intermediate datalist gets the synthetic intermediate set (logged), so that an own
-    FFDM target can run the full recipe; pass ``--intermediate-datalist`` to use e.g. a prepared CBIS-DDSM set.
-    """
-    synthetic_dir = root / "data" / "synthetic"
+    make_inter = Step(
+        f"synthetic {task} data", configs, over, synthetic_dir / task / "datalist.json", {}, "make_intermediate", True
+    )
     dataset_dir = Path(s.dataset_dir).resolve() if s.dataset_dir else None
-    if s.target_datalist:
-        target = Path(s.target_datalist).resolve()
-    elif dataset_dir:
-        target = find_datalist(dataset_dir, "target")
+    steps = []
+    if s.target_datalist or dataset_dir:
+        target = Path(s.target_datalist).resolve() if s.target_datalist else find_datalist(dataset_dir, "target")
+        synthetic = False
     else:
-        target = prepare_synthetic_target(s, synthetic_dir)
-        if s.intermediate_datalist:
-            inter = Path(s.intermediate_datalist).resolve()
-        else:
-            inter = prepare_synthetic_intermediate(s, synthetic_dir) if s.intermediate else None
-        return inter, target, True
+        steps.append(make_target)
+        target, synthetic = make_target.output, True
+    inter = None
     if s.intermediate_datalist:
         inter = Path(s.intermediate_datalist).resolve()
-    elif dataset_dir and _has_datalist(dataset_dir, "intermediate"):
-        inter = find_datalist(dataset_dir, "intermediate")
     elif s.intermediate:
-        logger.warning(
-            "no intermediate datalist given or found beside the target: stage 1 uses the synthetic %s set "
-            "(--intermediate-datalist FILE to use your own, --no-intermediate to skip stage 1)",
-            s.intermediate_task,
-        )
-        inter = prepare_synthetic_intermediate(s, synthetic_dir)
-    else:
-        inter = None
-    return inter, target, False
+        if dataset_dir and _has_datalist(dataset_dir, "intermediate"):
+            inter = find_datalist(dataset_dir, "intermediate")
+        else:
+            if not synthetic:
+                logger.warning(
+                    "no intermediate datalist given or found beside the target: stage 1 uses the synthetic %s set "
+                    "(--intermediate-datalist FILE to use your own, --no-intermediate to skip stage 1)",
+                    s.intermediate_task,
+                )
+            steps.append(make_inter)
+            inter = make_inter.output
+    return steps, inter, target, synthetic
+
+
+def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
+    """Generate (or reuse) the synthetic intermediate and target datalists under ``dataset_dir``."""
+    no_files = Settings(**{**asdict(s), "dataset_dir": None, "target_datalist": None, "intermediate_datalist": None})
+    steps, inter, target, _ = data_steps(no_files, Path(s.workdir).resolve(), synthetic_dir=dataset_dir)
+    for step in steps:
+        run_config(step.configs, step.overrides, step.run_id)
+    return inter, target
 
 
 def _has_datalist(dataset_dir: Path, task: str) -> bool:
@@ -250,219 +299,144 @@ def find_datalist(dataset_dir: Path, task: str) -> Path:
     )
 
 
+def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[Step]:
+    """Every step of the main job after the data, in order, with the overrides ``s`` gives."""
+    root = Path(s.workdir).resolve()
+    _, inter_dl, target_dl, synthetic = data
+    models, results = root / "models", root / "results"
+    dataset_dir = root / "data" / "synthetic" if synthetic else target_dl.parent
+    common = {
+        "bundle_root": str(root),
+        "dataset_dir": str(dataset_dir),
+        "datalist": str(target_dl),
+        "arch": s.arch,
+        "image_size": s.image_size,
+        "batch_size": s.batch_size,
+        "seed": s.seed,
+        **_given(learning_rate=s.learning_rate, amp=s.amp),
+        **s.extra_overrides,
+    }
+    steps = []
+    init = {"init": s.init, **_given(init_weights=s.imagenet_weights)}
+    if s.intermediate:
+        if inter_dl is None:
+            raise ValueError(
+                "stage 1 needs an intermediate datalist (--intermediate-datalist FILE) or --no-intermediate"
+            )
+        over = dict(
+            common, datalist=str(inter_dl), **init, **_given(**{"train#trainer#max_epochs": s.epochs_intermediate})
+        )
+        stage1 = models / "intermediate" / "model.pt"
+        inputs = {"datalist": inter_dl, "init_weights": s.imagenet_weights}
+        steps.append(Step("intermediate", ("train.json", "stage_intermediate.json"), over, stage1, inputs))
+        target_init, init_file = {"init_weights": str(stage1)}, stage1
+    else:
+        target_init, init_file = init, s.imagenet_weights
+    num_folds = s.folds if synthetic else _datalist_folds(target_dl)
+    members = [models / f"target_fold{k}" / "model.pt" for k in range(num_folds)]
+    for k, member in enumerate(members):
+        over = dict(
+            common,
+            fold=k,
+            **_given(backbone_lr_factor=s.backbone_lr_factor),
+            **target_init,
+            **_given(**{"train#trainer#max_epochs": s.epochs_target}),
+        )
+        inputs = {"datalist": target_dl, "init_weights": init_file}
+        steps.append(
+            Step(f"target fold {k + 1}/{num_folds}", ("train.json", "stage_target.json"), over, member, inputs)
+        )
+    member_inputs = {f"member {k}": m for k, m in enumerate(members)}
+    ensemble = models / "model.pt"
+    steps.append(Step("ensemble", ("train.json", "ensemble.json"), common, ensemble, member_inputs))
+
+    evaluate = ("train.json", "evaluate.json")
+    csvs = {}
+    for k, member in enumerate(members):
+        csv = results / f"cases_validation_fold{k}.csv"
+        over = dict(common, eval_split="validation", eval_fold=k)
+        steps.append(
+            Step(f"validation predictions fold {k + 1}", evaluate, over, csv, {"datalist": target_dl, "member": member})
+        )
+        csvs[f"validation {k}"] = csv
+    csvs["test"] = results / "cases_test.csv"
+    over = dict(common, eval_split="test")
+    steps.append(Step("test predictions", evaluate, over, csvs["test"], {"datalist": target_dl, **member_inputs}))
+
+    summarize = ("train.json", "summarize.json")
+    over = dict(
+        common,
+        stage1_init=s.init,
+        intermediate_stage=bool(s.intermediate),
+        threshold_rule=s.threshold_rule,
+        n_boot=s.n_boot,
+        **_given(imagenet_weights=s.imagenet_weights, threshold_value=s.threshold_value),
+        **_given(intermediate_datalist=str(inter_dl) if inter_dl else None),
+    )
+    metrics_file = results / "metrics.json"
+    steps.append(Step("metrics", summarize, over, metrics_file, {"datalist": target_dl, **csvs}))
+    report_inputs = {"metrics": metrics_file}
+    if s.saliency:
+        loc = results / "saliency" / "localisation.json"
+        sal = dict(
+            {k: v for k, v in common.items() if k not in ("batch_size", "seed")},  # not inference.json's to set
+            split="test",
+            output_dir=str(results),
+            **{"saliency#method": s.saliency_method, "saliency#metrics_file": str(metrics_file)},
+        )
+        steps.append(
+            Step(
+                "saliency",
+                ("inference.json", "saliency.json"),
+                sal,
+                loc,
+                {"datalist": target_dl, "ensemble": ensemble, "metrics": metrics_file},
+                run_id="saliency",
+            )
+        )
+        report_inputs["localisation"] = loc
+    steps.append(Step("report", summarize, over, results / "report.html", report_inputs, run_id="report"))
+    return steps
+
+
+def _datalist_folds(path: Path) -> int:
+    from scripts import schema
+
+    return schema.num_folds(path)
+
+
 def run_pipeline(s: Settings) -> Path:
     """Run the whole method; returns the path of ``metrics.json``."""
-    from scripts import metrics, report, schema
+    from scripts import schema
     from scripts.atomic import write_json
-    from scripts.network import imagenet_weights_info, save_ensemble
+    from scripts.summarize import read_localisation
 
     t_start = time.time()
     root = Path(s.workdir).resolve()
-    results = root / "results"
-    models = root / "models"
-
-    # 1. data
-    inter_dl, target_dl, synthetic = resolve_datalists(s, root)
-    dataset_dir = target_dl.parent if not synthetic else root / "data" / "synthetic"
+    data = data_steps(s, root)
+    log = [run_step(step) for step in data[0]]
+    _, inter_dl, target_dl, synthetic = data
     logger.info(
         "bundle root: %s; target: %s%s; intermediate: %s", root, target_dl, " (synthetic)" * synthetic, inter_dl
     )
     for dl in (inter_dl, target_dl):
         if dl is not None:
             schema.read_datalist(dl)  # refuses a broken datalist before any training
-
-    common = {
-        "bundle_root": str(root),
-        "dataset_dir": str(dataset_dir),
-        "arch": s.arch,
-        "image_size": s.image_size,
-        "batch_size": s.batch_size,
-        **_given(learning_rate=s.learning_rate),
-        **_given(amp=s.amp),
-        "seed": s.seed,
-        **s.extra_overrides,
-    }
-    train = CONFIGS / "train.json"
-
-    # 2. intermediate stage: ImageNet (or scratch, when chosen) -> intermediate task
-    weights = imagenet_weights_info(s.arch, s.imagenet_weights) if s.init == "imagenet" else None
-    if weights:
-        how = f"ImageNet weights from {weights.source}" + (f" ({weights.file})" if weights.file else "")
-    else:
-        how = f"{s.init}, as chosen (full d-TL starts from ImageNet: --init imagenet [--imagenet-weights FILE])"
-    init_inputs = [Path(weights.file)] if weights and weights.file and Path(weights.file).is_file() else []
-    if s.intermediate and inter_dl is None:
-        raise ValueError("stage 1 needs an intermediate datalist (--intermediate-datalist FILE) or --no-intermediate")
-    if s.intermediate:
-        logger.info("stage 1 (intermediate) initialisation: %s", how)
-        inter_over = dict(
-            common,
-            datalist=str(inter_dl),
-            init=s.init,
-            init_weights=s.imagenet_weights,
-            fold=0,
-            **_given(**{"train#trainer#max_epochs": s.epochs_intermediate}),
-        )
-        inter_model, _ = run_stage(
-            "intermediate",
-            [train, CONFIGS / "stage_intermediate.json"],
-            inter_over,
-            models / "intermediate" / "model.pt",
-            [inter_dl, *init_inputs],
-        )
-        target_init = {"init_weights": str(inter_model)}
-        target_inputs = [target_dl, inter_model]
-    else:
-        logger.info("no intermediate stage (single transfer / baseline); target initialisation: %s", how)
-        target_init = {"init": s.init, "init_weights": s.imagenet_weights}
-        target_inputs = [target_dl, *init_inputs]
-
-    # 3. target stage: one member per fold, each initialised from the intermediate model
-    members = []
-    for k in range(s.folds):
-        over = dict(
-            common,
-            datalist=str(target_dl),
-            fold=k,
-            **_given(backbone_lr_factor=s.backbone_lr_factor),
-            **target_init,
-            **_given(**{"train#trainer#max_epochs": s.epochs_target}),
-        )
-        m, _ = run_stage(
-            f"target fold {k + 1}/{s.folds}",
-            [train, CONFIGS / "stage_target.json"],
-            over,
-            models / f"target_fold{k}" / "model.pt",
-            target_inputs,
-        )
-        members.append(m)
-    ensemble_file = models / "model.pt"
-    fp = fingerprint([], {"arch": s.arch}, members)
-    if not is_current(ensemble_file, fp):
-        save_ensemble(members, ensemble_file, arch=s.arch)
-        mark_current(ensemble_file, fp)
-        logger.info("ensemble of %d members -> %s", len(members), ensemble_file)
-
-    # 4. out-of-fold validation predictions (threshold) and test predictions (metrics)
-    evaluate = [train, CONFIGS / "evaluate.json"]
-    eval_common = dict(common, datalist=str(target_dl), num_folds=s.folds)
-    val_csvs = []
-    for k, m in enumerate(members):
-        csv = results / f"cases_validation_fold{k}.csv"
-        over = dict(eval_common, eval_split="validation", eval_fold=k, members=[str(m)], cases_csv=str(csv))
-        run_stage(f"validation predictions fold {k + 1}", evaluate, over, csv, [target_dl, m])
-        val_csvs.append(csv)
-    test_csv = results / "cases_test.csv"
-    over = dict(eval_common, eval_split="test", members=[str(m) for m in members], cases_csv=str(test_csv))
-    run_stage("test predictions", evaluate, over, test_csv, [target_dl, *members])
-
-    # 5. metrics and report
-    val_rows = [r for c in val_csvs for r in metrics.read_cases_csv(c)]
-    for r in val_rows:  # out-of-fold rows carry one member: its probability is the case's score
-        r.pop("member_0", None)
-    test_rows = metrics.read_cases_csv(test_csv)
-    metrics.write_cases_csv(results / "cases_validation.csv", val_rows)
-    target = schema.read_datalist(target_dl, check_files=False)
-    source = target.get("metadata", {}).get("source", "unknown")
-    summary = metrics.summarize(
-        test_rows,
-        val_rows,
-        threshold_rule=s.threshold_rule,
-        threshold_value=s.threshold_value,
-        n_boot=s.n_boot,
-        seed=s.seed,
-        data_source=source,
+    steps = plan(s, data)
+    log += [run_step(step) for step in steps]
+    results = root / "results"
+    write_json(
+        results / "main_job.json",
+        {
+            "settings": {k: v for k, v in asdict(s).items() if k != "extra_overrides"},
+            "extra_overrides": s.extra_overrides,
+            "steps": log,
+            "elapsed_s": round(time.time() - t_start, 1),
+        },
     )
-    summary["settings"] = {k: v for k, v in asdict(s).items() if k != "extra_overrides"}
-    summary["network"] = {
-        "arch": s.arch,
-        "init": s.init,
-        "imagenet_weights": weights.to_dict() if weights else None,
-        "intermediate_stage": bool(s.intermediate),
-    }
-    summary["data"] = {
-        "source": source,
-        "target_datalist": str(target_dl),
-        "intermediate_datalist": str(inter_dl) if inter_dl else None,
-        "intermediate_source": _datalist_source(inter_dl),
-    }
-
-    # 6. Grad-CAM saliency of the ensemble on the test split, at the chosen operating threshold
-    if s.saliency:
-        saliency_dir = results / "saliency"
-        over = dict(
-            common,
-            datalist=str(target_dl),
-            split="test",
-            num_members=s.folds,
-            output_dir=str(results),
-            **{"saliency#threshold": summary["threshold"]["threshold"], "saliency#method": s.saliency_method},
-        )
-        loc_file, _ = run_stage(
-            "saliency",
-            [CONFIGS / "inference.json", CONFIGS / "saliency.json"],
-            over,
-            saliency_dir / "localisation.json",
-            [target_dl, ensemble_file],
-            workflow_type=None,
-            run_id="saliency",
-        )
-        loc = json.loads(loc_file.read_text())
-        summary["saliency"] = {k: loc[k] for k in ("settings", "counts", "table", "randomisation") if k in loc}
-
-    summary["elapsed_s"] = round(time.time() - t_start, 1)
-    metrics_file = write_json(results / "metrics.json", summary)
-    gallery = results / "saliency" / "gallery.png"
-    report.write_report(
-        results / "report.html",
-        summary,
-        test_rows,
-        val_rows,
-        dataset_summary=dataset_summary(target, inter_dl),
-        gallery_png=str(gallery) if gallery.is_file() else None,
-    )
-    _print_headline(summary, results)
+    metrics_file = results / "metrics.json"
+    _print_headline(json.loads(metrics_file.read_text()), read_localisation(results) or {}, results)
     return metrics_file
-
-
-def _given(**overrides: Any) -> dict:
-    """The overrides whose value is not ``None`` (``None``: keep the config's own value)."""
-    return {k: v for k, v in overrides.items() if v is not None}
-
-
-def dataset_summary(target: dict, inter_dl: Path | None) -> dict:
-    """Cases per class and split, and patients, for the report."""
-    from scripts import schema
-
-    out = {"source": target.get("metadata", {}).get("source"), "splits": {}}
-    names = schema.class_names(target)
-    for split in ("training", "test"):
-        items = target.get(split, [])
-        out["splits"][split] = {
-            "cases": len(items),
-            "patients": len({it["patient"] for it in items}),
-            **{name: sum(1 for it in items if it["label"] == i) for i, name in enumerate(names)},
-        }
-    if inter_dl is not None:
-        inter = schema.read_datalist(inter_dl, check_files=False)
-        meta = inter.get("metadata", {})
-        out["intermediate"] = {
-            "cases": len(inter.get("training", [])),
-            "classes": schema.class_names(inter),
-            "task": meta.get("task"),
-            "source": meta.get("source"),
-        }
-    return out
-
-
-def _datalist_source(path: Path | None) -> str | None:
-    """``metadata.source`` and ``task`` of a datalist, e.g. ``"synthetic film"``."""
-    if path is None:
-        return None
-    from scripts import schema
-
-    meta = schema.read_datalist(path, check_files=False).get("metadata", {})
-    return " ".join(str(x) for x in (meta.get("source"), meta.get("task")) if x)
 
 
 def _print_localisation(saliency: dict) -> None:
@@ -482,7 +456,7 @@ def _print_localisation(saliency: dict) -> None:
         )
 
 
-def _print_headline(summary: dict, results: Path) -> None:
+def _print_headline(summary: dict, saliency: dict, results: Path) -> None:
     auc, thr, m = summary["auc"], summary["threshold"], summary["metrics"]
     print("\n=== ensemble on the test split ===", flush=True)
     print(f"AUC {auc['auc']:.3f} (95% CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}, DeLong)")
@@ -498,10 +472,10 @@ def _print_headline(summary: dict, results: Path) -> None:
         print(f"network {net.get('arch')}: ImageNet weights from {w['source']}{sha}")
     else:
         print(f"network {net.get('arch')}: initialised {net.get('init')}")
-    _print_localisation(summary.get("saliency") or {})
+    _print_localisation(saliency)
     if summary.get("data", {}).get("source") == "synthetic":
         print("NOTE: synthetic data; these numbers are not clinical evidence.")
-    if summary.get("settings", {}).get("init") == "scratch":
+    if net.get("init") == "scratch":
         print(
             "NOTE: stage 1 started from random weights, not ImageNet (the full recipe); see README.md, "
             "'What to expect from the default run'."
@@ -509,9 +483,11 @@ def _print_headline(summary: dict, results: Path) -> None:
     print(f"results: {results}/metrics.json, {results}/cases_test.csv, {results}/report.html", flush=True)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Settings:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
+    """``(settings, dry_run)`` from the command line."""
     p = argparse.ArgumentParser(prog="python -m scripts.pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes and 2 epochs per stage, for trying it out")
+    p.add_argument("--dry-run", action="store_true", help="print the bundle commands of each step, run nothing")
     defaults = Settings()
     for name, value in asdict(defaults).items():
         if name == "extra_overrides":
@@ -534,7 +510,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="extra config override, e.g. --override 'train#dataloader#num_workers=2' (repeatable)",
     )
     a = p.parse_args(argv)
-    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "override")}
+    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "override", "dry_run")}
     extra = {}
     for o in a.override:
         key, _, val = o.partition("=")
@@ -547,13 +523,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         p.error("--init must be 'scratch' or 'imagenet'")
     if given.get("intermediate_task") not in (None, *INTERMEDIATE_TASKS):
         p.error(f"--intermediate-task must be one of {sorted(INTERMEDIATE_TASKS)}")
-    return Settings.quick(**given) if a.quick else Settings(**given)
+    return (Settings.quick(**given) if a.quick else Settings(**given)), a.dry_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
-    s = parse_args(argv)
+    s, dry_run = parse_args(argv)
     try:
+        if dry_run:
+            data = data_steps(s, Path(s.workdir).resolve())
+            for step in data[0] + plan(s, data):
+                print(f"# {step.name}\n{step.command(Path(s.workdir).resolve(), compact=True)}")
+            return 0
         run_pipeline(s)
     except Exception as e:  # a clear last line; the traceback above has the details
         logger.exception("pipeline failed: %s", e)

@@ -19,13 +19,10 @@ The training config (``configs/train.json``) wires these pieces in:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,12 +33,9 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from scripts.atomic import file_digest
-
 logger = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "true", "false")
-FINGERPRINT_EXCLUDED_KEYS = ("_meta_", "resume")
 _MB = 1024 * 1024
 
 
@@ -63,49 +57,6 @@ class NonFiniteLossError(ResilienceError, FloatingPointError):
 
 class CheckpointError(ResilienceError):
     """A checkpoint that cannot be read or does not belong to this run."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# fingerprint of a run
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def find_config_parser() -> Any | None:
-    """The :class:`monai.bundle.ConfigParser` that is evaluating the current expression (found on the call stack)."""
-    from monai.bundle import ConfigParser
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, ConfigParser):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
-def run_fingerprint(
-    files: Sequence[str | os.PathLike | None] = (),
-    config: Mapping | None = None,
-    exclude: Sequence[str] = FINGERPRINT_EXCLUDED_KEYS,
-) -> str:
-    """Hash of the merged (unresolved) config and of the contents of the input ``files`` that exist.
-
-    ``config`` defaults to the config of the :class:`~monai.bundle.ConfigParser` evaluating this call, i.e. the
-    config files merged with every command-line override; top-level keys in ``exclude`` (the metadata and the
-    ``resume`` flag) are left out. ``files`` holds the datalist and the initial weights; entries that are ``None`` or
-    not files (a torchvision weights name) are skipped (their text is part of the config already).
-    """
-    if config is None:
-        parser = find_config_parser()
-        if parser is None:
-            raise ResilienceError("run_fingerprint() needs a config: call it from a bundle config or pass config=")
-        config = parser.get()
-    h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in config.items() if k not in exclude}, sort_keys=True, default=str).encode())
-    for f in files:
-        if f is not None and Path(str(f)).is_file():
-            h.update(file_digest(str(f)).encode())
-    return h.hexdigest()
 
 
 class RunInfo:
@@ -285,7 +236,7 @@ class ResumeHandler:
     Args:
         checkpoint: the rolling checkpoint written by :class:`LastCheckpointSaver`.
         load_dict: the objects to restore (network, optimizer, lr_scheduler, trainer, best-model saver).
-        fingerprint: this run's :func:`run_fingerprint`; a checkpoint with another one is stale.
+        fingerprint: this run's fingerprint (``run_fingerprint`` in ``configs/train.json``, :func:`scripts.fingerprint.compute`); a checkpoint with another one is stale.
         mode: ``"auto"`` resumes when the checkpoint exists and is current (a stale one is ignored, with a warning,
             and overwritten after the first epoch); ``"true"`` requires a current checkpoint; ``"false"`` starts
             over. A checkpoint that cannot be read is an error in every mode but ``"false"``.

@@ -139,6 +139,14 @@ def class_names(datalist: dict) -> list[str]:
     return list(datalist.get("metadata", {}).get("class_names", TARGET_CLASSES))
 
 
+def num_folds(path: str | os.PathLike) -> int:
+    """How many cross-validation folds the datalist at ``path`` defines (``metadata.num_folds``); at least 1."""
+    n = read_datalist(path, check_files=False).get("metadata", {}).get("num_folds")
+    if not isinstance(n, int) or n < 1:
+        raise DatalistError(f"{path}: metadata.num_folds is {n!r}; a target datalist needs its folds (>= 1)")
+    return n
+
+
 def resolve(item: dict, base_dir: str | os.PathLike) -> dict:
     """Copy of ``item`` with its path keys made absolute against ``base_dir``."""
     out = dict(item)

@@ -21,7 +21,15 @@ CONFIGS = REPO / "configs"
         (["inference.json"], "infer"),
     ],
 )
-def test_check_properties_is_empty(files, workflow_type, tiny_data):
+def test_check_properties_is_empty(files, workflow_type, tiny_data, tmp_path):
+    infer = {}
+    if workflow_type == "infer":  # inference.json reads the member count from the weights file
+        import torch
+
+        from scripts.network import Ensemble
+
+        torch.save(Ensemble(2, "resnet18").state_dict(), tmp_path / "model.pt")
+        infer = {"model_file": str(tmp_path / "model.pt")}
     wf = ConfigWorkflow(
         config_file=[str(CONFIGS / f) for f in files],
         meta_file=str(CONFIGS / "metadata.json"),
@@ -30,10 +38,12 @@ def test_check_properties_is_empty(files, workflow_type, tiny_data):
         dataset_dir=str(tiny_data),
         arch="resnet18",
         # resolving the ids builds the network: initialisation itself is tested in test_network.py
-        **({"init": "scratch"} if workflow_type == "train" else {}),
+        **({"init": "scratch"} if workflow_type == "train" else infer),
     )
     wf.initialize()
     assert wf.check_properties() == []
+    if infer:
+        assert len(wf.network_def.members) == 2
 
 
 def test_metadata_has_the_mandatory_keys():
@@ -71,3 +81,15 @@ def test_requirements_match_metadata_versions():
     assert pins["monai"] == meta["monai_version"] and pins["torch"] == meta["pytorch_version"]
     for name, version in meta["required_packages_version"].items():
         assert pins.get(name.lower()) == version, name
+
+
+def test_summarize_records_the_stage_configs_own_defaults():
+    """``summarize.json`` states what stage 1 starts from; its defaults are stage_intermediate.json's, not a copy
+    that could drift."""
+    summarize = json.loads((CONFIGS / "summarize.json").read_text())
+    stage1 = json.loads((CONFIGS / "stage_intermediate.json").read_text())
+    assert summarize["stage1_init"] == stage1["init"]
+    assert summarize["imagenet_weights"] == stage1["init_weights"]
+    assert summarize["intermediate_datalist"] == stage1["datalist"]
+    synthetic = json.loads((CONFIGS / "synthetic.json").read_text())
+    assert stage1["datalist"].endswith(f"'/{synthetic['intermediate_data']['task']}/datalist.json'")

@@ -43,7 +43,8 @@ def test_three_stages_write_models_predictions_and_metrics(tiny_run):
     )
     html = (work / "results" / "report.html").read_text()
     assert "Saliency localisation" in html and "data:image/png;base64" in html
-    assert summary["saliency"]["table"]["all"]["n"] == len(test_rows)
+    localisation = json.loads((work / "results" / "saliency" / "localisation.json").read_text())
+    assert localisation["table"]["all"]["n"] == len(test_rows)
     assert len(list((work / "results" / "saliency" / "overlays").glob("*.png"))) == len(test_rows)
 
 
@@ -66,7 +67,8 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     before = {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
     with caplog.at_level(logging.INFO, logger="pipeline"):
         run_pipeline(s)
-    assert caplog.text.count("up to date, skipped") >= 8
+    assert caplog.text.count("up to date, skipped") == 1 + 3 + 1 + 3 + 1 + 1 + 1 + 1  # stage 1, folds, ensemble,
+    # validation and test predictions, metrics, saliency, report (all but the data generator, which checks itself)
     assert "running" not in caplog.text
     assert before == {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
     # a changed saliency method (in a copy of the run) reruns the saliency step and nothing upstream of it
@@ -78,9 +80,13 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipeline"):
         run_pipeline(dataclasses.replace(s, workdir=str(copy), saliency_method="layercam"))
-    assert re.findall(r"\[([^\]]+)\] running", caplog.text) == ["saliency"]
+    assert re.findall(r"\[([^\]]+)\] running", caplog.text) == ["saliency", "report"]
+    assert '[saliency] running (setting saliency#method "hirescam" -> "layercam")' in caplog.text
     assert before == {p: p.stat().st_mtime_ns for p in (copy / "models").glob("*/model.pt")}
-    assert json.loads((copy / "results" / "metrics.json").read_text())["saliency"]["settings"]["method"] == "layercam"
+    assert (
+        json.loads((copy / "results" / "saliency" / "localisation.json").read_text())["settings"]["method"]
+        == "layercam"
+    )
 
 
 def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
@@ -99,11 +105,11 @@ def test_headline_says_synthetic_and_random_initialisation(tiny_run, capsys):
 
     _, work, metrics_file = tiny_run
     summary = json.loads(metrics_file.read_text())
-    _print_headline(summary, work / "results")
+    _print_headline(summary, {}, work / "results")
     out = capsys.readouterr().out
     assert "not clinical evidence" in out and "started from random weights" in out
-    summary["settings"]["init"] = "imagenet"
-    _print_headline(summary, work / "results")
+    summary["network"]["init"] = "imagenet"
+    _print_headline(summary, {}, work / "results")
     assert "started from random weights" not in capsys.readouterr().out
 
 
@@ -143,3 +149,49 @@ def test_separate_datalists_and_a_target_without_an_intermediate_set(tiny_data, 
     assert summary["data"]["intermediate_source"] == "synthetic film"
     assert (tmp_path / "b" / "data" / "synthetic" / "film" / "datalist.json").is_file()
     assert not (tmp_path / "b" / "data" / "synthetic" / "target").exists()
+
+
+def _recipe_block(text: str) -> str:
+    start, end = "<!-- bundle-commands:start -->", "<!-- bundle-commands:end -->"
+    assert start in text and end in text, "README.md lost its bundle-commands block"
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    return block.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_gives_the_main_jobs_bundle_commands(capsys):
+    """The documented sequence is what ``--dry-run`` prints for the default main job: they cannot drift apart."""
+    from scripts.pipeline import BUNDLE_DIR, main
+
+    assert main(["--dry-run", "--workdir", str(BUNDLE_DIR)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("python -m monai.bundle run") >= 12
+    assert _recipe_block((BUNDLE_DIR / "README.md").read_text()) == printed
+
+
+def test_the_bundle_commands_reproduce_the_main_job(tiny_run, tmp_path):
+    """Every step run as its own ``python -m monai.bundle run`` process gives the main job's weights and metrics."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from scripts.pipeline import BUNDLE_DIR, data_steps, plan
+
+    s, work, metrics_file = tiny_run
+    other = tmp_path / "bundle"
+    s2 = dataclasses.replace(s, workdir=str(other))
+    data = data_steps(s2, other)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # this python
+    for step in data[0] + plan(s2, data):
+        r = subprocess.run(step.command(), shell=True, cwd=BUNDLE_DIR, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"{step.name}: {step.command()}\n{r.stderr[-3000:]}"
+    a = torch.load(work / "models" / "model.pt", weights_only=True)
+    b = torch.load(other / "models" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("cases_test.csv", "cases_validation.csv"):
+        assert (work / "results" / name).read_bytes() == (other / "results" / name).read_bytes()
+    mine, theirs = json.loads(metrics_file.read_text()), json.loads((other / "results" / "metrics.json").read_text())
+    assert mine.pop("data")["source"] == theirs.pop("data")["source"]  # the rest of "data" is file locations
+    assert mine == theirs
+    loc = [json.loads((w / "results" / "saliency" / "localisation.json").read_text()) for w in (work, other)]
+    assert loc[0]["table"] == loc[1]["table"]

@@ -25,4 +25,5 @@ def test_pipeline_trains_and_evaluates_on_prepared_mini_mias(tmp_path):
     assert len(rows) == summary["counts"]["test"]["cases"] > 0
     assert all(r["case"].startswith("mias_") for r in rows)
     # the annotated circle is the coarse region the saliency maps are scored against
-    assert summary["saliency"]["table"]["all"]["n"] == len(rows)
+    localisation = json.loads((tmp_path / "run" / "results" / "saliency" / "localisation.json").read_text())
+    assert localisation["table"]["all"]["n"] == len(rows)

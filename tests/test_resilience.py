@@ -320,8 +320,8 @@ def test_pipeline_reruns_exactly_the_affected_stages_and_resumes_a_killed_one(tm
     with caplog.at_level(logging.INFO):
         run_pipeline(s)
     assert "[intermediate] up to date, skipped" in caplog.text
-    for k in (1, 2):
-        assert f"[target fold {k}/2] running" in caplog.text
+    for k in (1, 2):  # and the log says why
+        assert f"[target fold {k}/2] running (setting train#trainer#max_epochs 1 -> 2)" in caplog.text
     assert "[test predictions] running" in caplog.text
     assert inter.stat().st_mtime_ns == inter_mtime
     assert epochs_done(load(tmp_path / "runs" / "target_fold1" / "final.pt")) == 2

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from scripts.atomic import write_json, write_text
+from scripts.fingerprint import compute, digest_of
 from scripts.imageio import write_mask_png, write_roi_png
 from scripts.prepare.bounds import scrub
 from scripts.prepare.errors import ErrorReport, PreparationFailed, PrepareError
@@ -64,11 +65,6 @@ class CaseSpec:
     fields: dict
     render: Callable[[], tuple]
     split: str | None = None
-
-
-def settings_fingerprint(settings: dict) -> str:
-    """Short stable hash of the preparation settings."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Pseudonymiser:
@@ -110,19 +106,21 @@ class OutputFolder:
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        self.fingerprint = settings_fingerprint(self.settings)
+        self.fingerprint = digest_of(self.settings)[:16]  # short: it is shown in messages
         self.work_dir = self.out_dir
         manifest = self.out_dir / "prepare.json"
         if manifest.is_file():
             try:
-                old = json.loads(manifest.read_text()).get("fingerprint")
+                recorded = json.loads(manifest.read_text())
+                old, old_settings = recorded.get("fingerprint"), recorded.get("settings") or {}
             except (OSError, ValueError, AttributeError):
-                old = "unreadable"
+                old, old_settings = "unreadable", {}
             if old != self.fingerprint:
+                changed = compute(settings=self.settings).changes(compute(settings=old_settings).parts)
                 if not self.overwrite:
                     raise PreparationFailed(
-                        f"{self.out_dir} holds a preparation made with other settings (fingerprint {old}); "
-                        "choose another --out folder or pass --overwrite",
+                        f"{self.out_dir} holds a preparation made with other settings (fingerprint {old}; "
+                        f"{', '.join(changed) or 'settings unreadable'}); choose another --out folder or pass --overwrite",
                         ErrorReport(),
                     )
                 self.work_dir = self.out_dir / STAGING
