@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -90,7 +91,8 @@ def why_stale(output: PathLike, fp: Fingerprint) -> str | None:
         return "no output yet"
     rec = record_file(output)
     try:
-        old = json.loads(rec.read_text())
+        text = rec.read_text()
+        old = None if re.fullmatch(r"[0-9a-f]{64}\s*", text) else json.loads(text)  # plain digest: an earlier version
     except FileNotFoundError:
         return f"no fingerprint record beside {Path(output).name}"
     except (OSError, ValueError) as e:
