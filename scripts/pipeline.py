@@ -330,8 +330,8 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         inputs = {"datalist": inter_dl, "init_weights": s.imagenet_weights}
         steps.append(Step("intermediate", ("train.json", "stage_intermediate.json"), over, stage1, inputs))
         target_init, init_file = {"init_weights": str(stage1)}, stage1
-    else:
-        target_init, init_file = init, s.imagenet_weights
+    else:  # init_weights given even when None: stage_target.json's default is the stage-1 model
+        target_init, init_file = {"init": s.init, "init_weights": s.imagenet_weights}, s.imagenet_weights
     num_folds = s.folds if synthetic else _datalist_folds(target_dl)
     members = [models / f"target_fold{k}" / "model.pt" for k in range(num_folds)]
     for k, member in enumerate(members):

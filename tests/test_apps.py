@@ -138,7 +138,11 @@ def test_inference_config_fits_the_stock_operators(tmp_path):
     parser = ConfigParser()
     parser.read_config(str(REPO / "configs" / "inference.json"))
     # MONAI Label passes the device as a string; fp32 (bf16 autocast rounds the probabilities to ~3 digits)
+    from scripts.network import Ensemble
+
+    torch.save(Ensemble(2, "resnet18").state_dict(), tmp_path / "model.pt")  # the member count is read from it
     parser.update({"arch": "resnet18", "device": "cpu", "on_input_error": "raise", "amp": False})
+    parser.update({"model_file": str(tmp_path / "model.pt")})
     pre = parser.get_parsed_content("preprocessing")
     assert isinstance(pre, Compose)  # Deploy requires a Compose
     assert not [t for t in pre.transforms if type(t).__name__.startswith("LoadImage")]  # Deploy would strip them
