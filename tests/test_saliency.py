@@ -23,6 +23,7 @@ from scripts.network import Ensemble, build_network  # noqa: E402
 from scripts.saliency import (  # noqa: E402
     EnsembleCAM,
     SaliencySettings,
+    TargetLayerCut,
     as_bool,
     chance_levels,
     energy_in_mask,
@@ -172,6 +173,21 @@ def test_frozen_equals_plain_and_flags_restored(ensemble, x):
         assert not any(mod._forward_hooks or mod._backward_hooks for mod in m.modules())
     for p in ensemble.parameters():
         p.requires_grad_(True)
+
+
+def test_target_layer_cut_hands_on_a_float32_leaf_and_removes_its_hooks(ensemble, x):
+    member = ensemble.members[0]
+    for freeze in (True, False):
+        seen = []
+        with TargetLayerCut([member.target_layer], freeze=freeze) as cut, torch.enable_grad():
+            probe = member.target_layer.register_forward_hook(lambda _m, _a, out: seen.append(out))  # after the cut
+            with torch.autocast("cpu", torch.bfloat16):
+                member(x)
+            probe.remove()
+        assert seen[0].dtype == torch.float32 and seen[0].requires_grad
+        assert (seen[0].grad_fn is None) is freeze  # frozen: a leaf, so the backward pass stops here
+        assert cut.feature_hw == tuple(seen[0].shape[-2:])
+        assert not member.target_layer._forward_hooks
 
 
 def test_works_under_no_grad_inference_mode_and_bf16_autocast(ensemble, x):
