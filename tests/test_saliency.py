@@ -16,20 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.imageio import read_roi_png, write_mask_png, write_roi_png  # noqa: E402
+from scripts.imageio import write_mask_png, write_roi_png  # noqa: E402
+from scripts.inference import LoadInputd  # noqa: E402
 from scripts.inferers import saliency_amp  # noqa: E402
 from scripts.network import Ensemble, build_network  # noqa: E402
 from scripts.saliency import (  # noqa: E402
     EnsembleCAM,
+    SaliencySettings,
+    TargetLayerCut,
+    as_bool,
     chance_levels,
     energy_in_mask,
     iou_at,
+    load_mask,
     localisation_table,
     map_similarity,
+    none_if_off,
     normalise_maps,
     pointing_game,
     randomisation_check,
     run_saliency,
+    threshold_from_metrics,
 )
 
 torch.set_num_threads(1)
@@ -166,6 +173,21 @@ def test_frozen_equals_plain_and_flags_restored(ensemble, x):
         assert not any(mod._forward_hooks or mod._backward_hooks for mod in m.modules())
     for p in ensemble.parameters():
         p.requires_grad_(True)
+
+
+def test_target_layer_cut_hands_on_a_float32_leaf_and_removes_its_hooks(ensemble, x):
+    member = ensemble.members[0]
+    for freeze in (True, False):
+        seen = []
+        with TargetLayerCut([member.target_layer], freeze=freeze) as cut, torch.enable_grad():
+            probe = member.target_layer.register_forward_hook(lambda _m, _a, out: seen.append(out))  # after the cut
+            with torch.autocast("cpu", torch.bfloat16):
+                member(x)
+            probe.remove()
+        assert seen[0].dtype == torch.float32 and seen[0].requires_grad
+        assert (seen[0].grad_fn is None) is freeze  # frozen: a leaf, so the backward pass stops here
+        assert cut.feature_hw == tuple(seen[0].shape[-2:])
+        assert not member.target_layer._forward_hooks
 
 
 def test_works_under_no_grad_inference_mode_and_bf16_autocast(ensemble, x):
@@ -382,15 +404,19 @@ def _write_rois(root: Path, shapes: list[tuple[int, int]]) -> list[dict]:
     return items
 
 
+def _settings(**kw) -> SaliencySettings:
+    return SaliencySettings(**{"batch_size": 2, "randomisation": None, "spacing_mm": 0.07, **kw})
+
+
 def test_run_saliency_writes_outputs(ensemble, tmp_path):
     import nibabel as nib
 
     items = _write_rois(tmp_path / "data", [(64, 64), (64, 64), (64, 64), (96, 80)])
     out = tmp_path / "sal"
-    summary = run_saliency(
-        items, ensemble, out, image_size=64, batch_size=2, randomisation="full", randomisation_images=2
-    )
+    settings = _settings(randomisation="full", randomisation_images=2)
+    summary = run_saliency(items, ensemble, settings, out, LoadInputd("image", image_size=64))
     assert summary["counts"]["n"] == 4 and summary["counts"]["with_mask"] == 3
+    assert summary["counts"]["unmasked"] == 1 and summary["counts"]["errors"] == 0
     assert summary["localisation"]["all"]["n"] == 3
     assert 0 <= summary["localisation"]["all"]["energy_in_mask"] <= 1
     assert summary["randomisation"]["n_images"] == 2
@@ -399,75 +425,137 @@ def test_run_saliency_writes_outputs(ensemble, tmp_path):
         assert (out / "overlays" / f"{case}.png").is_file()
         img = nib.load(out / "maps" / f"{case}.nii.gz")
         data = np.asarray(img.dataobj).T
-        assert data.shape == read_roi_png(it["image"]).shape
+        assert data.shape == (64, 64)  # the network input's geometry, also for the 96 x 80 ROI
         assert data.min() >= 0 and data.max() <= 1
-        zooms = img.header.get_zooms()[:2]
-        expected = (0.07, 0.07) if case != "case002" else (0.1, 0.05)  # (x = column pitch, y = row pitch)
-        np.testing.assert_allclose(zooms, expected, rtol=1e-5)
+        np.testing.assert_allclose(img.header.get_zooms()[:2], (0.07, 0.07), rtol=1e-5)
     assert (out / "gallery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loc = json.loads((out / "localisation.json").read_text())
     assert loc["table"]["all"]["n"] == 3 and len(loc["cases"]) == 4
     assert {"hit", "energy", "iou", "chance_area", "chance_pointing"} <= set(loc["cases"][0])
-    # one feature-map cell of the 64 px input, in pixels of the 96 x 80 ROI
+    assert "hit" not in next(r for r in loc["cases"] if r["case"] == "case001")  # no mask: maps only
+    # one feature-map cell, in pixels of the 64 px network input
     resized = next(r for r in loc["cases"] if r["case"] == "case003")
-    stride = TARGET_STRIDE[ensemble.members[0].arch]
-    assert resized["tolerance_px"] == pytest.approx(stride * np.sqrt(96 / 64 * 80 / 64))
+    assert resized["tolerance_px"] == pytest.approx(TARGET_STRIDE[ensemble.members[0].arch])
     # anonymous outputs: no patient key anywhere
     names = " ".join(str(p) for p in out.rglob("*"))
     assert "SECRET" not in names and "SECRET" not in (out / "localisation.json").read_text()
 
 
-def test_run_saliency_native_size_mixed_shapes(ensemble, tmp_path):
-    items = _write_rois(tmp_path / "data", [(64, 64), (80, 64)])
-    summary = run_saliency(items, ensemble, tmp_path / "sal", image_size=None, batch_size=4, randomisation=None)
-    assert summary["counts"]["n"] == 2 and summary["randomisation"] is None
-    assert (tmp_path / "sal" / "gallery.png").is_file()
+def test_mask_loaded_at_the_image_geometry(tmp_path):
+    mask = np.zeros((96, 80), bool)
+    mask[30:60, 20:40] = True
+    write_mask_png(tmp_path / "m.png", mask)
+    got = load_mask(tmp_path / "m.png", (48, 40), "c")
+    assert got.shape == (48, 40) and got.dtype == bool
+    np.testing.assert_array_equal(np.argwhere(got)[[0, -1]], [[15, 10], [29, 19]])
+    tiny = np.zeros((96, 80), bool)
+    tiny[50, 41] = True  # a quarter of a cell after halving: kept, not dropped
+    write_mask_png(tmp_path / "t.png", tiny)
+    assert load_mask(tmp_path / "t.png", (48, 40), "c").sum() == 1
+    write_mask_png(tmp_path / "e.png", np.zeros((64, 64), bool))
+    assert load_mask(tmp_path / "e.png", (64, 64), "c") is None
 
 
-def test_bundle_config_merged_after_inference(ensemble, tmp_path, monkeypatch):
-    import nibabel as nib
+def _merged_parser(ensemble, root: Path, **overrides):
+    """configs/inference.json + configs/saliency.json with the test ensemble's weights under ``root``."""
     from monai.bundle import ConfigParser
 
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(ensemble.state_dict(), root / "models" / "model.pt")
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "saliency.json")])
+    values = dict(bundle_root=str(root), device="$torch.device('cpu')", arch=ensemble.members[0].arch, amp=True)
+    values.update(num_members=2, image_size=64, roi_size=64, output_dir=str(root / "eval"))
+    values.update({"saliency#randomisation": "none", "saliency#threshold": 0.5, **overrides})
+    for key, value in values.items():
+        parser[key] = value
+    return parser
+
+
+def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tmp_path, monkeypatch):
     from scripts.schema import make_datalist, write_datalist
 
-    items = _write_rois(tmp_path / "data", [(64, 64), (64, 64)])
+    items = _write_rois(tmp_path / "data", [(64, 64), (64, 64), (64, 64)])
     for it in items:
         it["image"] = Path(it["image"]).name
         it["mask"] = Path(it["mask"]).name if it["mask"] else None
-        del it["spacing_mm"]  # taken from the datalist's metadata
-    datalist = make_datalist([], items, source="test", task="target", pixel_spacing_mm=0.07)
-    write_datalist(tmp_path / "data" / "datalist.json", datalist)
-    stub = {
-        "bundle_root": str(tmp_path),
-        "device": "$torch.device('cpu')",
-        "datalist": "$@bundle_root + '/data/datalist.json'",
-        "split": "test",
-        "output_dir": "$@bundle_root + '/eval'",
-        "image_size": 64,
-        "amp": True,
-        "arch": ensemble.members[0].arch,
-        "network_def": {"_target_": "scripts.network.Ensemble", "num_members": 2, "arch": "@arch"},
-        "network": "$@network_def.to(@device)",
-    }
-    (tmp_path / "models").mkdir()
-    torch.save(ensemble.state_dict(), tmp_path / "models" / "model.pt")
-    (tmp_path / "inference.json").write_text(json.dumps(stub))
-    parser = ConfigParser()
-    parser.read_config([str(tmp_path / "inference.json"), str(ROOT / "configs" / "saliency.json")])
-    parser["saliency#randomisation"] = None
+        del it["spacing_mm"]
+    write_datalist(tmp_path / "data" / "datalist.json", make_datalist([], items, source="test", task="target"))
+    parser = _merged_parser(ensemble, tmp_path, datalist=str(tmp_path / "data" / "datalist.json"))
     assert parser["saliency#method"] == "hirescam" and parser["saliency#target"] == "malignant"
     monkeypatch.syspath_prepend(str(ROOT))
-    parser.get_parsed_content("saliency")
+    summary = parser.get_parsed_content("saliency#summary")
     out = tmp_path / "eval" / "saliency"
     assert (out / "gallery.png").is_file() and (out / "localisation.json").is_file()
+    assert summary["counts"]["with_mask"] == 2 and summary["table"]["all"]["n"] == 2
+    assert summary["counts"]["unmasked"] == 1
     settings = json.loads((out / "localisation.json").read_text())["settings"]
     assert settings["amp"] is (ensemble.members[0].arch == "resnet18")  # bf16 maps only where they match float32
     assert settings["cell_px"] == [TARGET_STRIDE[ensemble.members[0].arch]] * 2
     assert settings["layer"] == TARGET_LAYERS[ensemble.members[0].arch]
+    assert settings["spacing_mm"] == pytest.approx(0.1)  # roi_pitch_mm x roi_size / image_size
     loaded = parser.get_parsed_content("saliency#network")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ensemble.state_dict().values()))
-    zooms = nib.load(out / "maps" / "case000.nii.gz").header.get_zooms()[:2]
-    np.testing.assert_allclose(zooms, (0.07, 0.07), rtol=1e-5)
+
+
+def test_bundle_config_over_a_folder_and_a_csv_of_png_and_dicom(ensemble, tmp_path, monkeypatch):
+    from scripts.prepare.dicom_writer import write_dicom
+
+    folder = tmp_path / "in"
+    _write_rois(folder, [(64, 64), (64, 64)])
+    for m in folder.glob("mask_*.png"):
+        m.unlink()
+    rng = np.random.default_rng(3)
+    stored = np.round(np.clip(0.4 + 0.15 * rng.standard_normal((96, 96)), 0, 1) * 4000).astype(np.uint16)
+    write_dicom(folder / "spot.dcm", stored, pixel_spacing=(0.1, 0.1), patient_name="DOE^JANE", patient_id="PID1")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    monkeypatch.syspath_prepend(str(ROOT))
+    summary = _merged_parser(ensemble, tmp_path, input_dir=str(folder)).get_parsed_content("saliency#summary")
+    out = tmp_path / "eval" / "saliency"
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{c}.nii.gz" for c in ("roi_0", "roi_1", "spot")]
+    assert summary["counts"]["n"] == 3 and summary["counts"]["errors"] == 1 and summary["counts"]["with_mask"] == 0
+    assert summary["counts"]["label unknown"] == 3 and summary["table"]["all"]["n"] == 0
+    assert "DOE" not in (out / "localisation.json").read_text()
+    (tmp_path / "in.csv").write_text("image,case\nin/spot.dcm,dicom_case\nin/roi_1.png,png_case\n")
+    out2 = tmp_path / "eval2"
+    parser = _merged_parser(ensemble, tmp_path, input_csv=str(tmp_path / "in.csv"), output_dir=str(out2))
+    assert parser.get_parsed_content("saliency#summary")["counts"]["n"] == 2
+    assert sorted(p.name for p in (out2 / "saliency" / "overlays").iterdir()) == ["dicom_case.png", "png_case.png"]
+
+
+def test_threshold_from_the_metrics_file_and_its_override(ensemble, tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.json.*run the evaluation first.*saliency#threshold"):
+        threshold_from_metrics(tmp_path / "results" / "metrics.json")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.json").write_text(json.dumps({"auc": 0.9}))
+    with pytest.raises(KeyError, match="metrics.json.*run the evaluation first"):
+        threshold_from_metrics(tmp_path / "results" / "metrics.json")
+    (tmp_path / "results" / "metrics.json").write_text(json.dumps({"threshold": {"threshold": 0.37, "rule": "x"}}))
+    assert threshold_from_metrics(tmp_path / "results" / "metrics.json") == pytest.approx(0.37)
+    default = json.loads((ROOT / "configs" / "saliency.json").read_text())["saliency"]["threshold"]
+    parser = _merged_parser(ensemble, tmp_path, **{"saliency#threshold": default})
+    assert parser.get_parsed_content("saliency#settings").threshold == pytest.approx(0.37)  # the default reads it
+    assert _merged_parser(ensemble, tmp_path, **{"saliency#threshold": 0.8}).get_parsed_content(
+        "saliency#settings"
+    ).threshold == pytest.approx(0.8)
+
+
+def test_default_threshold_is_read_from_the_metrics_file():
+    cfg = json.loads((ROOT / "configs" / "saliency.json").read_text())["saliency"]
+    assert cfg["threshold"] == "$scripts.saliency.threshold_from_metrics(@saliency#metrics_file)"
+    assert cfg["metrics_file"] == "$@bundle_root + '/results/metrics.json'"
+
+
+def test_settings_parse_off_values_and_reject_bad_ones():
+    s = SaliencySettings(randomisation="None", layer="none", freeze="false", amp="true", threshold="0.3")
+    assert s.randomisation is None and s.layer is None and s.freeze is False and s.amp is True and s.threshold == 0.3
+    assert none_if_off("off") is None and none_if_off("cascading") == "cascading" and none_if_off(0) == 0
+    assert as_bool("ON") is True and as_bool("none") is False and as_bool(1) is True
+    with pytest.raises(ValueError, match="not a boolean"):
+        as_bool("maybe")
+    for bad in ({"randomisation": "half"}, {"method": "cam"}, {"target": "benign"}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            SaliencySettings(**bad)
 
 
 def test_gallery_draws_no_row_for_an_empty_group(tmp_path):

@@ -1,0 +1,110 @@
+"""Saliency settings (one dataclass that ``configs/saliency.json`` builds), the operating threshold read from the
+evaluation's metrics file, and the small value parsers the command line needs (``"none"`` = off)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from scripts.saliency.cam import METHODS, TARGETS
+from scripts.saliency.localisation import CLASS_NAMES
+from scripts.saliency.sanity import RANDOMISATION_MODES
+
+_OFF = ("", "none", "null", "off", "false")
+_ON = ("true", "on", "yes", "1")
+
+
+def none_if_off(value: Any) -> Any:
+    """``None`` for ``None`` or an "off" string (``""``, ``"none"``, ``"null"``, ``"off"``, ``"false"``, any case,
+    as a command line gives them), else ``value`` unchanged."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
+        return None
+    return value
+
+
+def as_bool(value: Any) -> bool:
+    """A bool from a bool, a number or a command-line string (``"true"/"false"``, ``"on"/"off"``, ``"none"``...)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text not in _OFF + _ON:
+            raise ValueError(f"not a boolean: {value!r}")
+        return text in _ON
+    return bool(value)
+
+
+def threshold_from_metrics(metrics_file: str | Path) -> float:
+    """The operating threshold on P(malignant) chosen by the evaluation: ``json["threshold"]["threshold"]`` of
+    ``metrics_file`` (``results/metrics.json``). Raises ``FileNotFoundError`` / ``KeyError`` naming the file."""
+    path = Path(metrics_file)
+    hint = "run the evaluation first, or pass --saliency#threshold VALUE"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file to read the saliency threshold from: {hint}")
+    try:
+        return float(json.loads(path.read_text())["threshold"]["threshold"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise KeyError(f"{path}: no threshold.threshold ({type(e).__name__}: {e}): {hint}") from None
+
+
+@dataclass
+class SaliencySettings:
+    """What the saliency workflow computes and writes.
+
+    Attributes:
+        method: a key of :data:`scripts.saliency.cam.METHODS` (``"hirescam"`` by default).
+        target: ``"malignant"`` or ``"predicted"`` (see :class:`~scripts.saliency.cam.EnsembleCAM`).
+        threshold: decision threshold on P(malignant): predicted class, correct/misclassified groups (TP/FP/TN/FN)
+            and the class explained when ``target="predicted"``.
+        layer: the target layer's module name in a member; ``None`` (or ``"none"``): the member's ``target_layer``.
+        freeze, amp: as for :class:`~scripts.saliency.cam.EnsembleCAM`.
+        batch_size: ROIs per CAM call (>= 1).
+        iou_threshold: map threshold for the IoU.
+        tolerance_cells: pointing-game tolerance in cells of the target layer's feature map (16 px of network
+            input for EfficientNet-Lite's default layer, 32 px for ResNets').
+        spacing_mm: pixel pitch (mm) of the maps, i.e. of the network input; ``None``: 1.0 mm with a warning.
+        gallery_per_group: examples per outcome group in ``gallery.png``.
+        randomisation: ``"cascading"``, ``"full"`` or ``None`` / ``"none"`` (skip) for the randomisation check on
+            the first ``randomisation_images`` inputs.
+        class_names: class names, index = class.
+        seed: seed of the randomisation check.
+        log_every: progress line every this many ROIs.
+    """
+
+    method: str = "hirescam"
+    target: str = "malignant"
+    threshold: float = 0.5
+    layer: str | None = None
+    freeze: bool = True
+    amp: bool = False
+    batch_size: int = 4
+    iou_threshold: float = 0.5
+    tolerance_cells: float = 1.0
+    spacing_mm: float | None = None
+    gallery_per_group: int = 4
+    randomisation: str | None = "cascading"
+    randomisation_images: int = 4
+    class_names: Sequence[str] = CLASS_NAMES
+    seed: int = 0
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        self.layer = none_if_off(self.layer)
+        self.randomisation = none_if_off(self.randomisation)
+        self.freeze, self.amp = as_bool(self.freeze), as_bool(self.amp)
+        self.threshold = float(self.threshold)
+        self.spacing_mm = None if none_if_off(self.spacing_mm) is None else float(self.spacing_mm)
+        self.batch_size, self.class_names = int(self.batch_size), tuple(self.class_names)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.randomisation is not None and self.randomisation not in RANDOMISATION_MODES:
+            raise ValueError(f"randomisation must be one of {RANDOMISATION_MODES} or none, got {self.randomisation!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def target_label(self) -> str:
+        """The target as reported: ``"class-agnostic"`` for EigenCAM."""
+        return "class-agnostic" if self.method == "eigencam" else self.target
