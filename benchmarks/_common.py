@@ -192,9 +192,25 @@ def timer(out: list[float], device: str = "cpu") -> Iterator[None]:
     out.append(time.perf_counter() - t0)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def reset_vm_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False when not supported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mb() -> float:
+    """``VmHWM`` of this process in MiB: its peak resident set size since it started or since
+    :func:`reset_vm_hwm`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
 
 
 def current_rss_mb() -> float:
