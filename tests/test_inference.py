@@ -213,7 +213,7 @@ def test_clear_errors_for_bad_input_options(tmp_path):
     with pytest.raises(InferenceInputError, match="not both"):
         select_inputs(input_dir=str(tmp_path), input_csv=str(tmp_path / "c.csv"))
     (tmp_path / "c.csv").write_text("path,x\nfoo,1\n")
-    with pytest.raises(InferenceInputError, match="no 'image' column"):
+    with pytest.raises(InferenceInputError, match=r"input_csv c.csv: missing column\(s\) image in the header"):
         items_from_csv(tmp_path / "c.csv")
     strict = LoadInputd("image", image_size=SIZE, on_error="raise")
     with pytest.raises(InferenceInputError, match="case z: file not found"):
@@ -327,5 +327,7 @@ def _csv(folder: Path, text: str) -> Path:
 
 def test_whole_file_csv_error_is_one_message(bundle, tmp_path):
     (tmp_path / "c.csv").write_text("\n\npath,x\nfoo,1\n")  # leading blank lines are skipped; no image column
-    with pytest.raises(SystemExit, match=r"^error: input_csv c.csv: no 'image' column \(columns: path, x\)$"):
+    with pytest.raises(
+        SystemExit, match=r"^error: input_csv c.csv: missing column\(s\) image in the header line \(found: path, x\)$"
+    ):
         run_inference(bundle, tmp_path / "out", input_csv=str(tmp_path / "c.csv"))
