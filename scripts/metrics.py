@@ -27,6 +27,7 @@ import numpy as np
 from scipy import stats
 
 from scripts.atomic import atomic_path
+from scripts.schema import TARGET_CLASSES, default_reference_standard
 
 __all__ = [
     "read_cases_csv",
@@ -706,15 +707,15 @@ def birads_comparison(
 # ----------------------------------------------------------------------------------------------------------------------
 # top level
 # ----------------------------------------------------------------------------------------------------------------------
-def _counts(rows: Sequence[dict]) -> dict:
+def class_counts(rows: Sequence[dict], class_names: Sequence[str] = TARGET_CLASSES) -> dict:
+    """Cases, patients, lesions (``None`` when no row names one) and cases per class (keyed by class name)."""
     labels = [int(r["label"]) for r in rows]
     lesions = {(str(r.get("patient")), str(r.get("lesion"))) for r in rows if r.get("lesion") not in (None, "")}
     return {
         "cases": len(rows),
         "patients": len({str(r.get("patient")) for r in rows}),
         "lesions": len(lesions) if lesions else None,
-        "benign": labels.count(0),
-        "malignant": labels.count(1),
+        **{str(name): labels.count(i) for i, name in enumerate(class_names)},
     }
 
 
@@ -728,8 +729,14 @@ def summarize(
     seed: int = 0,
     alpha: float = 0.05,
     data_source: str | None = None,
+    class_names: Sequence[str] | None = None,
+    reference_standard: str | None = None,
 ) -> dict:
     """All test-set metrics in one JSON-serialisable dict; the threshold is tuned on ``val_rows`` only.
+
+    ``class_names`` (default the target classes) and ``reference_standard`` (default that of ``data_source``,
+    :func:`scripts.schema.default_reference_standard`) are the datalist's (``scripts.schema.class_names`` /
+    ``scripts.schema.reference_standard``); the report prints them.
 
     Raises ``ValueError`` when a data-driven threshold rule is asked for without validation rows: the test set is
     never used to tune the operating point.
@@ -753,10 +760,16 @@ def summarize(
         pv = [float(r["prob"]) for r in val_rows]
         thr = choose_threshold(yv, pv, rule=rule, value=threshold_value, data_name="validation")
 
+    names = [str(c) for c in (class_names or TARGET_CLASSES)]
     out: dict[str, Any] = {
         "data_source": data_source,
+        "class_names": names,
+        "reference_standard": reference_standard or default_reference_standard(data_source),
         "alpha": alpha,
-        "counts": {"test": _counts(test_rows), "validation": _counts(val_rows) if val_rows else None},
+        "counts": {
+            "test": class_counts(test_rows, names),
+            "validation": class_counts(val_rows, names) if val_rows else None,
+        },
         "threshold": thr,
     }
     auc = delong_ci(y, p, alpha)

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from scripts.atomic import write_json, write_text
-from scripts.metrics import member_keys, read_cases_csv, roc_curve_points, summarize
+from scripts.metrics import class_counts, member_keys, read_cases_csv, roc_curve_points, summarize
+from scripts.schema import TARGET_CLASSES, default_reference_standard
 
 DEFAULT_TITLE = "Mammographic microcalcification classification: evaluation report"
 SYNTHETIC_BANNER = (
@@ -159,7 +160,7 @@ def _roc_figure(summary: dict, test_rows: Sequence[dict]) -> str:
     return _fig_uri(fig)
 
 
-def _confusion_figure(metrics: dict) -> str:
+def _confusion_figure(metrics: dict, names: Sequence[str]) -> str:
     from matplotlib.figure import Figure
 
     c = metrics["confusion"]
@@ -178,15 +179,15 @@ def _confusion_figure(metrics: dict) -> str:
                 fontsize=14,
                 color="white" if mat[i, j] > mat.max() / 2 else "black",
             )
-    ax.set_xticks([0, 1], ["benign", "malignant"])
-    ax.set_yticks([0, 1], ["benign", "malignant"])
+    ax.set_xticks([0, 1], list(names[:2]))
+    ax.set_yticks([0, 1], list(names[:2]))
     ax.set_xlabel("predicted")
-    ax.set_ylabel("histopathology")
+    ax.set_ylabel("reference standard")
     ax.set_title(f"Confusion matrix (threshold {_num(metrics.get('threshold'))})")
     return _fig_uri(fig)
 
 
-def _calibration_figure(summary: dict, test_rows: Sequence[dict]) -> str:
+def _calibration_figure(summary: dict, test_rows: Sequence[dict], names: Sequence[str]) -> str:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.8, 5.2))
@@ -207,7 +208,7 @@ def _calibration_figure(summary: dict, test_rows: Sequence[dict]) -> str:
             capsize=3,
             label="ensemble (Wilson 95% CI)",
         )
-    ax.set_ylabel("observed malignant fraction")
+    ax.set_ylabel(f"observed {names[1]} fraction")
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(loc="upper left", fontsize=7)
@@ -215,8 +216,8 @@ def _calibration_figure(summary: dict, test_rows: Sequence[dict]) -> str:
     p = np.array([float(r["prob"]) for r in test_rows])
     y = np.array([int(r["label"]) for r in test_rows])
     edges = np.linspace(0, 1, 11)
-    axh.hist([p[y == 0], p[y == 1]], bins=edges, label=["benign", "malignant"], color=["C2", "C3"])
-    axh.set_xlabel("predicted malignant probability")
+    axh.hist([p[y == 0], p[y == 1]], bins=edges, label=list(names[:2]), color=["C2", "C3"])
+    axh.set_xlabel(f"predicted {names[1]} probability")
     axh.set_ylabel("cases")
     axh.legend(fontsize=7)
     return _fig_uri(fig)
@@ -278,13 +279,13 @@ def _metrics_rows(m: dict) -> list[list[str]]:
     return rows
 
 
-def _threshold_section(summary: dict) -> str:
+def _threshold_section(summary: dict, names: Sequence[str]) -> str:
     thr = summary.get("threshold") or {}
     m = summary.get("metrics") or {}
     out = [
         "<h2>Operating threshold and metrics</h2>",
         f"<p>Threshold <b>{_num(thr.get('threshold'), 4)}</b>, rule <b>{_e(thr.get('rule'))}</b>: "
-        f"{_e(thr.get('description', ''))}. A case is called malignant when its ensemble probability is &ge; the "
+        f"{_e(thr.get('description', ''))}. A case is called {_e(names[1])} when its ensemble probability is &ge; the "
         "threshold. The threshold was not tuned on the test set.</p>",
     ]
     out.append(
@@ -307,7 +308,7 @@ def _threshold_section(summary: dict) -> str:
     return "".join(out)
 
 
-def _radiologist_section(summary: dict) -> str:
+def _radiologist_section(summary: dict, names: Sequence[str]) -> str:
     rad = summary.get("radiologist")
     if not rad:
         return "<h2>Radiologist comparison</h2><p>No BI-RADS categories in these data: no radiologist comparison.</p>"
@@ -331,7 +332,7 @@ def _radiologist_section(summary: dict) -> str:
     ]
     out = [
         "<h2>Radiologist comparison (same lesions)</h2>",
-        f"<p>{rad['n']} test cases with a BI-RADS category ({rad['n_pos']} malignant, {rad['n_neg']} benign; "
+        f"<p>{rad['n']} test cases with a BI-RADS category ({rad['n_pos']} {_e(names[1])}, {rad['n_neg']} {_e(names[0])}; "
         f"{rad['n_excluded_missing_birads']} without BI-RADS left out). BI-RADS counts: "
         f"{_e(', '.join(f'{k}: {v}' for k, v in rad['birads_counts'].items()))}.</p>",
         _table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows),
@@ -355,16 +356,6 @@ def _radiologist_section(summary: dict) -> str:
     return "".join(out)
 
 
-def _count_rows(rows: Sequence[dict]) -> dict:
-    labels = [int(r["label"]) for r in rows]
-    return {
-        "cases": len(rows),
-        "benign": labels.count(0),
-        "malignant": labels.count(1),
-        "patients": len({str(r.get("patient")) for r in rows}),
-    }
-
-
 def _dataset_section(
     summary: dict, test_rows: Sequence[dict], val_rows: Sequence[dict] | None, dataset_summary: dict | None
 ) -> str:
@@ -381,9 +372,9 @@ def _dataset_section(
                 splits[str(k)] = dict(v)
             elif not isinstance(v, (dict, list)):
                 extra[str(k)] = v
-    splits.setdefault("test (evaluated)", _count_rows(test_rows))
+    splits.setdefault("test (evaluated)", class_counts(test_rows, _class_names(summary, dataset_summary)))
     if val_rows:
-        splits.setdefault("validation (threshold)", _count_rows(val_rows))
+        splits.setdefault("validation (threshold)", class_counts(val_rows, _class_names(summary, dataset_summary)))
     cols: list[str] = []
     for v in splits.values():
         cols += [k for k in v if k not in cols]
@@ -455,6 +446,23 @@ def _is_synthetic(summary: dict, dataset_summary: dict | None) -> bool:
     return any(isinstance(v, str) and "synthetic" in v.lower() for v in vals)
 
 
+def _class_names(summary: dict, dataset_summary: dict | None) -> list[str]:
+    """The data's class names (negative, positive): the summary's, else the dataset summary's, else the target's."""
+    names = summary.get("class_names") or (dataset_summary or {}).get("class_names") or TARGET_CLASSES
+    return [str(c) for c in names]
+
+
+def _reference_standard(summary: dict, dataset_summary: dict | None) -> str:
+    """Where the labels come from: the summary's or dataset summary's ``reference_standard``, else that of their
+    data source (:func:`scripts.schema.default_reference_standard`: "not stated" for an unknown source)."""
+    ds = dataset_summary or {}
+    given = summary.get("reference_standard") or ds.get("reference_standard")
+    if given:
+        return str(given)
+    sources = [summary.get("data_source"), summary.get("source"), ds.get("data_source"), ds.get("source")]
+    return default_reference_standard(next((v for v in sources if v), None))
+
+
 def _network_section(summary: dict) -> str:
     """Which backbone ran and where its ImageNet weights came from (package or file, SHA-256)."""
     net = summary.get("network")
@@ -489,21 +497,23 @@ def render_report(
     ]
     if _is_synthetic(summary, dataset_summary):
         parts.append(f'<div class="banner">{_e(SYNTHETIC_BANNER)}</div>')
-    c = (summary.get("counts") or {}).get("test") or _count_rows(test_rows)
-    reference = "the generator's labels" if _is_synthetic(summary, dataset_summary) else "histopathology"
+    names = _class_names(summary, dataset_summary)
+    c = (summary.get("counts") or {}).get("test") or class_counts(test_rows, names)
+    neg, pos = names[0], names[1]
     parts.append(
-        f"<p>Test set: {c['cases']} cases ({c['malignant']} malignant, {c['benign']} benign) from {c['patients']} "
-        f"patients. Reference standard: {reference}. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
+        f"<p>Test set: {c['cases']} cases ({c.get(pos)} {_e(pos)}, {c.get(neg)} {_e(neg)}) from {c['patients']} "
+        f"patients. Reference standard: {_e(_reference_standard(summary, dataset_summary))}. "
+        f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
     )
     parts.append(_network_section(summary))
     figs = [_img(_roc_figure(summary, test_rows), "ROC curves", "ROC curves on the test set")]
     if summary.get("metrics"):
-        figs.append(_img(_confusion_figure(summary["metrics"]), "confusion matrix", "Confusion matrix (test)"))
-    figs.append(_img(_calibration_figure(summary, test_rows), "reliability diagram", "Calibration (test)"))
+        figs.append(_img(_confusion_figure(summary["metrics"], names), "confusion matrix", "Confusion matrix (test)"))
+    figs.append(_img(_calibration_figure(summary, test_rows, names), "reliability diagram", "Calibration (test)"))
     parts.append('<div class="figs">' + "".join(figs) + "</div>")
     parts.append(_auc_section(summary))
-    parts.append(_threshold_section(summary))
-    parts.append(_radiologist_section(summary))
+    parts.append(_threshold_section(summary, names))
+    parts.append(_radiologist_section(summary, names))
     parts.append(_dataset_section(summary, test_rows, val_rows, dataset_summary))
     parts.append(_localisation_section(summary))
     parts.append(_gallery_section(gallery_png))

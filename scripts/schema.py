@@ -44,6 +44,13 @@ TARGET_CLASSES = ("benign", "malignant")
 REQUIRED_KEYS = ("image", "label", "patient", "case")
 PATH_KEYS = ("image", "mask")
 SPLITS = ("training", "validation", "test")
+# metadata.reference_standard: where a source's labels come from (make_datalist writes it; the report prints it)
+REFERENCE_STANDARDS = {
+    "synthetic": "simulated ground truth (the labels the generator drew the ROIs from; not a clinical verdict)",
+    "cbis-ddsm": "histopathology (CBIS-DDSM's verified pathology; BENIGN_WITHOUT_CALLBACK: benign without biopsy)",
+    "mini-mias": "the severity (B/M) stated in the mini-MIAS Info.txt (the database does not say how each was verified)",
+}
+REFERENCE_NOT_STATED = "not stated by the data source"
 
 
 class DatalistError(ValueError):
@@ -94,9 +101,11 @@ def make_datalist(
     pixel_spacing_mm: float | None = None,
     num_folds: int | None = None,
     validation: Sequence[dict] | None = None,
+    reference_standard: str | None = None,
     **extra_metadata: Any,
 ) -> dict:
-    """Assemble a datalist dictionary with its metadata block."""
+    """Assemble a datalist dictionary with its metadata block (``reference_standard`` defaults to the source's
+    entry in :data:`REFERENCE_STANDARDS`, else :data:`REFERENCE_NOT_STATED`)."""
     folds = {it["fold"] for it in training if "fold" in it}
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -105,6 +114,7 @@ def make_datalist(
         "class_names": list(class_names),
         "pixel_spacing_mm": pixel_spacing_mm,
         "num_folds": num_folds if num_folds is not None else (max(folds) + 1 if folds else 0),
+        "reference_standard": reference_standard or default_reference_standard(source),
     }
     meta.update(extra_metadata)
     out = {"metadata": meta, "training": list(training)}
@@ -137,6 +147,23 @@ def read_datalist(path: str | os.PathLike, validate: bool = True, check_files: b
 def class_names(datalist: dict) -> list[str]:
     """The datalist's class names (``metadata.class_names``; the target classes when absent)."""
     return list(datalist.get("metadata", {}).get("class_names", TARGET_CLASSES))
+
+
+def default_reference_standard(source: Any) -> str:
+    """The reference standard of a known ``source`` (``"synthetic"``, ``"cbis-ddsm"``, ``"mini-mias"``, any case;
+    a source string that starts with one of them counts), else :data:`REFERENCE_NOT_STATED`."""
+    text = str(source or "").strip().lower().replace("_", "-")
+    for name, standard in REFERENCE_STANDARDS.items():
+        if text.startswith(name):
+            return standard
+    return REFERENCE_NOT_STATED
+
+
+def reference_standard(datalist: dict) -> str:
+    """The datalist's ``metadata.reference_standard``; for a datalist written before the field existed, that of
+    its ``metadata.source`` (:func:`default_reference_standard`)."""
+    meta = datalist.get("metadata", {})
+    return str(meta.get("reference_standard") or default_reference_standard(meta.get("source")))
 
 
 def resolve(item: dict, base_dir: str | os.PathLike) -> dict:
