@@ -215,6 +215,22 @@ def draw_calcifications(
     return calcs
 
 
+def _segment(p0_mm: tuple, p1_mm: tuple, spacing_mm: float, w0: float, w1: float, amp: float) -> dict:
+    """A segment primitive from ``p0_mm`` to ``p1_mm`` (mm, ROI corner origin) in pixel coordinates (pixel centres
+    at +0.5); half widths ``w0``/``w1`` in px."""
+    (x0, y0), (x1, y1) = p0_mm, p1_mm
+    return {
+        "kind": "segment",
+        "x0": x0 / spacing_mm - 0.5,
+        "y0": y0 / spacing_mm - 0.5,
+        "x1": x1 / spacing_mm - 0.5,
+        "y1": y1 / spacing_mm - 0.5,
+        "w0": w0,
+        "w1": w1,
+        "amp": float(amp),
+    }
+
+
 def _linear_calc(
     rng: np.random.Generator, x: float, y: float, width: float, length: float, amp: float, spacing_mm: float
 ) -> list[dict]:
@@ -237,16 +253,7 @@ def _linear_calc(
         branches.append(((bx, by), (bx + bl * math.cos(bh), by + bl * math.sin(bh))))
     for (x0, y0), (x1, y1) in branches:
         prims.append(
-            {
-                "kind": "segment",
-                "x0": x0 / spacing_mm - 0.5,
-                "y0": y0 / spacing_mm - 0.5,
-                "x1": x1 / spacing_mm - 0.5,
-                "y1": y1 / spacing_mm - 0.5,
-                "w0": hw * rng.uniform(0.8, 1.2),
-                "w1": hw * rng.uniform(0.6, 1.0),
-                "amp": float(amp),
-            }
+            _segment((x0, y0), (x1, y1), spacing_mm, hw * rng.uniform(0.8, 1.2), hw * rng.uniform(0.6, 1.0), amp)
         )
     return prims
 
@@ -281,18 +288,8 @@ def draw_mass(rng: np.random.Generator, label: int, size: int, spacing_mm: float
             x0, y0 = cx + start * math.cos(t), cy + start * math.sin(t)
             t2 = t + rng.normal(0, 0.12)
             x1, y1 = x0 + length * math.cos(t2), y0 + length * math.sin(t2)
-            prims.append(
-                {
-                    "kind": "segment",
-                    "x0": x0 / spacing_mm - 0.5,
-                    "y0": y0 / spacing_mm - 0.5,
-                    "x1": x1 / spacing_mm - 0.5,
-                    "y1": y1 / spacing_mm - 0.5,
-                    "w0": rng.uniform(0.15, 0.3) / spacing_mm,
-                    "w1": 0.03 / spacing_mm,
-                    "amp": float(amp * rng.uniform(0.5, 0.8)),
-                }
-            )
+            w0 = rng.uniform(0.15, 0.3) / spacing_mm
+            prims.append(_segment((x0, y0), (x1, y1), spacing_mm, w0, 0.03 / spacing_mm, amp * rng.uniform(0.5, 0.8)))
     return prims
 
 

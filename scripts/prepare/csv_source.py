@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from scripts.atomic import file_digest
 from scripts.prepare.errors import ErrorReport, PrepareError
@@ -267,16 +267,15 @@ def prepare_csv(
     csv_path: str | Path,
     out_dir: str | Path,
     geom: RoiGeometry | None = None,
-    num_folds: int = 3,
-    seed: int = 0,
-    test_fraction: float = 0.25,
-    on_error: str = "stop",
-    overwrite: bool = False,
     source_pitch_mm: float | None = None,
     salt: str | None = None,
     default_task: str = "target",
+    **options: Any,
 ) -> dict:
-    """Prepare the ROIs listed in ``csv_path`` under ``out_dir``."""
+    """Prepare the ROIs listed in ``csv_path`` under ``out_dir``.
+
+    ``options``: ``num_folds``, ``seed``, ``test_fraction``, ``on_error`` and ``overwrite`` of
+    ``scripts.prepare.pipeline.prepare_source``."""
     from scripts.prepare.pipeline import prepare_source
 
     geom = geom or RoiGeometry()
@@ -284,15 +283,8 @@ def prepare_csv(
         raise PrepareError(f"{csv_path}: CSV file not found")
     pseudonym = Pseudonymiser(out_dir, salt=salt, prefix="pt")
     settings = {"input_digest": file_digest(csv_path)[:16], "source_pitch_mm": source_pitch_mm, "pad": geom.pad}
-    return prepare_source(
-        "csv",
-        lambda report: csv_cases(csv_path, geom, report, pseudonym, source_pitch_mm, default_task),
-        out_dir,
-        geom,
-        settings,
-        num_folds=num_folds,
-        seed=seed,
-        test_fraction=test_fraction,
-        on_error=on_error,
-        overwrite=overwrite,
-    )
+
+    def cases(report: ErrorReport) -> Iterator[CaseSpec]:
+        return csv_cases(csv_path, geom, report, pseudonym, source_pitch_mm, default_task)
+
+    return prepare_source("csv", cases, out_dir, geom, settings, **options)
