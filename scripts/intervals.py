@@ -222,27 +222,14 @@ def bootstrap_ci(
     }
 
 
-def bootstrap_auc_ci(
-    labels: Iterable,
-    scores: Iterable,
-    clusters: Iterable | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict:
-    """Percentile bootstrap CI of the AUC, resampling patients (``clusters``) with replacement when given."""
+def bootstrap_auc_ci(labels: Iterable, scores: Iterable, clusters: Iterable | None = None, **options: Any) -> dict:
+    """Percentile bootstrap CI of the AUC, resampling patients (``clusters``) with replacement when given;
+    ``options``: ``n_boot``, ``seed``, ``alpha`` of :func:`bootstrap_ci` (same defaults)."""
     y = _as_labels(labels)
     s = _as_scores(scores, y.size)
     uniq, level = np.unique(s, return_inverse=True)
     level = level.ravel()
-    out = bootstrap_ci(
-        lambda w: _weighted_auc(y, level, uniq.size, w),
-        y.size,
-        clusters=clusters,
-        n_boot=n_boot,
-        seed=seed,
-        alpha=alpha,
-    )
+    out = bootstrap_ci(lambda w: _weighted_auc(y, level, uniq.size, w), y.size, clusters=clusters, **options)
     out["auc"] = _f(roc_auc(y, s))
     return out
 

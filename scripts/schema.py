@@ -27,6 +27,10 @@ key             required  meaning
 ==============  ========  ===============================================================================
 
 Sources may add descriptive keys (e.g. ``calc_type``, ``subtlety``); workflows ignore them.
+
+``metadata.reference_standard`` says where the labels come from (:data:`REFERENCE_STANDARDS`, filled in by
+:func:`make_datalist` from the source; :func:`reference_standard` reads it, falling back to the source for older
+datalists); the evaluation report prints it. ``metadata.class_names`` (:func:`class_names`) names the labels.
 """
 
 from __future__ import annotations
