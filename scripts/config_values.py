@@ -21,6 +21,8 @@ def parse_bool(value: Any, name: str = "value") -> bool:
             return True
         if text in FALSE_STRINGS:
             return False
-    elif isinstance(value, bool) or (hasattr(value, "__index__") and int(value) in (0, 1)):
+    elif isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):  # Python's and NumPy's bools
+        return bool(value)
+    elif hasattr(value, "__index__") and int(value) in (0, 1):  # integers 0/1, NumPy's too
         return bool(value)
     raise ValueError(f"{name} must be a boolean (true/false, yes/no, on/off, 1/0), got {value!r}")

@@ -22,6 +22,14 @@ def test_bools_and_zero_one(value, expected):
     assert parse_bool(value) is expected
 
 
+def test_numpy_bools_and_integers():
+    import numpy as np
+
+    assert parse_bool(np.True_) is True and parse_bool(np.int64(0)) is False
+    with pytest.raises(ValueError, match="got np.int64\\(3\\)"):
+        parse_bool(np.int64(3))
+
+
 @pytest.mark.parametrize("value", ["maybe", "", "2", 2, -1, 0.5, None, "truthy"])
 def test_anything_else_is_an_error_naming_the_setting_and_the_value(value):
     with pytest.raises(ValueError) as err:
