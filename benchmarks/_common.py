@@ -192,20 +192,35 @@ def timer(out: list[float], device: str = "cpu") -> Iterator[None]:
     out.append(time.perf_counter() - t0)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def reset_vm_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False when not supported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def proc_status_mb(key: str) -> float:
+    """The ``key`` line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...; the kernel reports KiB) in MiB; NaN
+    where there is no such file or line."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    values = [int(line.split()[1]) for line in lines if line.startswith(key + ":")]
+    return values[0] / 1024.0 if values else float("nan")
+
+
+def vm_hwm_mb() -> float:
+    """``VmHWM`` of this process in MiB: its peak resident set size since it started or since
+    :func:`reset_vm_hwm`."""
+    return proc_status_mb("VmHWM")
 
 
 def current_rss_mb() -> float:
     """This process's current resident set size, in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
+    return proc_status_mb("VmRSS")
 
 
 def run_json_subprocess(argv: Sequence[str], timeout: float | None = None) -> dict:

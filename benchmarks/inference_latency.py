@@ -43,10 +43,12 @@ from benchmarks._common import (  # noqa: E402
     current_rss_mb,
     load1,
     median,
+    reset_vm_hwm,
     run_json_subprocess,
     setup,
     sync,
     table,
+    vm_hwm_mb,
 )
 
 NAME = "inference_latency"
@@ -63,6 +65,12 @@ PRECISION = {
     "cam_nofreeze": ("fp32", "channels_last net, contiguous input"),
     "cam_amp": ("bf16", "channels_last"),
 }
+# what the memory columns measure (printed under the table)
+MEMORY_NOTE = (
+    "model_rss_mb = resident set with the networks loaded; answer_peak_rss_mb = peak resident set (VmHWM) while "
+    "answering, the counter reset after loading; peak_delta_mb = answer_peak_rss_mb - model_rss_mb; "
+    "gpu_peak_mb = CUDA memory allocated above the loaded networks"
+)
 COLUMNS = [
     "arch",
     "size",
@@ -71,28 +79,12 @@ COLUMNS = [
     "precision",
     "ms_per_roi",
     "model_rss_mb",
+    "answer_peak_rss_mb",
     "peak_delta_mb",
     "gpu_peak_mb",
     "map_corr",
     "foreign_cores",
 ]
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False when not supported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """``VmHWM`` of this process in MiB (the peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def child(size: int, members: int, mode: str, arch: str, device: str, warmup: int, reps: int, batch: int) -> dict:
@@ -133,7 +125,7 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated()
-    reset_ok = reset_peak_rss()
+    reset_ok = reset_vm_hwm()
     times = []
     mon = LoadMonitor()
     mon.start()
@@ -161,8 +153,8 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
         "ms_per_roi": 1000.0 * median(times) / batch,
         "times_s": [round(t, 4) for t in times],
         "model_rss_mb": round(model_rss, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1) if reset_ok else None,
-        "peak_delta_mb": round(peak_rss_mb() - model_rss, 1) if reset_ok else None,
+        "answer_peak_rss_mb": round(vm_hwm_mb(), 1) if reset_ok else None,
+        "peak_delta_mb": round(vm_hwm_mb() - model_rss, 1) if reset_ok else None,
         "threads": torch.get_num_threads(),
         "foreign_cores": load["foreign_cores"],
         "load1": load1(),
@@ -229,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(table([row], COLUMNS))
         print()
         print(table(run.rows, COLUMNS, f"Latency per ROI ({args.arch}, batch {args.batch}, {device})"))
+        print(MEMORY_NOTE)
         prec = precision_table(run.rows)
         if prec:
             run.payload["precision_table"] = prec

@@ -9,7 +9,8 @@ For each count N the benchmark (each step in its own subprocess, so that each pe
    (preprocessed ROIs cached as files): the first epoch writes the cache, the second reads it.
 
 Time should grow linearly with N; the in-memory cache's peak memory grows with N while the persistent cache's stays
-flat. Peak memory is the process's peak resident set (``VmHWM``); ``growth_mb`` is that peak minus the resident
+flat. Peak memory (``process_peak_rss_mb``) is the step's subprocess's peak resident set (``VmHWM``) over its whole
+life, imports included; ``growth_mb`` is that peak minus the resident
 set after imports.
 
     python benchmarks/scaling.py                                  # 100, 1000, 5000 ROIs, 32 px, resnet18
@@ -39,17 +40,16 @@ from benchmarks._common import (  # noqa: E402
     setup,
     table,
     train_workflow,
+    vm_hwm_mb,
 )
 
 NAME = "scaling"
-COLUMNS = ["n_rois", "step", "seconds", "ms_per_roi", "peak_rss_mb", "growth_mb", "foreign_cores"]
-
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+# what the memory columns measure (printed under the table)
+MEMORY_NOTE = (
+    "process_peak_rss_mb = peak resident set (VmHWM) of the step's whole subprocess, imports included; "
+    "growth_mb = process_peak_rss_mb - resident set after imports"
+)
+COLUMNS = ["n_rois", "step", "seconds", "ms_per_roi", "process_peak_rss_mb", "growth_mb", "foreign_cores"]
 
 
 def child_prep(n: int, root: Path, size: int, workers: int) -> dict:
@@ -59,7 +59,7 @@ def child_prep(n: int, root: Path, size: int, workers: int) -> dict:
     t0 = time.perf_counter()
     generate_dataset(root, "target", n_train=n, n_test=0, num_folds=2, image_size=size, seed=0, workers=workers)
     secs = time.perf_counter() - t0
-    return {"step": "prep", "seconds": secs, "base_rss_mb": base, "peak_rss_mb": vm_hwm_mb()}
+    return {"step": "prep", "seconds": secs, "base_rss_mb": base, "process_peak_rss_mb": vm_hwm_mb()}
 
 
 def child_epoch(n: int, root: Path, size: int, arch: str, batch: int, cache: str, device: str, epochs: int) -> dict:
@@ -102,7 +102,7 @@ def child_epoch(n: int, root: Path, size: int, arch: str, batch: int, cache: str
         "epoch_s": epoch_s,
         "n_train": len(trainer.data_loader.dataset),
         "base_rss_mb": base,
-        "peak_rss_mb": vm_hwm_mb(),
+        "process_peak_rss_mb": vm_hwm_mb(),
     }
 
 
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "step": step,
                         "seconds": secs,
                         "ms_per_roi": 1000.0 * secs / n,
-                        "peak_rss_mb": round(res["peak_rss_mb"], 1),
-                        "growth_mb": round(res["peak_rss_mb"] - res["base_rss_mb"], 1),
+                        "process_peak_rss_mb": round(res["process_peak_rss_mb"], 1),
+                        "growth_mb": round(res["process_peak_rss_mb"] - res["base_rss_mb"], 1),
                         "foreign_cores": fc,
                         "load1": load1(),
                         **kw,
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(table(rows, COLUMNS))
         print()
         print(table(run.rows, COLUMNS, f"Scaling ({args.arch}, {args.size} px, batch {args.batch}, {device})"))
+        print(MEMORY_NOTE)
     return run.payload
 
 

@@ -6,7 +6,8 @@ postprocessing and handlers; validation is pushed past the measured window). The
 (same architecture, seed, optimiser, loss, batch and input size) on the same ROIs, held in one tensor in memory.
 Two more variants separate the cost of MONAI's metadata tracking from the rest of the trainer: ``plain+meta`` is
 the plain loop fed ``MetaTensor`` batches (what the trainer's network sees), and ``bundle+tensor`` is the bundle's
-trainer with an inferer that drops the metadata before the network (``benchmarks/_variants.py``);
+trainer with an inferer that drops the metadata before the network: ``scripts.inferers.AutocastInferer`` now does
+that itself, so this variant is the shipped trainer again (kept so that earlier results stay comparable);
 ``bundle+tensor+none`` also frees the gradients between iterations (``optim_set_to_none``) as the plain loop does.
 
 Precisions (``--precisions``): ``fp32`` (float32, contiguous tensors), ``fp32_cl`` (float32, network and batches in
@@ -89,13 +90,11 @@ def build_bundle_trainer(
 ) -> tuple[Any, Any]:
     """The bundle's SupervisedTrainer from configs/train.json (validation moved out of the way).
 
-    ``plain_tensor`` swaps the inferer for ``benchmarks._variants.PlainTensorInferer`` (metadata dropped before
-    the network), everything else unchanged; ``set_to_none`` sets the trainer's ``optim_set_to_none`` (gradients
+    ``plain_tensor`` sets the inferer to ``scripts.inferers.AutocastInferer`` (metadata dropped before the network;
+    the shipped config's inferer), everything else unchanged; ``set_to_none`` sets the trainer's ``optim_set_to_none`` (gradients
     freed instead of zero-filled between iterations, as the plain loop does); ``channels_last`` defaults to ``amp``.
     """
-    extra: dict[str, Any] = (
-        {"train#inferer#_target_": "benchmarks._variants.PlainTensorInferer"} if plain_tensor else {}
-    )
+    extra: dict[str, Any] = {"train#inferer#_target_": "scripts.inferers.AutocastInferer"} if plain_tensor else {}
     if set_to_none:
         extra["train#trainer#optim_set_to_none"] = True
     wf = train_workflow(

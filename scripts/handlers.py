@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.schema import TARGET_CLASSES
+
 logger = logging.getLogger(__name__)
 
 
@@ -112,7 +114,7 @@ class PredictionTableHandler(_RowTable):
     def __init__(
         self,
         output_csv: str | os.PathLike,
-        class_names: Sequence[str] = ("benign", "malignant"),
+        class_names: Sequence[str] = TARGET_CLASSES,
         pred_key: str = "pred",
         case_key: str = "case",
         error_key: str = "error",

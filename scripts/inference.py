@@ -42,7 +42,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize
 
 from scripts.prepare.bounds import scrub
-from scripts.prepare.csv_source import cell_float, read_csv_rows
+from scripts.prepare.csv_source import cell_float, cell_unit, csv_cell_path, read_csv_rows
 from scripts.prepare.dicom_io import printable
 from scripts.prepare.errors import PrepareError
 from scripts.schema import unique_case
@@ -129,19 +129,14 @@ def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
     from scripts.prepare.errors import PrepareError
 
     csv_path = Path(csv_path)
-    numbered = read_csv_rows(csv_path, InferenceInputError)
-    first = numbered[0][1]
-    if "image" not in first:
-        raise InferenceInputError(
-            f"input_csv {csv_path.name}: no 'image' column (columns: {', '.join(c for c in first if c)[:200]})"
-        )
+    numbered = read_csv_rows(csv_path, InferenceInputError, required=("image",), name=f"input_csv {csv_path.name}")
     used: set[str] = set()
     items = []
     for line, row in numbered:
         image = row["image"].strip()
         case = (row.get("case") or "").strip() or (_stem(Path(image)) if image else f"line{line}")
         item: dict[str, Any] = {
-            "image": str(csv_path.parent / image) if image else "",
+            "image": str(csv_cell_path(csv_path, image)) if image else "",
             "case": unique_case(printable(case), used),
         }
         try:
@@ -150,9 +145,7 @@ def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
             x, y = cell_float(row, "x", InferenceInputError), cell_float(row, "y", InferenceInputError)
             if (x is None) != (y is None):
                 raise InferenceInputError("give both x and y, or neither")
-            unit = (row.get("unit") or "px").strip().lower()
-            if unit not in ("px", "mm"):
-                raise InferenceInputError("unit must be px or mm")
+            unit = cell_unit(row, InferenceInputError)
             spacing = cell_float(row, "spacing_mm", InferenceInputError)
             if spacing is not None:
                 try:

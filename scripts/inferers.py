@@ -8,16 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-
-def _as_bool(value: bool | str) -> bool:
-    """Accept ``False``/``"false"``/``"0"`` from command-line overrides as well as real booleans."""
-    if isinstance(value, str):
-        if value.strip().lower() in ("0", "false", "no", "off"):
-            return False
-        if value.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        raise ValueError(f"expected a boolean, got {value!r}")
-    return bool(value)
+from scripts.config_values import parse_bool
 
 
 def default_amp(arch: str, device: torch.device | str, image_size: int = 128) -> bool:
@@ -40,7 +31,7 @@ def saliency_amp(arch: str, amp: bool | str) -> bool:
     with float32 ones (tests/test_saliency.py, 64 px)."""
     from scripts.network import is_lite
 
-    return _as_bool(amp) and not is_lite(arch)
+    return parse_bool(amp, "amp") and not is_lite(arch)
 
 
 class AutocastInferer(Inferer):
@@ -64,8 +55,8 @@ class AutocastInferer(Inferer):
         super().__init__()
         self.device_type = "cuda" if str(device_type).startswith("cuda") else "cpu"
         self.dtype = dtype or torch.bfloat16
-        self.enabled = _as_bool(enabled)
-        self.channels_last = _as_bool(channels_last)
+        self.enabled = parse_bool(enabled, "enabled")
+        self.channels_last = parse_bool(channels_last, "channels_last")
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if isinstance(inputs, MetaTensor):

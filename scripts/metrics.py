@@ -1,11 +1,11 @@
 """Evaluation metrics for binary (benign 0 / malignant 1) classification of lesions.
 
-Everything here is plain numpy/scipy so that it can be used from configs, scripts and tests alike:
+Everything here is plain numpy/scipy so that it can be used from configs, scripts and tests alike. This module
+holds the point metrics and thresholds and re-exports its two siblings' public names:
 
-- per-case CSV I/O (:func:`read_cases_csv`, :func:`write_cases_csv`);
-- ROC AUC with DeLong variance/CI and DeLong's paired test (DeLong et al., Biometrics 44:837-845, 1988,
-  computed with the midrank algorithm of Sun & Xu, IEEE Signal Process. Lett. 21:1389-1393, 2014);
-- patient-clustered percentile bootstrap CIs;
+- per-case CSV I/O (:func:`read_cases_csv`, :func:`write_cases_csv`: ``scripts/case_table.py``);
+- ROC AUC with DeLong variance/CI and DeLong's paired test, patient-clustered percentile bootstrap CIs and
+  Wilson score CIs (``scripts/intervals.py``);
 - operating-threshold selection on validation data only (:func:`choose_threshold`);
 - sensitivity, specificity, PPV, NPV, accuracy, F1 with Wilson score CIs (:func:`binary_metrics`);
 - calibration (:func:`brier_score`, :func:`reliability_curve`);
@@ -16,17 +16,30 @@ Convention: a case is predicted positive (malignant) when ``score >= threshold``
 
 from __future__ import annotations
 
-import csv
 import math
-import os
-import re
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-from scipy import stats
 
-from scripts.atomic import atomic_path
+from scripts.case_table import CASE_COLUMNS, member_keys, read_cases_csv, write_cases_csv
+from scripts.intervals import (
+    _as_labels,
+    _as_scores,
+    _boot_weights,
+    _both_classes,
+    _cluster_inverse,
+    _f,
+    bootstrap_auc_ci,
+    bootstrap_ci,
+    delong_ci,
+    delong_covariance,
+    delong_paired_test,
+    delong_variance,
+    roc_auc,
+    roc_curve_points,
+    wilson_ci,
+)
+from scripts.schema import TARGET_CLASSES, default_reference_standard
 
 __all__ = [
     "read_cases_csv",
@@ -49,357 +62,13 @@ __all__ = [
     "birads_comparison",
     "summarize",
     "member_keys",
+    "class_counts",
+    "CASE_COLUMNS",
 ]
-
-CASE_COLUMNS = ("case", "patient", "lesion", "label", "prob", "birads")
-_MEMBER_RE = re.compile(r"^member_(\d+)$")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------------------------
-def _f(x: Any) -> float | None:
-    """Python float for JSON; NaN/inf become None."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _as_labels(labels: Iterable) -> np.ndarray:
-    y = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels)
-    if y.ndim != 1:
-        raise ValueError("labels must be one-dimensional")
-    if y.size and not np.all(np.isin(y, (0, 1))):
-        raise ValueError(f"labels must be 0/1, got values {sorted(set(np.unique(y).tolist()))}")
-    return y.astype(int)
-
-
-def _as_scores(scores: Iterable, n: int) -> np.ndarray:
-    s = np.asarray(list(scores) if not isinstance(scores, np.ndarray) else scores, dtype=float)
-    if s.shape != (n,):
-        raise ValueError(f"scores must have shape ({n},), got {s.shape}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores must be finite")
-    return s
-
-
-def _both_classes(y: np.ndarray) -> bool:
-    return bool(y.size) and 0 < int(y.sum()) < y.size
-
-
-def member_keys(rows: Sequence[dict]) -> list[str]:
-    """``member_k`` column names with a value in some row, in numeric order."""
-    found: set[int] = set()
-    for r in rows:
-        for k in r:
-            m = _MEMBER_RE.match(k)
-            if m and r[k] is not None and r[k] != "":
-                found.add(int(m.group(1)))
-    return [f"member_{i}" for i in sorted(found)]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# per-case CSV
-# ----------------------------------------------------------------------------------------------------------------------
-def _parse_optional_int(v: Any) -> int | None:
-    if v is None:
-        return None
-    v = str(v).strip()
-    if v == "" or v.lower() in ("none", "nan", "na"):
-        return None
-    return int(float(v))
-
-
-def _parse_optional_float(v: Any) -> float | None:
-    if v is None:
-        return None
-    v = str(v).strip()
-    if v == "" or v.lower() in ("none", "na"):
-        return None
-    return float(v)
-
-
-def read_cases_csv(path: str | os.PathLike) -> list[dict]:
-    """Read a per-case CSV into rows with typed ``label`` (int), ``prob``/``member_k`` (float), ``birads`` (int|None)."""
-    rows: list[dict] = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("case", "patient", "label", "prob") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        for i, raw in enumerate(reader):
-            row: dict[str, Any] = dict(raw)
-            try:
-                row["label"] = int(float(raw["label"]))
-                row["prob"] = float(raw["prob"])
-                if "birads" in raw:
-                    row["birads"] = _parse_optional_int(raw["birads"])
-                for k in raw:
-                    if _MEMBER_RE.match(k):
-                        row[k] = _parse_optional_float(raw[k])
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{path}: bad value on data row {i + 1}: {e}") from e
-            if row["label"] not in (0, 1):
-                raise ValueError(f"{path}: label must be 0 or 1 on data row {i + 1}, got {row['label']}")
-            rows.append(row)
-    return rows
-
-
-def write_cases_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    """Write rows atomically; columns ``case, patient, lesion, label, prob, birads, member_0..`` then any others.
-
-    ``birads`` is written only when some row has the key; ``None`` is written as an empty cell.
-    """
-    keys_seen: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in keys_seen:
-                keys_seen.append(k)
-    columns = [c for c in ("case", "patient", "lesion", "label", "prob") if c != "lesion" or "lesion" in keys_seen]
-    if "birads" in keys_seen:
-        columns.append("birads")
-    members = member_keys([{k: 1 for k in keys_seen}])
-    columns += members
-    columns += [k for k in keys_seen if k not in columns]
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, (float, np.floating)):
-            return repr(float(v))
-        if isinstance(v, (np.integer,)):
-            return str(int(v))
-        return str(v)
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(columns)
-            for r in rows:
-                w.writerow([cell(r.get(c)) for c in columns])
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# ROC and DeLong
-# ----------------------------------------------------------------------------------------------------------------------
-def roc_auc(labels: Iterable, scores: Iterable) -> float:
-    """Area under the empirical ROC curve (ties count 1/2); NaN when one class is absent."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
-    if not _both_classes(y):
-        return float("nan")
-    m = int(y.sum())
-    n = y.size - m
-    ranks = stats.rankdata(s)  # midranks
-    return float((ranks[y == 1].sum() - m * (m + 1) / 2.0) / (m * n))
-
-
-def roc_curve_points(labels: Iterable, scores: Iterable) -> dict:
-    """Empirical ROC: ``fpr``, ``tpr``, ``thresholds`` (descending; the first is +inf = nothing positive)."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_group = np.r_[np.where(np.diff(s_sorted) != 0)[0], y.size - 1]
-    tps = np.cumsum(y_sorted)[last_of_group]
-    fps = (last_of_group + 1) - tps
-    p, n = max(int(y.sum()), 1), max(int(y.size - y.sum()), 1)
-    tpr = np.r_[0.0, tps / p]
-    fpr = np.r_[0.0, fps / n]
-    thr = np.r_[np.inf, s_sorted[last_of_group]]
-    return {"fpr": fpr, "tpr": tpr, "thresholds": thr}
-
-
-def _delong_components(y: np.ndarray, score_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """AUCs and structural components V10 (k x m, positives) and V01 (k x n, negatives), by midranks."""
-    pos, neg = score_matrix[:, y == 1], score_matrix[:, y == 0]
-    m, n = pos.shape[1], neg.shape[1]
-    k = score_matrix.shape[0]
-    v10 = np.empty((k, m))
-    v01 = np.empty((k, n))
-    aucs = np.empty(k)
-    for r in range(k):
-        tz = stats.rankdata(np.r_[pos[r], neg[r]])  # midranks in the pooled sample
-        tx = stats.rankdata(pos[r])  # midranks among positives
-        ty = stats.rankdata(neg[r])  # midranks among negatives
-        # V10_i = fraction of negatives below positive i (ties 1/2); V01_j = fraction of positives above negative j
-        v10[r] = (tz[:m] - tx) / n
-        v01[r] = 1.0 - (tz[m:] - ty) / m
-        aucs[r] = v10[r].mean()
-    return aucs, v10, v01
-
-
-def delong_covariance(labels: Iterable, score_list: Sequence[Iterable]) -> tuple[np.ndarray, np.ndarray]:
-    """AUCs and their DeLong covariance matrix for several scores on the same cases."""
-    y = _as_labels(labels)
-    if not _both_classes(y):
-        raise ValueError("DeLong needs at least one positive and one negative case")
-    mat = np.vstack([_as_scores(s, y.size) for s in score_list])
-    aucs, v10, v01 = _delong_components(y, mat)
-    m, n = v10.shape[1], v01.shape[1]
-    s10 = np.atleast_2d(np.cov(v10, ddof=1)) if m > 1 else np.zeros((len(aucs), len(aucs)))
-    s01 = np.atleast_2d(np.cov(v01, ddof=1)) if n > 1 else np.zeros((len(aucs), len(aucs)))
-    return aucs, s10 / m + s01 / n
-
-
-def delong_variance(labels: Iterable, scores: Iterable) -> tuple[float, float]:
-    """``(auc, variance)`` of the empirical AUC by DeLong's method."""
-    aucs, cov = delong_covariance(labels, [scores])
-    return float(aucs[0]), float(cov[0, 0])
-
-
-def delong_ci(labels: Iterable, scores: Iterable, alpha: float = 0.05) -> dict:
-    """AUC with a normal-approximation (1-alpha) CI from the DeLong variance, clipped to [0, 1]."""
-    y = _as_labels(labels)
-    if not _both_classes(y):
-        return {"auc": None, "se": None, "ci_low": None, "ci_high": None, "method": "DeLong", "alpha": alpha}
-    auc, var = delong_variance(y, scores)
-    se = math.sqrt(max(var, 0.0))
-    z = stats.norm.ppf(1 - alpha / 2)
-    return {
-        "auc": auc,
-        "se": se,
-        "ci_low": float(max(0.0, auc - z * se)),
-        "ci_high": float(min(1.0, auc + z * se)),
-        "method": "DeLong",
-        "alpha": alpha,
-    }
-
-
-def delong_paired_test(labels: Iterable, scores_a: Iterable, scores_b: Iterable, alpha: float = 0.05) -> dict:
-    """DeLong's test of AUC(a) == AUC(b) for two scores on the same cases (two-sided)."""
-    aucs, cov = delong_covariance(labels, [scores_a, scores_b])
-    diff = float(aucs[0] - aucs[1])
-    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-    se = math.sqrt(max(var, 0.0))
-    zc = stats.norm.ppf(1 - alpha / 2)
-    if se <= 1e-15:  # identical rankings: no evidence of a difference
-        z, p = 0.0, 1.0
-    else:
-        z = diff / se
-        p = float(2 * stats.norm.sf(abs(z)))
-    return {
-        "auc_a": float(aucs[0]),
-        "auc_b": float(aucs[1]),
-        "diff": diff,
-        "se_diff": se,
-        "z": float(z),
-        "p": p,
-        "ci_diff": [float(diff - zc * se), float(diff + zc * se)],
-        "alpha": alpha,
-        "method": "DeLong paired test (two-sided)",
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# bootstrap
-# ----------------------------------------------------------------------------------------------------------------------
-def _cluster_inverse(n: int, clusters: Iterable | None) -> tuple[np.ndarray, int]:
-    """Cluster number of each row (rows are their own clusters when ``clusters`` is None) and the cluster count."""
-    if clusters is None:
-        return np.arange(n), n
-    c = np.asarray(list(clusters) if not isinstance(clusters, np.ndarray) else clusters).astype(str)
-    if c.shape != (n,):
-        raise ValueError(f"clusters must have shape ({n},), got {c.shape}")
-    _, inv = np.unique(c, return_inverse=True)
-    return inv.ravel(), int(inv.max()) + 1 if n else 0
-
-
-def _boot_weights(rng: np.random.Generator, inv: np.ndarray, n_clusters: int) -> np.ndarray:
-    """Row weights of one cluster-bootstrap resample: how often each row's cluster was drawn."""
-    counts = np.bincount(rng.integers(0, n_clusters, size=n_clusters), minlength=n_clusters)
-    return counts[inv].astype(float)
-
-
-def _weighted_auc(y: np.ndarray, level: np.ndarray, n_levels: int, w: np.ndarray) -> float:
-    """Mann-Whitney AUC with case weights (ties 1/2); ``level`` is the rank of each score among distinct scores."""
-    wp = np.bincount(level, weights=w * (y == 1), minlength=n_levels)
-    wn = np.bincount(level, weights=w * (y == 0), minlength=n_levels)
-    tot_p, tot_n = wp.sum(), wn.sum()
-    if tot_p <= 0 or tot_n <= 0:
-        return float("nan")
-    below = np.cumsum(wn) - wn
-    return float(np.sum(wp * (below + 0.5 * wn)) / (tot_p * tot_n))
-
-
-def bootstrap_ci(
-    stat_fn: Callable[[np.ndarray], Any],
-    n: int,
-    clusters: Iterable | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict:
-    """Percentile bootstrap CI of ``stat_fn(weights)``, resampling clusters (rows when ``clusters`` is None).
-
-    ``weights`` (length ``n``) says how many times each row was drawn, which is equivalent to resampling rows with
-    their cluster. Replicates where ``stat_fn`` gives None/NaN (e.g. no positives drawn) are dropped and counted.
-    """
-    inv, n_clusters = _cluster_inverse(n, clusters)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(int(n_boot)):
-        v = stat_fn(_boot_weights(rng, inv, n_clusters))
-        if v is None or not np.all(np.isfinite(v)):
-            continue
-        values.append(v)
-    base = {
-        "n_boot": int(n_boot),
-        "n_valid": len(values),
-        "n_clusters": n_clusters,
-        "clustered": clusters is not None,
-        "method": "percentile bootstrap" + (" (resampling patients)" if clusters is not None else ""),
-    }
-    if not values:
-        return {"ci_low": None, "ci_high": None, **base}
-    lo, hi = np.percentile(np.asarray(values, dtype=float), [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
-    return {
-        "ci_low": _f(lo) if np.ndim(lo) == 0 else [_f(x) for x in lo],
-        "ci_high": _f(hi) if np.ndim(hi) == 0 else [_f(x) for x in hi],
-        **base,
-    }
-
-
-def bootstrap_auc_ci(
-    labels: Iterable,
-    scores: Iterable,
-    clusters: Iterable | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict:
-    """Percentile bootstrap CI of the AUC, resampling patients (``clusters``) with replacement when given."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
-    uniq, level = np.unique(s, return_inverse=True)
-    level = level.ravel()
-    out = bootstrap_ci(
-        lambda w: _weighted_auc(y, level, uniq.size, w),
-        y.size,
-        clusters=clusters,
-        n_boot=n_boot,
-        seed=seed,
-        alpha=alpha,
-    )
-    out["auc"] = _f(roc_auc(y, s))
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # thresholded metrics
 # ----------------------------------------------------------------------------------------------------------------------
-def wilson_ci(successes: int, total: int, alpha: float = 0.05) -> tuple[float | None, float | None]:
-    """Wilson score interval for a binomial proportion; ``(None, None)`` when ``total`` is 0."""
-    if total <= 0:
-        return None, None
-    z = stats.norm.ppf(1 - alpha / 2)
-    p = successes / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
@@ -706,15 +375,15 @@ def birads_comparison(
 # ----------------------------------------------------------------------------------------------------------------------
 # top level
 # ----------------------------------------------------------------------------------------------------------------------
-def _counts(rows: Sequence[dict]) -> dict:
+def class_counts(rows: Sequence[dict], class_names: Sequence[str] = TARGET_CLASSES) -> dict:
+    """Cases, patients, lesions (``None`` when no row names one) and cases per class (keyed by class name)."""
     labels = [int(r["label"]) for r in rows]
     lesions = {(str(r.get("patient")), str(r.get("lesion"))) for r in rows if r.get("lesion") not in (None, "")}
     return {
         "cases": len(rows),
         "patients": len({str(r.get("patient")) for r in rows}),
         "lesions": len(lesions) if lesions else None,
-        "benign": labels.count(0),
-        "malignant": labels.count(1),
+        **{str(name): labels.count(i) for i, name in enumerate(class_names)},
     }
 
 
@@ -728,8 +397,14 @@ def summarize(
     seed: int = 0,
     alpha: float = 0.05,
     data_source: str | None = None,
+    class_names: Sequence[str] | None = None,
+    reference_standard: str | None = None,
 ) -> dict:
     """All test-set metrics in one JSON-serialisable dict; the threshold is tuned on ``val_rows`` only.
+
+    ``class_names`` (default the target classes) and ``reference_standard`` (default that of ``data_source``,
+    :func:`scripts.schema.default_reference_standard`) are the datalist's (``scripts.schema.class_names`` /
+    ``scripts.schema.reference_standard``); the report prints them.
 
     Raises ``ValueError`` when a data-driven threshold rule is asked for without validation rows: the test set is
     never used to tune the operating point.
@@ -753,10 +428,16 @@ def summarize(
         pv = [float(r["prob"]) for r in val_rows]
         thr = choose_threshold(yv, pv, rule=rule, value=threshold_value, data_name="validation")
 
+    names = [str(c) for c in (class_names or TARGET_CLASSES)]
     out: dict[str, Any] = {
         "data_source": data_source,
+        "class_names": names,
+        "reference_standard": reference_standard or default_reference_standard(data_source),
         "alpha": alpha,
-        "counts": {"test": _counts(test_rows), "validation": _counts(val_rows) if val_rows else None},
+        "counts": {
+            "test": class_counts(test_rows, names),
+            "validation": class_counts(val_rows, names) if val_rows else None,
+        },
         "threshold": thr,
     }
     auc = delong_ci(y, p, alpha)

@@ -1,6 +1,6 @@
 """One self-contained HTML evaluation report (figures embedded as base64 PNG, made with matplotlib's Agg canvas).
 
-:func:`write_report` takes the dict from :func:`scripts.metrics.summarize` and the per-case rows. The command line
+:func:`write_report` assembles the HTML (the figures come from :mod:`scripts.report_figures`); it takes the dict from :func:`scripts.metrics.summarize` and the per-case rows. The command line
 runs both steps on per-case CSVs::
 
     python -m scripts.report --test cases_test.csv --val cases_val.csv --out report.html [--summary-out s.json]
@@ -9,19 +9,17 @@ runs both steps on per-case CSVs::
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as _dt
 import html
-import io
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from scripts.atomic import write_json, write_text
-from scripts.metrics import member_keys, read_cases_csv, roc_curve_points, summarize
+from scripts.metrics import class_counts, read_cases_csv, summarize
+from scripts.report_figures import calibration_figure, confusion_figure, num, png_uri, roc_figure
+from scripts.schema import TARGET_CLASSES, default_reference_standard
 
 DEFAULT_TITLE = "Mammographic microcalcification classification: evaluation report"
 SYNTHETIC_BANNER = (
@@ -48,21 +46,10 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _num(x: Any, nd: int = 3) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return str(int(x))
-    try:
-        return f"{float(x):.{nd}f}"
-    except (TypeError, ValueError):
-        return _e(x)
-
-
 def _ci(lo: Any, hi: Any, nd: int = 3) -> str:
     if lo is None or hi is None:
         return "n/a"
-    return f"{_num(lo, nd)}&ndash;{_num(hi, nd)}"
+    return f"{num(lo, nd)}&ndash;{num(hi, nd)}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left_cols: int = 1) -> str:
@@ -76,150 +63,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left_cols: int 
     return "".join(out)
 
 
-def _png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _fig_uri(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return _png_uri(buf.getvalue())
-
-
 def _img(uri: str, alt: str, caption: str = "") -> str:
     cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
     return f'<figure><img src="{uri}" alt="{_e(alt)}">{cap}</figure>'
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# figures
-# ----------------------------------------------------------------------------------------------------------------------
-def _roc_figure(summary: dict, test_rows: Sequence[dict]) -> str:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.2, 5.0))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="chance")
-    y = np.array([int(r["label"]) for r in test_rows])
-    for k in member_keys(test_rows):
-        sel = [i for i, r in enumerate(test_rows) if r.get(k) not in (None, "")]
-        ys = y[sel]
-        if 0 < ys.sum() < ys.size:
-            roc = roc_curve_points(ys, [float(test_rows[i][k]) for i in sel])
-            auc = (summary.get("members") or {}).get(k, {}).get("auc")
-            ax.plot(roc["fpr"], roc["tpr"], lw=0.8, alpha=0.6, label=f"{k} (AUC {_num(auc)})")
-    if 0 < y.sum() < y.size:
-        roc = roc_curve_points(y, [float(r["prob"]) for r in test_rows])
-        auc = (summary.get("auc") or {}).get("auc")
-        ax.plot(roc["fpr"], roc["tpr"], lw=2.2, color="C3", label=f"ensemble (AUC {_num(auc)})")
-        m = summary.get("metrics") or {}
-        if m.get("sensitivity", {}).get("value") is not None and m.get("specificity", {}).get("value") is not None:
-            ax.plot(
-                1 - m["specificity"]["value"],
-                m["sensitivity"]["value"],
-                "o",
-                color="C3",
-                ms=8,
-                mfc="white",
-                label=f"ensemble at threshold {_num(m.get('threshold'), 3)}",
-            )
-    rad = summary.get("radiologist")
-    bsel = [i for i, r in enumerate(test_rows) if r.get("birads") not in (None, "")]
-    if rad and bsel and "birads_auc" in rad:
-        yb = y[bsel]
-        roc = roc_curve_points(yb, [float(test_rows[i]["birads"]) for i in bsel])
-        ax.plot(
-            roc["fpr"],
-            roc["tpr"],
-            lw=1.8,
-            color="k",
-            ls="--",
-            marker=".",
-            label=f"BI-RADS (AUC {_num(rad['birads_auc']['auc'])})",
-        )
-        c = rad["birads_at_cut"]
-        ax.plot(
-            1 - c["specificity"]["value"],
-            c["sensitivity"]["value"],
-            "s",
-            color="k",
-            ms=8,
-            label=f"BI-RADS >= {rad['cut']}",
-        )
-    ax.set_xlabel("1 - specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize=7)
-    ax.set_title("ROC, test set")
-    return _fig_uri(fig)
-
-
-def _confusion_figure(metrics: dict) -> str:
-    from matplotlib.figure import Figure
-
-    c = metrics["confusion"]
-    mat = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
-    fig = Figure(figsize=(3.8, 3.4))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(int(mat.max()), 1))
-    for i in range(2):
-        for j in range(2):
-            ax.text(
-                j,
-                i,
-                str(mat[i, j]),
-                ha="center",
-                va="center",
-                fontsize=14,
-                color="white" if mat[i, j] > mat.max() / 2 else "black",
-            )
-    ax.set_xticks([0, 1], ["benign", "malignant"])
-    ax.set_yticks([0, 1], ["benign", "malignant"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("histopathology")
-    ax.set_title(f"Confusion matrix (threshold {_num(metrics.get('threshold'))})")
-    return _fig_uri(fig)
-
-
-def _calibration_figure(summary: dict, test_rows: Sequence[dict]) -> str:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.8, 5.2))
-    ax, axh = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfect calibration")
-    bins = (summary.get("reliability") or {}).get("bins", [])
-    if bins:
-        x = np.array([b["mean_pred"] for b in bins])
-        yv = np.array([b["frac_pos"] for b in bins])
-        lo = np.array([b["ci_low"] for b in bins])
-        hi = np.array([b["ci_high"] for b in bins])
-        ax.errorbar(
-            x,
-            yv,
-            yerr=[np.clip(yv - lo, 0, None), np.clip(hi - yv, 0, None)],
-            fmt="o-",
-            color="C0",
-            capsize=3,
-            label="ensemble (Wilson 95% CI)",
-        )
-    ax.set_ylabel("observed malignant fraction")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="upper left", fontsize=7)
-    ax.set_title(f"Reliability (Brier {_num(summary.get('brier'))})")
-    p = np.array([float(r["prob"]) for r in test_rows])
-    y = np.array([int(r["label"]) for r in test_rows])
-    edges = np.linspace(0, 1, 11)
-    axh.hist([p[y == 0], p[y == 1]], bins=edges, label=["benign", "malignant"], color=["C2", "C3"])
-    axh.set_xlabel("predicted malignant probability")
-    axh.set_ylabel("cases")
-    axh.legend(fontsize=7)
-    return _fig_uri(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,16 +77,16 @@ def _auc_section(summary: dict) -> str:
     rows = [
         [
             "ensemble (test)",
-            _num(a.get("auc")),
+            num(a.get("auc")),
             _ci(a.get("ci_low"), a.get("ci_high")),
             _ci(boot.get("ci_low"), boot.get("ci_high")),
         ]
     ]
     for k, m in (summary.get("members") or {}).items():
-        rows.append([_e(k), _num(m.get("auc")), _ci(m.get("ci_low"), m.get("ci_high")), "&mdash;"])
+        rows.append([_e(k), num(m.get("auc")), _ci(m.get("ci_low"), m.get("ci_high")), "&mdash;"])
     va = summary.get("validation_auc")
     if va:
-        rows.append(["ensemble (validation)", _num(va.get("auc")), _ci(va.get("ci_low"), va.get("ci_high")), "&mdash;"])
+        rows.append(["ensemble (validation)", num(va.get("auc")), _ci(va.get("ci_low"), va.get("ci_high")), "&mdash;"])
     note = ""
     if boot:
         note = (
@@ -269,7 +115,7 @@ def _metrics_rows(m: dict) -> list[list[str]]:
         rows.append(
             [
                 label,
-                _num(e.get("value")),
+                num(e.get("value")),
                 frac,
                 _ci(e.get("ci_low"), e.get("ci_high")),
                 _ci(*(e.get("boot_ci") or [None, None])),
@@ -278,13 +124,13 @@ def _metrics_rows(m: dict) -> list[list[str]]:
     return rows
 
 
-def _threshold_section(summary: dict) -> str:
+def _threshold_section(summary: dict, names: Sequence[str]) -> str:
     thr = summary.get("threshold") or {}
     m = summary.get("metrics") or {}
     out = [
         "<h2>Operating threshold and metrics</h2>",
-        f"<p>Threshold <b>{_num(thr.get('threshold'), 4)}</b>, rule <b>{_e(thr.get('rule'))}</b>: "
-        f"{_e(thr.get('description', ''))}. A case is called malignant when its ensemble probability is &ge; the "
+        f"<p>Threshold <b>{num(thr.get('threshold'), 4)}</b>, rule <b>{_e(thr.get('rule'))}</b>: "
+        f"{_e(thr.get('description', ''))}. A case is called {_e(names[1])} when its ensemble probability is &ge; the "
         "threshold. The threshold was not tuned on the test set.</p>",
     ]
     out.append(
@@ -300,14 +146,14 @@ def _threshold_section(summary: dict) -> str:
         )
         out.append(_table(["metric (validation)", "value", "count", "Wilson 95% CI", "bootstrap"], _metrics_rows(vm)))
     out.append(
-        f'<p>Brier score {_num(summary.get("brier"))}; expected calibration error '
-        f'{_num((summary.get("reliability") or {}).get("ece"))} ({(summary.get("reliability") or {}).get("n_bins")}'
+        f'<p>Brier score {num(summary.get("brier"))}; expected calibration error '
+        f'{num((summary.get("reliability") or {}).get("ece"))} ({(summary.get("reliability") or {}).get("n_bins")}'
         " equal-width bins).</p>"
     )
     return "".join(out)
 
 
-def _radiologist_section(summary: dict) -> str:
+def _radiologist_section(summary: dict, names: Sequence[str]) -> str:
     rad = summary.get("radiologist")
     if not rad:
         return "<h2>Radiologist comparison</h2><p>No BI-RADS categories in these data: no radiologist comparison.</p>"
@@ -318,25 +164,25 @@ def _radiologist_section(summary: dict) -> str:
     rows = [
         [
             "BI-RADS (ordinal)",
-            _num(ba["auc"]),
+            num(ba["auc"]),
             _ci(ba["ci_low"], ba["ci_high"]),
             _ci(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ba.get("bootstrap") or {})),
         ],
         [
             "model (ensemble)",
-            _num(ma["auc"]),
+            num(ma["auc"]),
             _ci(ma["ci_low"], ma["ci_high"]),
             _ci(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ma.get("bootstrap") or {})),
         ],
     ]
     out = [
         "<h2>Radiologist comparison (same lesions)</h2>",
-        f"<p>{rad['n']} test cases with a BI-RADS category ({rad['n_pos']} malignant, {rad['n_neg']} benign; "
+        f"<p>{rad['n']} test cases with a BI-RADS category ({rad['n_pos']} {_e(names[1])}, {rad['n_neg']} {_e(names[0])}; "
         f"{rad['n_excluded_missing_birads']} without BI-RADS left out). BI-RADS counts: "
         f"{_e(', '.join(f'{k}: {v}' for k, v in rad['birads_counts'].items()))}.</p>",
         _table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows),
-        f"<p>Paired DeLong test, model &minus; BI-RADS: difference {_num(pt['diff'])} "
-        f"(95% CI {_ci(*pt['ci_diff'])}), z = {_num(pt['z'], 2)}, p = {_num(pt['p'], 4)}.</p>",
+        f"<p>Paired DeLong test, model &minus; BI-RADS: difference {num(pt['diff'])} "
+        f"(95% CI {_ci(*pt['ci_diff'])}), z = {num(pt['z'], 2)}, p = {num(pt['p'], 4)}.</p>",
         f"<p>BI-RADS &ge; {cut} as a positive call:</p>",
         _table(
             ["metric", "value", "count", "Wilson 95% CI", "patient-clustered bootstrap 95% CI"],
@@ -346,23 +192,13 @@ def _radiologist_section(summary: dict) -> str:
     s = rad["model_at_radiologist_sensitivity"]
     sp = rad["model_at_radiologist_specificity"]
     out.append(
-        f"<p>Model at the radiologist's sensitivity ({_num(s['target_sensitivity'])}): specificity "
-        f"{_num(s['specificity'])} at threshold {_num(s['threshold'], 4)} (sensitivity {_num(s['sensitivity'])}; "
-        f"linearly interpolated ROC: specificity {_num(s['specificity_interpolated'])}). Model at the radiologist's "
-        f"specificity ({_num(sp['target_specificity'])}): sensitivity {_num(sp['sensitivity'])}.</p>"
+        f"<p>Model at the radiologist's sensitivity ({num(s['target_sensitivity'])}): specificity "
+        f"{num(s['specificity'])} at threshold {num(s['threshold'], 4)} (sensitivity {num(s['sensitivity'])}; "
+        f"linearly interpolated ROC: specificity {num(s['specificity_interpolated'])}). Model at the radiologist's "
+        f"specificity ({num(sp['target_specificity'])}): sensitivity {num(sp['sensitivity'])}.</p>"
         f'<p class="note">{_e(s["method"])}. {_e(rad.get("note", ""))}</p>'
     )
     return "".join(out)
-
-
-def _count_rows(rows: Sequence[dict]) -> dict:
-    labels = [int(r["label"]) for r in rows]
-    return {
-        "cases": len(rows),
-        "benign": labels.count(0),
-        "malignant": labels.count(1),
-        "patients": len({str(r.get("patient")) for r in rows}),
-    }
 
 
 def _dataset_section(
@@ -381,13 +217,13 @@ def _dataset_section(
                 splits[str(k)] = dict(v)
             elif not isinstance(v, (dict, list)):
                 extra[str(k)] = v
-    splits.setdefault("test (evaluated)", _count_rows(test_rows))
+    splits.setdefault("test (evaluated)", class_counts(test_rows, _class_names(summary, dataset_summary)))
     if val_rows:
-        splits.setdefault("validation (threshold)", _count_rows(val_rows))
+        splits.setdefault("validation (threshold)", class_counts(val_rows, _class_names(summary, dataset_summary)))
     cols: list[str] = []
     for v in splits.values():
         cols += [k for k in v if k not in cols]
-    rows = [[_e(name)] + [_num(v.get(c), 3) if c in v else "&mdash;" for c in cols] for name, v in splits.items()]
+    rows = [[_e(name)] + [num(v.get(c), 3) if c in v else "&mdash;" for c in cols] for name, v in splits.items()]
     out = ["<h2>Data</h2>", _table(["split"] + cols, rows)]
     if extra:
         out.append(_table(["item", "value"], [[_e(k), _e(v)] for k, v in extra.items()], left_cols=2))
@@ -397,9 +233,9 @@ def _dataset_section(
 def _ci_cell(v: dict, key: str) -> str:
     """``mean [low-high] (chance)`` of one localisation metric, with ``*`` when it is above chance."""
     ci = v.get(f"{key}_ci")
-    cell = _num(v.get(key)) + (f" [{_num(ci[0])}-{_num(ci[1])}]" if ci else "")
+    cell = num(v.get(key)) + (f" [{num(ci[0])}-{num(ci[1])}]" if ci else "")
     star = "*" if v.get(f"{key}_above_chance") else ""
-    return f"{cell}{star} ({_num(v.get(key + '_chance'))})"
+    return f"{cell}{star} ({num(v.get(key + '_chance'))})"
 
 
 def _localisation_section(summary: dict) -> str:
@@ -411,8 +247,8 @@ def _localisation_section(summary: dict) -> str:
     rows = []
     for group, v in sal["table"].items():
         cells = [_e(group), _e(v.get("n"))]
-        cells += [_ci_cell(v, "pointing_game"), _num(v.get("pointing_game_centre")), _ci_cell(v, "energy_in_mask")]
-        cells.append(f"{_num(v.get('iou'))} ({_num(v.get('iou_chance'))})")
+        cells += [_ci_cell(v, "pointing_game"), num(v.get("pointing_game_centre")), _ci_cell(v, "energy_in_mask")]
+        cells.append(f"{num(v.get('iou'))} ({num(v.get('iou_chance'))})")
         rows.append(cells)
     st = sal.get("settings", {})
     out = [
@@ -432,7 +268,7 @@ def _localisation_section(summary: dict) -> str:
     if final:
         out.append(
             f"<p>Randomisation check (weights re-initialised, {_e(final.get('randomised', ''))}): similarity to the "
-            f"trained maps, Spearman {_num(final.get('spearman'))}, SSIM {_num(final.get('ssim'))} "
+            f"trained maps, Spearman {num(final.get('spearman'))}, SSIM {num(final.get('ssim'))} "
             "(low values: the maps depend on the learned weights).</p>"
         )
     return "".join(out)
@@ -445,7 +281,7 @@ def _gallery_section(gallery_png: str | os.PathLike | None) -> str:
     p = Path(gallery_png)
     if not p.is_file():
         return head + f"<p>Saliency gallery file not found ({_e(p.name)}); no maps shown.</p>"
-    return head + _img(_png_uri(p.read_bytes()), "saliency gallery", p.name)
+    return head + _img(png_uri(p.read_bytes()), "saliency gallery", p.name)
 
 
 def _is_synthetic(summary: dict, dataset_summary: dict | None) -> bool:
@@ -453,6 +289,23 @@ def _is_synthetic(summary: dict, dataset_summary: dict | None) -> bool:
     if dataset_summary:
         vals += [dataset_summary.get("data_source"), dataset_summary.get("source")]
     return any(isinstance(v, str) and "synthetic" in v.lower() for v in vals)
+
+
+def _class_names(summary: dict, dataset_summary: dict | None) -> list[str]:
+    """The data's class names (negative, positive): the summary's, else the dataset summary's, else the target's."""
+    names = summary.get("class_names") or (dataset_summary or {}).get("class_names") or TARGET_CLASSES
+    return [str(c) for c in names]
+
+
+def _reference_standard(summary: dict, dataset_summary: dict | None) -> str:
+    """Where the labels come from: the summary's or dataset summary's ``reference_standard``, else that of their
+    data source (:func:`scripts.schema.default_reference_standard`: "not stated" for an unknown source)."""
+    ds = dataset_summary or {}
+    given = summary.get("reference_standard") or ds.get("reference_standard")
+    if given:
+        return str(given)
+    sources = [summary.get("data_source"), summary.get("source"), ds.get("data_source"), ds.get("source")]
+    return default_reference_standard(next((v for v in sources if v), None))
 
 
 def _network_section(summary: dict) -> str:
@@ -489,21 +342,23 @@ def render_report(
     ]
     if _is_synthetic(summary, dataset_summary):
         parts.append(f'<div class="banner">{_e(SYNTHETIC_BANNER)}</div>')
-    c = (summary.get("counts") or {}).get("test") or _count_rows(test_rows)
-    reference = "the generator's labels" if _is_synthetic(summary, dataset_summary) else "histopathology"
+    names = _class_names(summary, dataset_summary)
+    c = (summary.get("counts") or {}).get("test") or class_counts(test_rows, names)
+    neg, pos = names[0], names[1]
     parts.append(
-        f"<p>Test set: {c['cases']} cases ({c['malignant']} malignant, {c['benign']} benign) from {c['patients']} "
-        f"patients. Reference standard: {reference}. Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
+        f"<p>Test set: {c['cases']} cases ({c.get(pos)} {_e(pos)}, {c.get(neg)} {_e(neg)}) from {c['patients']} "
+        f"patients. Reference standard: {_e(_reference_standard(summary, dataset_summary))}. "
+        f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
     )
     parts.append(_network_section(summary))
-    figs = [_img(_roc_figure(summary, test_rows), "ROC curves", "ROC curves on the test set")]
+    figs = [_img(roc_figure(summary, test_rows), "ROC curves", "ROC curves on the test set")]
     if summary.get("metrics"):
-        figs.append(_img(_confusion_figure(summary["metrics"]), "confusion matrix", "Confusion matrix (test)"))
-    figs.append(_img(_calibration_figure(summary, test_rows), "reliability diagram", "Calibration (test)"))
+        figs.append(_img(confusion_figure(summary["metrics"], names), "confusion matrix", "Confusion matrix (test)"))
+    figs.append(_img(calibration_figure(summary, test_rows, names), "reliability diagram", "Calibration (test)"))
     parts.append('<div class="figs">' + "".join(figs) + "</div>")
     parts.append(_auc_section(summary))
-    parts.append(_threshold_section(summary))
-    parts.append(_radiologist_section(summary))
+    parts.append(_threshold_section(summary, names))
+    parts.append(_radiologist_section(summary, names))
     parts.append(_dataset_section(summary, test_rows, val_rows, dataset_summary))
     parts.append(_localisation_section(summary))
     parts.append(_gallery_section(gallery_png))
@@ -515,17 +370,10 @@ def render_report(
     return "\n".join(parts)
 
 
-def write_report(
-    path: str | os.PathLike,
-    summary: dict,
-    test_rows: Sequence[dict],
-    val_rows: Sequence[dict] | None = None,
-    dataset_summary: dict | None = None,
-    gallery_png: str | os.PathLike | None = None,
-    title: str = DEFAULT_TITLE,
-) -> Path:
-    """Write the self-contained HTML report atomically and return its path."""
-    return write_text(path, render_report(summary, test_rows, val_rows, dataset_summary, gallery_png, title))
+def write_report(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
+    """Write the self-contained HTML report (:func:`render_report` of the other arguments) atomically and return
+    its path."""
+    return write_text(path, render_report(*args, **kwargs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

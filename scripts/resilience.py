@@ -33,6 +33,12 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+<<<<<<< HEAD
+=======
+from scripts.atomic import file_digest
+from scripts.config_values import parse_bool
+
+>>>>>>> dedup
 logger = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "true", "false")
@@ -220,14 +226,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def parse_resume(value: Any) -> str:
-    """Normalise the ``resume`` setting to ``"auto"``, ``"true"`` or ``"false"`` (bools and yes/no/1/0 accepted)."""
-    text = str(value).strip().lower()
-    text = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false", "none": "auto"}.get(
-        text, text
-    )
-    if text not in RESUME_MODES:
-        raise ValueError(f"resume must be one of {RESUME_MODES} (or a bool), got {value!r}")
-    return text
+    """Normalise the ``resume`` setting to ``"auto"``, ``"true"`` or ``"false"`` (``None``/``"none"`` mean ``"auto"``;
+    anything :func:`scripts.config_values.parse_bool` accepts means true or false)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "none")):
+        return "auto"
+    try:
+        return "true" if parse_bool(value, "resume") else "false"
+    except ValueError:
+        raise ValueError(f"resume must be one of {RESUME_MODES} (or a bool), got {value!r}") from None
 
 
 class ResumeHandler:
@@ -309,7 +315,7 @@ def set_deterministic_algorithms(enabled: bool = False) -> bool:
     deterministic implementation use it, the few that have none warn instead of stopping the run. ``False`` leaves
     PyTorch's setting as it is. Returns ``enabled``.
     """
-    if str(enabled).strip().lower() in ("1", "true", "yes", "on"):
+    if parse_bool(enabled, "deterministic_algorithms"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         logger.info("deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)", os.environ["CUBLAS_WORKSPACE_CONFIG"])

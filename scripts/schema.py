@@ -27,6 +27,10 @@ key             required  meaning
 ==============  ========  ===============================================================================
 
 Sources may add descriptive keys (e.g. ``calc_type``, ``subtlety``); workflows ignore them.
+
+``metadata.reference_standard`` says where the labels come from (:data:`REFERENCE_STANDARDS`, filled in by
+:func:`make_datalist` from the source; :func:`reference_standard` reads it, falling back to the source for older
+datalists); the evaluation report prints it. ``metadata.class_names`` (:func:`class_names`) names the labels.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ TARGET_CLASSES = ("benign", "malignant")
 REQUIRED_KEYS = ("image", "label", "patient", "case")
 PATH_KEYS = ("image", "mask")
 SPLITS = ("training", "validation", "test")
+# metadata.reference_standard: where a source's labels come from (make_datalist writes it; the report prints it)
+REFERENCE_STANDARDS = {
+    "synthetic": "simulated ground truth (the labels the generator drew the ROIs from; not a clinical verdict)",
+    "cbis-ddsm": "histopathology (CBIS-DDSM's verified pathology; BENIGN_WITHOUT_CALLBACK: benign without biopsy)",
+    "mini-mias": "the severity (B/M) stated in the mini-MIAS Info.txt (the database does not say how each was verified)",
+}
+REFERENCE_NOT_STATED = "not stated by the data source"
 
 
 class DatalistError(ValueError):
@@ -94,9 +105,11 @@ def make_datalist(
     pixel_spacing_mm: float | None = None,
     num_folds: int | None = None,
     validation: Sequence[dict] | None = None,
+    reference_standard: str | None = None,
     **extra_metadata: Any,
 ) -> dict:
-    """Assemble a datalist dictionary with its metadata block."""
+    """Assemble a datalist dictionary with its metadata block (``reference_standard`` defaults to the source's
+    entry in :data:`REFERENCE_STANDARDS`, else :data:`REFERENCE_NOT_STATED`)."""
     folds = {it["fold"] for it in training if "fold" in it}
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -105,6 +118,7 @@ def make_datalist(
         "class_names": list(class_names),
         "pixel_spacing_mm": pixel_spacing_mm,
         "num_folds": num_folds if num_folds is not None else (max(folds) + 1 if folds else 0),
+        "reference_standard": reference_standard or default_reference_standard(source),
     }
     meta.update(extra_metadata)
     out = {"metadata": meta, "training": list(training)}
@@ -139,12 +153,30 @@ def class_names(datalist: dict) -> list[str]:
     return list(datalist.get("metadata", {}).get("class_names", TARGET_CLASSES))
 
 
+<<<<<<< HEAD
 def num_folds(path: str | os.PathLike) -> int:
     """How many cross-validation folds the datalist at ``path`` defines (``metadata.num_folds``); at least 1."""
     n = read_datalist(path, check_files=False).get("metadata", {}).get("num_folds")
     if not isinstance(n, int) or n < 1:
         raise DatalistError(f"{path}: metadata.num_folds is {n!r}; a target datalist needs its folds (>= 1)")
     return n
+=======
+def default_reference_standard(source: Any) -> str:
+    """The reference standard of a known ``source`` (``"synthetic"``, ``"cbis-ddsm"``, ``"mini-mias"``, any case;
+    a source string that starts with one of them counts), else :data:`REFERENCE_NOT_STATED`."""
+    text = str(source or "").strip().lower().replace("_", "-")
+    for name, standard in REFERENCE_STANDARDS.items():
+        if text.startswith(name):
+            return standard
+    return REFERENCE_NOT_STATED
+
+
+def reference_standard(datalist: dict) -> str:
+    """The datalist's ``metadata.reference_standard``; for a datalist written before the field existed, that of
+    its ``metadata.source`` (:func:`default_reference_standard`)."""
+    meta = datalist.get("metadata", {})
+    return str(meta.get("reference_standard") or default_reference_standard(meta.get("source")))
+>>>>>>> dedup
 
 
 def resolve(item: dict, base_dir: str | os.PathLike) -> dict:

@@ -56,6 +56,36 @@ def train_tiny_ensemble(data_root: Path, seed: int = 0) -> dict[str, torch.Tenso
     return ens.eval().state_dict()
 
 
+def read_predictions(output_dir: str | Path) -> list[dict]:
+    """The rows of ``output_dir/predictions.csv`` (the inference workflow's table)."""
+    import csv
+
+    with open(Path(output_dir) / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_inference_workflow(config_dir: str | Path, output_dir: str | Path, **settings: Any) -> list[dict]:
+    """Run ``config_dir/inference.json`` (with its ``metadata.json``) in this process with ``settings`` as config
+    overrides; return the rows of the predictions table."""
+    from monai.bundle import ConfigWorkflow
+
+    config_dir = Path(config_dir)
+    wf = ConfigWorkflow(
+        config_file=str(config_dir / "inference.json"),
+        meta_file=str(config_dir / "metadata.json"),
+        logging_file=False,
+        workflow_type="infer",
+        output_dir=str(output_dir),
+        **settings,
+    )
+    wf.initialize()
+    try:
+        wf.run()
+    finally:
+        wf.finalize()
+    return read_predictions(output_dir)
+
+
 def make_app_bundle(dest: str | Path, data_root: str | Path | None = None) -> Path:
     """Write the tiny bundle to ``dest`` (created; must not exist) and return it."""
     dest = Path(dest)

@@ -7,6 +7,8 @@ import logging
 import urllib.error
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torchvision
 
 from scripts.ablation import nested_subset, run_ablation
@@ -56,10 +58,33 @@ def test_ablation_shares_data_and_stage1_and_reports_unavailable_imagenet_arms(t
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _paired_delong_p(csv_a: str, csv_b: str) -> float:
+    """Two-sided p of DeLong's paired test on the cases two runs share, from the pairwise definition of the
+    structural components (O(positives x negatives), independent of the midrank algorithm the bundle uses)."""
+    from scipy import stats
+
+    from scripts.metrics import read_cases_csv
+
+    a = {r["case"]: r for r in read_cases_csv(csv_a)}
+    b = {r["case"]: r for r in read_cases_csv(csv_b)}
+    cases = sorted(set(a) & set(b))
+    y = np.array([a[c]["label"] for c in cases])
+    scores = np.array([[a[c]["prob"] for c in cases], [b[c]["prob"] for c in cases]])
+    pos, neg = scores[:, y == 1], scores[:, y == 0]
+    psi = (pos[:, :, None] > neg[:, None, :]) + 0.5 * (pos[:, :, None] == neg[:, None, :])  # (2, m, n)
+    v10, v01 = psi.mean(axis=2), psi.mean(axis=1)
+    s10, s01 = np.cov(v10), np.cov(v01)
+    contrast = np.array([1.0, -1.0])
+    var = contrast @ s10 @ contrast / pos.shape[1] + contrast @ s01 @ contrast / neg.shape[1]
+    diff = psi.mean(axis=(1, 2)) @ contrast
+    return float(2 * stats.norm.sf(abs(diff) / np.sqrt(var)))
+
+
 def test_paired_p_values_against_dtl(tmp_path):
     base = tiny_settings(arch="efficientnet_lite0", n_target_train=24, n_target_test=12, folds=2)
     result = run_ablation(tmp_path, sizes=["full"], seeds=[0], arms=["imagenet", "dtl"], base=base)
     (run,) = [r for r in result["runs"] if r["arm"] == "imagenet"]
-    assert 0.0 <= run["vs_dtl"]["p"] <= 1.0
+    (dtl,) = [r for r in result["runs"] if r["arm"] == "dtl"]
+    assert run["vs_dtl"]["p"] == pytest.approx(_paired_delong_p(dtl["cases_csv"], run["cases_csv"]), rel=1e-6)
     assert run["vs_dtl"]["diff"] == next(r["auc"] for r in result["runs"] if r["arm"] == "dtl") - run["auc"]
     assert "p vs d-TL" in (tmp_path / "ablation.md").read_text()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.app_bundle import TINY_SETTINGS, make_app_bundle
+from tests.app_bundle import TINY_SETTINGS, make_app_bundle, run_inference_workflow
 from tests.conftest import REPO
 
 APPS = REPO / "apps"
@@ -79,30 +79,12 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reference(app_bundle, inputs, tmp_path_factory) -> dict[str, np.ndarray]:
     """The bundle's own inference (its configs/inference.json, in this environment) on the readable inputs."""
-    import csv
-
-    from monai.bundle import ConfigWorkflow
-
     folder = tmp_path_factory.mktemp("reference_inputs")
     for key in ("png", "mono2", "mono1"):
         (folder / inputs[key].name).symlink_to(inputs[key])
     out = tmp_path_factory.mktemp("reference_out")
-    wf = ConfigWorkflow(
-        config_file=str(app_bundle / "configs" / "inference.json"),
-        meta_file=str(app_bundle / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="infer",
-        bundle_root=str(app_bundle),
-        output_dir=str(out),
-        input_dir=str(folder),
-    )
-    wf.initialize()
-    try:
-        wf.run()
-    finally:
-        wf.finalize()
-    with open(out / "predictions.csv", newline="") as f:
-        rows = {r["case"]: r for r in csv.DictReader(f)}
+    table = run_inference_workflow(app_bundle / "configs", out, bundle_root=str(app_bundle), input_dir=str(folder))
+    rows = {r["case"]: r for r in table}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     return {
         key: np.array([float(rows[inputs[key].stem]["prob_benign"]), float(rows[inputs[key].stem]["prob_malignant"])])

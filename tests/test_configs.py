@@ -7,6 +7,7 @@ import json
 import pytest
 from monai.bundle import ConfigWorkflow
 
+from scripts.schema import TARGET_CLASSES
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -65,7 +66,7 @@ def test_metadata_has_the_mandatory_keys():
     assert meta["version"] in meta["changelog"]
     out = meta["network_data_format"]["outputs"]["pred"]
     assert out["type"] == "probabilities" and out["format"] == "classes" and out["num_channels"] == 2
-    assert out["channel_def"] == {"0": "benign", "1": "malignant"}
+    assert out["channel_def"] == {str(i): name for i, name in enumerate(TARGET_CLASSES)}
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
     assert "grad-cam" in meta["required_packages_version"]
 
@@ -93,3 +94,18 @@ def test_summarize_records_the_stage_configs_own_defaults():
     assert summarize["intermediate_datalist"] == stage1["datalist"]
     synthetic = json.loads((CONFIGS / "synthetic.json").read_text())
     assert stage1["datalist"].endswith(f"'/{synthetic['intermediate_data']['task']}/datalist.json'")
+
+
+def test_class_names_have_one_definition():
+    """The schema's target classes are the definition; the metadata's output channels, the inference config's
+    ``class_names`` (a literal: the config is run without the metadata too) and the datalists written by the
+    synthetic generator all repeat it."""
+    from scripts.schema import make_datalist
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    assert [channels[str(i)] for i in range(len(channels))] == list(TARGET_CLASSES)
+    assert inference["class_names"] == list(TARGET_CLASSES)
+    assert inference["num_classes"] == len(TARGET_CLASSES)
+    assert make_datalist([], [], source="synthetic", task="target")["metadata"]["class_names"] == list(TARGET_CLASSES)

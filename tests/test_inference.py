@@ -3,13 +3,12 @@ training scale), per-case error rows, decision threshold; tiny resnet18 ensemble
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
 from scripts.imageio import write_roi_png
 from scripts.inference import InferenceInputError, LoadInputd, items_from_csv, select_inputs
@@ -17,6 +16,7 @@ from scripts.network import Ensemble
 from scripts.prepare.dicom_writer import write_dicom
 from scripts.schema import load_split
 from scripts.transforms import LoadROId
+from tests.app_bundle import read_predictions, run_inference_workflow
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -44,7 +44,6 @@ def run_inference(bundle: Path, out: Path, **overrides) -> list[dict]:
     """Run configs/inference.json in this process; return the rows of the predictions table."""
     settings = dict(
         bundle_root=str(bundle),
-        output_dir=str(out),
         arch="resnet18",
         num_members=2,
         image_size=SIZE,
@@ -53,20 +52,7 @@ def run_inference(bundle: Path, out: Path, **overrides) -> list[dict]:
         batch_size=4,
     )
     settings.update(overrides)
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type="infer",
-        **settings,
-    )
-    wf.initialize()
-    try:
-        wf.run()
-    finally:
-        wf.finalize()
-    with open(out / "predictions.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    return run_inference_workflow(CONFIGS, out, **settings)
 
 
 def _roi(seed: int, size: int = SIZE) -> np.ndarray:
@@ -213,7 +199,7 @@ def test_clear_errors_for_bad_input_options(tmp_path):
     with pytest.raises(InferenceInputError, match="not both"):
         select_inputs(input_dir=str(tmp_path), input_csv=str(tmp_path / "c.csv"))
     (tmp_path / "c.csv").write_text("path,x\nfoo,1\n")
-    with pytest.raises(InferenceInputError, match="no 'image' column"):
+    with pytest.raises(InferenceInputError, match=r"input_csv c.csv: missing column\(s\) image in the header"):
         items_from_csv(tmp_path / "c.csv")
     strict = LoadInputd("image", image_size=SIZE, on_error="raise")
     with pytest.raises(InferenceInputError, match="case z: file not found"):
@@ -281,8 +267,7 @@ def test_a_failing_run_still_writes_the_rows_it_has(bundle, tmp_path, monkeypatc
     monkeypatch.setattr(Ensemble, "forward", failing_forward)
     with pytest.raises(Exception):
         run_inference(bundle, tmp_path / "out", input_dir=str(folder), batch_size=3)
-    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_predictions(tmp_path / "out")
     assert [r["case"] for r in rows] == ["roi0", "roi1", "roi2"] and all(r["status"] == "ok" for r in rows)
 
 
@@ -327,5 +312,7 @@ def _csv(folder: Path, text: str) -> Path:
 
 def test_whole_file_csv_error_is_one_message(bundle, tmp_path):
     (tmp_path / "c.csv").write_text("\n\npath,x\nfoo,1\n")  # leading blank lines are skipped; no image column
-    with pytest.raises(SystemExit, match=r"^error: input_csv c.csv: no 'image' column \(columns: path, x\)$"):
+    with pytest.raises(
+        SystemExit, match=r"^error: input_csv c.csv: missing column\(s\) image in the header line \(found: path, x\)$"
+    ):
         run_inference(bundle, tmp_path / "out", input_csv=str(tmp_path / "c.csv"))

@@ -32,12 +32,15 @@ def test_three_stages_write_models_predictions_and_metrics(tiny_run):
     ens = Ensemble(3, "resnet18")
     ens.load_state_dict(torch.load(work / "models" / "model.pt", weights_only=True))
     summary = json.loads(metrics_file.read_text())
-    assert 0.0 <= summary["auc"]["auc"] <= 1.0
     assert summary["threshold"]["rule"] == "youden" and "validation" in summary["threshold"]["description"]
     assert summary["data"]["source"] == "synthetic"
     test_rows = read_cases_csv(work / "results" / "cases_test.csv")
     assert len(test_rows) == summary["counts"]["test"]["cases"]
-    assert all(0.0 <= r["prob"] <= 1.0 for r in test_rows)
+    from sklearn.metrics import roc_auc_score
+
+    labels = [r["label"] for r in test_rows]
+    assert summary["auc"]["auc"] == pytest.approx(roc_auc_score(labels, [r["prob"] for r in test_rows]), abs=1e-9)
+    assert summary["counts"]["test"]["malignant"] == sum(labels)
     assert all(
         r["prob"] == pytest.approx((r["member_0"] + r["member_1"] + r["member_2"]) / 3, abs=1e-5) for r in test_rows
     )

@@ -12,7 +12,7 @@ from scripts.imageio import read_mask_png, read_roi_png
 from scripts.prepare.__main__ import main
 from scripts.prepare.csv_source import prepare_csv
 from scripts.prepare.dicom_writer import write_dicom
-from scripts.prepare.errors import PreparationFailed
+from scripts.prepare.errors import PreparationFailed, PrepareError
 from scripts.prepare.pipeline import OutputFolder
 from scripts.schema import read_datalist
 
@@ -283,3 +283,25 @@ def test_csv_quirks_blank_lines_zero_spacing_and_one_clear_message(dataset, tmp_
     assert main(["csv", "--in", str(src / "latin1.csv"), "--out", str(tmp_path / "l")]) == 1
     err = capsys.readouterr().err
     assert "latin1.csv: not a UTF-8 text file" in err and "Traceback" not in err
+
+
+def test_the_shared_csv_reader_checks_columns_units_and_resolves_paths_from_the_csv_folder(tmp_path):
+    from scripts.inference import InferenceInputError, items_from_csv
+    from scripts.prepare.csv_source import csv_cell_path, read_csv_rows
+
+    sub = tmp_path / "tables"
+    sub.mkdir()
+    table = sub / "t.csv"
+    table.write_text("\nImage , UNIT,x,y\nimg/a.png,cm,1,2\n")
+    rows = read_csv_rows(table)
+    assert rows == [(3, {"image": "img/a.png", "unit": "cm", "x": "1", "y": "2"})]  # line numbers of the file
+    assert csv_cell_path(table, " img/a.png ") == sub / "img" / "a.png"
+    with pytest.raises(PrepareError, match=r"^t.csv: missing column\(s\) label, patient in the header line"):
+        read_csv_rows(table, required=("image", "label", "patient"))
+    # inference: same reader, its own error type and name; a bad unit is that row's error
+    (item,) = items_from_csv(table)
+    assert item["image"] == str(sub / "img" / "a.png")
+    assert item["error"] == "t.csv line 3: unit 'cm' must be px or mm"
+    with pytest.raises(InferenceInputError, match=r"^input_csv empty.csv: no rows"):
+        (sub / "empty.csv").write_text("image\n")
+        items_from_csv(sub / "empty.csv")

@@ -130,3 +130,62 @@ def test_report_cli(tmp_path: Path):
     assert R.main(args + ["--val", str(tmp_path / "val.csv"), "--summary-out", str(tmp_path / "s.json")]) == 0
     _check_html(out.read_text())
     assert (tmp_path / "s.json").is_file()
+
+
+def _reference_line(text: str) -> str:
+    m = re.search(r"Reference standard: ([^<]*?)\. Generated", text)
+    assert m, "no reference-standard sentence"
+    return html.unescape(m.group(1))
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("synthetic", "simulated ground truth"),
+        ("cbis-ddsm", "histopathology"),
+        ("mini-mias", "mini-MIAS Info.txt"),
+        ("csv", "not stated"),
+        (None, "not stated"),
+    ],
+)
+def test_report_reference_standard_comes_from_the_data_source(source, expected):
+    test = _rows(20, 6, "t", with_birads=False)
+    summary = M.summarize(test, None, threshold_rule="fixed", threshold_value=0.5, n_boot=0, data_source=source)
+    line = _reference_line(R.render_report(summary, test))
+    assert expected in line
+    assert ("histopathology" in line) == (source == "cbis-ddsm")
+
+
+def test_report_prefers_the_datalist_reference_standard_and_class_names(tmp_path: Path):
+    from scripts import schema
+
+    dl = schema.make_datalist(
+        [], [], source="csv", task="target", class_names=["low", "high"], reference_standard="expert consensus"
+    )
+    test = _rows(24, 7, "t")
+    summary = M.summarize(
+        test,
+        None,
+        threshold_rule="fixed",
+        threshold_value=0.5,
+        n_boot=0,
+        data_source="csv",
+        class_names=schema.class_names(dl),
+        reference_standard=schema.reference_standard(dl),
+    )
+    text = R.render_report(summary, test)
+    assert _reference_line(text) == "expert consensus"
+    n_high = sum(r["label"] for r in test)
+    assert f"({n_high} high, {len(test) - n_high} low)" in text
+    assert "called high when" in text
+    assert "benign" not in text and "malignant" not in text
+
+
+def test_reference_standard_of_old_datalists_falls_back_to_their_source():
+    from scripts import schema
+
+    assert schema.reference_standard({"metadata": {"source": "synthetic"}}).startswith("simulated ground truth")
+    assert schema.reference_standard({"metadata": {"source": "CBIS-DDSM"}}).startswith("histopathology")
+    assert schema.reference_standard({"metadata": {}}) == schema.REFERENCE_NOT_STATED
+    written = schema.make_datalist([], [], source="mini-mias", task="target")["metadata"]["reference_standard"]
+    assert written == schema.REFERENCE_STANDARDS["mini-mias"]

@@ -255,7 +255,7 @@ def test_cli(tmp_path):
 
 
 def test_shared_style_knob_controls_whether_a_patients_rois_share_their_background(monkeypatch):
-    import scripts.synthetic as synth
+    import scripts.synthetic_render as synth  # generate_roi looks patient_style up here
 
     styles = []
     original = synth.patient_style

@@ -113,34 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         on_error=args.on_error,
         overwrite=args.overwrite,
+        # the source options that this source's parser defines
+        **{k: getattr(args, k) for k in ("source_pitch_mm", "test_fraction") if hasattr(args, k)},
     )
     try:
         if args.source == "mini-mias":
             from scripts.prepare.mini_mias import prepare_mini_mias
 
-            result = prepare_mini_mias(args.input, test_fraction=args.test_fraction, **common)
+            result = prepare_mini_mias(args.input, **common)
         elif args.source == "cbis-ddsm":
             from scripts.prepare.cbis_ddsm import prepare_cbis_ddsm
 
-            result = prepare_cbis_ddsm(
-                args.input,
-                tables=args.tables,
-                source_pitch_mm=args.source_pitch_mm,
-                target=args.target,
-                intermediate=args.intermediate,
-                **common,
-            )
+            selection = dict(target=args.target, intermediate=args.intermediate)
+            result = prepare_cbis_ddsm(args.input, tables=args.tables, **selection, **common)
         else:
             from scripts.prepare.csv_source import prepare_csv
 
-            result = prepare_csv(
-                args.input,
-                source_pitch_mm=args.source_pitch_mm,
-                test_fraction=args.test_fraction,
-                salt=args.salt,
-                default_task=args.task,
-                **common,
-            )
+            result = prepare_csv(args.input, salt=args.salt, default_task=args.task, **common)
     except PreparationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         report = e.report_path or Path(args.out) / "prepare_report.json"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from scripts.atomic import file_digest
 from scripts.prepare.errors import ErrorReport, PrepareError
@@ -66,23 +66,29 @@ def cell_float(row: dict, key: str, error: type[Exception] = PrepareError) -> fl
     return f
 
 
-def read_csv_rows(csv_path: str | Path, error: type[Exception] = PrepareError) -> list[tuple[int, dict]]:
-    """``(line number, row)`` for every data row of a CSV; header names stripped and lower-cased.
+def read_csv_rows(
+    csv_path: str | Path, error: type[Exception] = PrepareError, required: tuple[str, ...] = (), name: str = ""
+) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for every data row of a CSV of image paths; header names stripped and lower-cased.
 
-    Blank lines before the header are skipped (line numbers stay those of the file); a missing or unreadable file
-    raises ``error`` with one clear message naming the file."""
+    The one CSV reader of preparation (:func:`csv_cases`) and inference (``scripts.inference.items_from_csv``).
+    Blank lines before the header are skipped (line numbers stay those of the file); a missing or unreadable file,
+    a file without rows, or a header without one of the ``required`` columns raises ``error`` with one clear
+    message naming the file (``name``, default the file's name). Paths in cells are relative to the CSV's folder
+    (:func:`csv_cell_path`)."""
     csv_path = Path(csv_path)
+    label = name or csv_path.name
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             lines = f.read().splitlines(keepends=True)
     except FileNotFoundError:
-        raise error(f"{csv_path.name}: CSV file not found") from None
+        raise error(f"{label}: CSV file not found") from None
     except IsADirectoryError:
-        raise error(f"{csv_path.name}: is a folder, not a CSV file") from None
+        raise error(f"{label}: is a folder, not a CSV file") from None
     except UnicodeDecodeError as e:
-        raise error(f"{csv_path.name}: not a UTF-8 text file (byte {e.start} cannot be decoded)") from None
+        raise error(f"{label}: not a UTF-8 text file (byte {e.start} cannot be decoded)") from None
     except OSError as e:
-        raise error(f"{csv_path.name}: cannot be read ({type(e).__name__})") from None
+        raise error(f"{label}: cannot be read ({type(e).__name__})") from None
     skip = 0
     while skip < len(lines) and not lines[skip].strip():
         skip += 1
@@ -93,10 +99,29 @@ def read_csv_rows(csv_path: str | Path, error: type[Exception] = PrepareError) -
             row = {(k or "").strip().lower(): (v if isinstance(v, str) else "") for k, v in r.items()}
             rows.append((skip + reader.line_num, row))
     except csv.Error as e:
-        raise error(f"{csv_path.name}: not a readable CSV ({e})") from None
+        raise error(f"{label}: not a readable CSV ({e})") from None
     if not rows:
-        raise error(f"{csv_path.name}: no rows (a header line and at least one row are expected)")
+        raise error(f"{label}: no rows (a header line and at least one row are expected)")
+    missing = [c for c in required if c not in rows[0][1]]
+    if missing:
+        raise error(
+            f"{label}: missing column(s) {', '.join(missing)} in the header line "
+            f"(found: {', '.join(c for c in rows[0][1] if c)[:200] or 'none'})"
+        )
     return rows
+
+
+def csv_cell_path(csv_path: str | Path, cell: str) -> Path:
+    """The file named in a CSV cell: relative paths are relative to the CSV's folder."""
+    return Path(csv_path).parent / cell.strip()
+
+
+def cell_unit(row: dict, error: type[Exception] = PrepareError) -> str:
+    """The ``unit`` cell of a row: ``"px"`` (default) or ``"mm"``."""
+    unit = (row.get("unit") or "px").strip().lower()
+    if unit not in ("px", "mm"):
+        raise error(f"unit {unit!r} must be px or mm")
+    return unit
 
 
 def _birads(row: dict) -> int | None:
@@ -126,7 +151,7 @@ class _ImageCache:
         return self.value
 
 
-def _render(row: dict, path: Path, base: Path, cache: _ImageCache, geom: RoiGeometry, pitch: float | None):
+def _render(row: dict, path: Path, csv_path: Path, cache: _ImageCache, geom: RoiGeometry, pitch: float | None):
     def render():
         spacing_override = cell_float(row, "spacing_mm")
         spacing_override = pitch if spacing_override is None else spacing_override
@@ -136,9 +161,7 @@ def _render(row: dict, path: Path, base: Path, cache: _ImageCache, geom: RoiGeom
             raise PrepareError(
                 "pixel pitch unknown: the image states none; add a spacing_mm column or --source-pitch-mm"
             )
-        unit = (row.get("unit") or "px").strip().lower()
-        if unit not in ("px", "mm"):
-            raise PrepareError(f"unit {unit!r} must be px or mm")
+        unit = cell_unit(row)
 
         def to_px(v: float, axis: int) -> float:  # axis 0 rows (y), 1 cols (x)
             return v / spacing[axis] - 0.5 if unit == "mm" else v
@@ -151,7 +174,7 @@ def _render(row: dict, path: Path, base: Path, cache: _ImageCache, geom: RoiGeom
         box = [cell_float(row, k) for k in ("x0", "y0", "x1", "y1")]
         mask_cell = (row.get("mask") or "").strip()
         if mask_cell:
-            full_mask = load_mask(base / mask_cell)
+            full_mask = load_mask(csv_cell_path(csv_path, mask_cell))
             if full_mask.shape != img.pixels.shape:
                 raise PrepareError(f"mask shape {full_mask.shape} differs from image shape {img.pixels.shape}")
             b = mask_box(full_mask)
@@ -202,16 +225,9 @@ def csv_cases(
 ) -> Iterator[CaseSpec]:
     """Yield one :class:`CaseSpec` per CSV row (rows grouped by image so each image is decoded once)."""
     csv_path = Path(csv_path)
-    base = csv_path.parent
-    numbered = read_csv_rows(csv_path)
+    numbered = read_csv_rows(csv_path, required=("image", "label", "patient"))
     lines = [n for n, _ in numbered]
     rows = [r for _, r in numbered]
-    missing = [c for c in ("image", "label", "patient") if c not in rows[0]]
-    if missing:
-        raise PrepareError(
-            f"{csv_path.name}: missing column(s) {', '.join(missing)} in the header line "
-            f"(found: {', '.join(c for c in rows[0] if c)[:200] or 'none'})"
-        )
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["image"], i))
     cache = _ImageCache()
     for i in order:
@@ -241,9 +257,9 @@ def csv_cases(
         fields = {"label": label, "patient": pseudonym(row["patient"]), "birads": birads, "csv_line": line}
         if (row.get("lesion") or "").strip():
             fields["lesion"] = "lesion_" + pseudonym(row["patient"] + "|" + row["lesion"]).split("_", 1)[1]
-        path = base / row["image"].strip()
+        path = csv_cell_path(csv_path, row["image"])
         yield CaseSpec(
-            case, task, f"{where}: {path}", fields, _render(row, path, base, cache, geom, source_pitch_mm), split
+            case, task, f"{where}: {path}", fields, _render(row, path, csv_path, cache, geom, source_pitch_mm), split
         )
 
 
@@ -251,16 +267,15 @@ def prepare_csv(
     csv_path: str | Path,
     out_dir: str | Path,
     geom: RoiGeometry | None = None,
-    num_folds: int = 3,
-    seed: int = 0,
-    test_fraction: float = 0.25,
-    on_error: str = "stop",
-    overwrite: bool = False,
     source_pitch_mm: float | None = None,
     salt: str | None = None,
     default_task: str = "target",
+    **options: Any,
 ) -> dict:
-    """Prepare the ROIs listed in ``csv_path`` under ``out_dir``."""
+    """Prepare the ROIs listed in ``csv_path`` under ``out_dir``.
+
+    ``options``: ``num_folds``, ``seed``, ``test_fraction``, ``on_error`` and ``overwrite`` of
+    ``scripts.prepare.pipeline.prepare_source``."""
     from scripts.prepare.pipeline import prepare_source
 
     geom = geom or RoiGeometry()
@@ -268,15 +283,8 @@ def prepare_csv(
         raise PrepareError(f"{csv_path}: CSV file not found")
     pseudonym = Pseudonymiser(out_dir, salt=salt, prefix="pt")
     settings = {"input_digest": file_digest(csv_path)[:16], "source_pitch_mm": source_pitch_mm, "pad": geom.pad}
-    return prepare_source(
-        "csv",
-        lambda report: csv_cases(csv_path, geom, report, pseudonym, source_pitch_mm, default_task),
-        out_dir,
-        geom,
-        settings,
-        num_folds=num_folds,
-        seed=seed,
-        test_fraction=test_fraction,
-        on_error=on_error,
-        overwrite=overwrite,
-    )
+
+    def cases(report: ErrorReport) -> Iterator[CaseSpec]:
+        return csv_cases(csv_path, geom, report, pseudonym, source_pitch_mm, default_task)
+
+    return prepare_source("csv", cases, out_dir, geom, settings, **options)

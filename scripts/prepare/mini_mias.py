@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -186,30 +186,26 @@ def prepare_mini_mias(
     root: str | Path,
     out_dir: str | Path,
     geom: RoiGeometry | None = None,
-    num_folds: int = 3,
-    seed: int = 0,
-    test_fraction: float = 0.25,
-    on_error: str = "stop",
-    overwrite: bool = False,
     pitch_mm: float = MIAS_PITCH_MM,
+    **options: Any,
 ) -> dict:
-    """Prepare mini-MIAS under ``out_dir`` (``datalist_target.json``, ``datalist_intermediate.json``)."""
+    """Prepare mini-MIAS under ``out_dir`` (``datalist_target.json``, ``datalist_intermediate.json``).
+
+    ``options``: ``num_folds``, ``seed``, ``test_fraction``, ``on_error`` and ``overwrite`` of
+    ``scripts.prepare.pipeline.prepare_source``."""
     from scripts.prepare.pipeline import prepare_source
 
     geom = geom or RoiGeometry()
+    settings = {
+        "source_pitch_mm": pitch_mm,
+        "intermediate": "non-calcification lesions (B/M)",
+        "input_digest": file_digest(find_info(root))[:16],
+    }
     return prepare_source(
         "mini-mias",
         lambda report: mias_cases(root, geom, report, pitch_mm=pitch_mm),
         out_dir,
         geom,
-        {
-            "source_pitch_mm": pitch_mm,
-            "intermediate": "non-calcification lesions (B/M)",
-            "input_digest": file_digest(find_info(root))[:16],
-        },
-        num_folds=num_folds,
-        seed=seed,
-        test_fraction=test_fraction,
-        on_error=on_error,
-        overwrite=overwrite,
+        settings,
+        **options,
     )
