@@ -33,12 +33,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-<<<<<<< HEAD
-=======
-from scripts.atomic import file_digest
 from scripts.config_values import parse_bool
 
->>>>>>> dedup
 logger = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "true", "false")

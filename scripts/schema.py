@@ -153,14 +153,14 @@ def class_names(datalist: dict) -> list[str]:
     return list(datalist.get("metadata", {}).get("class_names", TARGET_CLASSES))
 
 
-<<<<<<< HEAD
 def num_folds(path: str | os.PathLike) -> int:
     """How many cross-validation folds the datalist at ``path`` defines (``metadata.num_folds``); at least 1."""
     n = read_datalist(path, check_files=False).get("metadata", {}).get("num_folds")
     if not isinstance(n, int) or n < 1:
         raise DatalistError(f"{path}: metadata.num_folds is {n!r}; a target datalist needs its folds (>= 1)")
     return n
-=======
+
+
 def default_reference_standard(source: Any) -> str:
     """The reference standard of a known ``source`` (``"synthetic"``, ``"cbis-ddsm"``, ``"mini-mias"``, any case;
     a source string that starts with one of them counts), else :data:`REFERENCE_NOT_STATED`."""
@@ -176,7 +176,6 @@ def reference_standard(datalist: dict) -> str:
     its ``metadata.source`` (:func:`default_reference_standard`)."""
     meta = datalist.get("metadata", {})
     return str(meta.get("reference_standard") or default_reference_standard(meta.get("source")))
->>>>>>> dedup
 
 
 def resolve(item: dict, base_dir: str | os.PathLike) -> dict:

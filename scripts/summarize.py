@@ -73,7 +73,8 @@ def write_metrics(
     results_dir = Path(results_dir)
     val_rows = validation_cases(results_dir, schema.num_folds(datalist))
     test_rows = metrics.read_cases_csv(results_dir / "cases_test.csv")
-    source = schema.read_datalist(datalist, check_files=False).get("metadata", {}).get("source", "unknown")
+    target = schema.read_datalist(datalist, check_files=False)
+    source = target.get("metadata", {}).get("source", "unknown")
     summary = metrics.summarize(
         test_rows,
         val_rows,
@@ -82,6 +83,8 @@ def write_metrics(
         n_boot=n_boot,
         seed=seed,
         data_source=source,
+        class_names=schema.class_names(target),
+        reference_standard=schema.reference_standard(target),
     )
     summary["network"] = network
     summary["data"] = {
