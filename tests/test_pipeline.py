@@ -188,9 +188,10 @@ def test_the_bundle_commands_reproduce_the_main_job(tiny_run, tmp_path):
     for step in data[0] + plan(s2, data):
         r = subprocess.run(step.command(), shell=True, cwd=BUNDLE_DIR, env=env, capture_output=True, text=True)
         assert r.returncode == 0, f"{step.name}: {step.command()}\n{r.stderr[-3000:]}"
-    a = torch.load(work / "models" / "model.pt", weights_only=True)
-    b = torch.load(other / "models" / "model.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for model in sorted(p.relative_to(work) for p in (work / "models").glob("**/model.pt")):
+        a, b = (torch.load(w / model, weights_only=True) for w in (work, other))
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert a.keys() == b.keys() and not differ, f"{model}: {len(differ)} tensors differ, e.g. {differ[:3]}"
     for name in ("cases_test.csv", "cases_validation.csv"):
         assert (work / "results" / name).read_bytes() == (other / "results" / name).read_bytes()
     mine, theirs = json.loads(metrics_file.read_text()), json.loads((other / "results" / "metrics.json").read_text())

@@ -19,7 +19,6 @@ from scripts.saliency.cam import (
     target_layer,
 )
 from scripts.saliency.localisation import (
-    CLASS_NAMES,
     FEATURE_STRIDE,
     chance_levels,
     distance_to_mask,
@@ -31,12 +30,11 @@ from scripts.saliency.localisation import (
 )
 from scripts.saliency.render import render_overlay, save_gallery, save_map_nifti
 from scripts.saliency.sanity import RANDOMISATION_MODES, map_similarity, randomisation_check
-from scripts.saliency.settings import SaliencySettings, as_bool, none_if_off, threshold_from_metrics
+from scripts.saliency.settings import SaliencySettings, none_if_off, threshold_from_metrics
 from scripts.saliency.workflow import load_mask, load_weights, run_saliency
 
 __all__ = [
     "CAMResult",
-    "CLASS_NAMES",
     "EnsembleCAM",
     "FEATURE_STRIDE",
     "METHODS",
@@ -44,7 +42,6 @@ __all__ = [
     "SaliencySettings",
     "TARGETS",
     "TargetLayerCut",
-    "as_bool",
     "chance_levels",
     "distance_to_mask",
     "energy_in_mask",

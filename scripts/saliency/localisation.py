@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-CLASS_NAMES = ("benign", "malignant")
+from scripts.schema import TARGET_CLASSES
+
 FEATURE_STRIDE = 32  # default tolerance (px) of the pure pointing_game function: one cell of a stride-32 map
 BOOTSTRAP_RESAMPLES = 2000  # percentile-bootstrap CIs of the localisation table
 _EPS = 1e-8
@@ -145,7 +146,7 @@ def _summarise(records: Sequence[dict], seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def localisation_table(records: Sequence[dict], class_names: Sequence[str] = CLASS_NAMES) -> dict[str, dict]:
+def localisation_table(records: Sequence[dict], class_names: Sequence[str] = TARGET_CLASSES) -> dict[str, dict]:
     """Aggregate per-ROI records (keys ``label``, ``correct`` and those of :func:`localisation_metrics`).
 
     Groups: ``all``, ``correct``, ``misclassified``, each class name, and ``<class>/correct``,

@@ -1,5 +1,5 @@
 """Saliency settings (one dataclass that ``configs/saliency.json`` builds), the operating threshold read from the
-evaluation's metrics file, and the small value parsers the command line needs (``"none"`` = off)."""
+evaluation's metrics file, and the "off" values of the command line (``"none"`` = off)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from scripts.config_values import parse_bool
 from scripts.saliency.cam import METHODS, TARGETS
-from scripts.saliency.localisation import CLASS_NAMES
 from scripts.saliency.sanity import RANDOMISATION_MODES
+from scripts.schema import TARGET_CLASSES
 
 _OFF = ("", "none", "null", "off", "false")
-_ON = ("true", "on", "yes", "1")
 
 
 def none_if_off(value: Any) -> Any:
@@ -22,16 +22,6 @@ def none_if_off(value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
         return None
     return value
-
-
-def as_bool(value: Any) -> bool:
-    """A bool from a bool, a number or a command-line string (``"true"/"false"``, ``"on"/"off"``, ``"none"``...)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text not in _OFF + _ON:
-            raise ValueError(f"not a boolean: {value!r}")
-        return text in _ON
-    return bool(value)
 
 
 def threshold_from_metrics(metrics_file: str | Path) -> float:
@@ -84,14 +74,14 @@ class SaliencySettings:
     gallery_per_group: int = 4
     randomisation: str | None = "cascading"
     randomisation_images: int = 4
-    class_names: Sequence[str] = CLASS_NAMES
+    class_names: Sequence[str] = TARGET_CLASSES
     seed: int = 0
     log_every: int = 20
 
     def __post_init__(self) -> None:
         self.layer = none_if_off(self.layer)
         self.randomisation = none_if_off(self.randomisation)
-        self.freeze, self.amp = as_bool(self.freeze), as_bool(self.amp)
+        self.freeze, self.amp = parse_bool(self.freeze, "saliency#freeze"), parse_bool(self.amp, "saliency#amp")
         self.threshold = float(self.threshold)
         self.spacing_mm = None if none_if_off(self.spacing_mm) is None else float(self.spacing_mm)
         self.batch_size, self.class_names = int(self.batch_size), tuple(self.class_names)
