@@ -5,7 +5,7 @@ of the same size, and full-field images (16-bit PNG and DICOM, about 4000 x 3000
 
 * ``LoadImage``: MONAI's ``LoadImage`` with the reader pinned (``PILReader`` for PNG, ``PydicomReader`` for DICOM);
 * ``LoadROId``: the bundle's training loader (read, scale to [0, 1], resize to ``image_size``, float32);
-* ``read_roi_png`` / ``read_dicom``: the bundle's file readers (``scripts.imageio``, ``scripts.prepare.dicom_io``);
+* ``read_roi_png`` / ``read_dicom``: the bundle's file readers (``scripts.data.imageio``, ``scripts.data.prepare.dicom_io``);
 * ``pydicom``: ``dcmread(...).pixel_array`` alone, the floor for DICOM.
 
 The cache section iterates the bundle's training preprocessing (``LoadROId`` + random augmentation) through a
@@ -53,7 +53,7 @@ def write_files(root: Path, n_roi: int, roi_size: int, n_full: int, full_shape: 
     import numpy as np
     from PIL import Image
 
-    from scripts.prepare.dicom_writer import write_dicom
+    from scripts.data.prepare.dicom_writer import write_dicom
 
     rng = np.random.default_rng(0)
     files: dict[str, list] = {"png_roi": [], "dcm_roi": [], "png_full": [], "dcm_full": []}
@@ -94,9 +94,9 @@ def readers(image_size: int) -> dict[str, dict[str, Callable[[Any], Any]]]:
     import torch
     from monai.transforms import LoadImage
 
-    from scripts.imageio import read_roi_png
-    from scripts.prepare.dicom_io import read_dicom
-    from scripts.transforms import LoadROId
+    from scripts.data.imageio import read_roi_png
+    from scripts.data.prepare.dicom_io import read_dicom
+    from scripts.data.transforms import LoadROId
 
     pil = LoadImage(reader="PILReader", image_only=True, ensure_channel_first=True, reverse_indexing=False)
     dcm = LoadImage(reader="PydicomReader", image_only=True, ensure_channel_first=True)

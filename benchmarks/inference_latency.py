@@ -92,8 +92,8 @@ def child(size: int, members: int, mode: str, arch: str, device: str, warmup: in
     import numpy as np
     import torch
 
-    from scripts.inferers import AutocastInferer
-    from scripts.network import Ensemble
+    from scripts.model.inferers import AutocastInferer
+    from scripts.model.network import Ensemble
     from scripts.saliency import EnsembleCAM
 
     warnings.filterwarnings("ignore")

@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.imageio import read_mask_png, read_roi_png  # noqa: E402
-from scripts.network import Ensemble, load_state_dict_file  # noqa: E402
+from scripts.data.imageio import read_mask_png, read_roi_png  # noqa: E402
+from scripts.data.schema import load_split  # noqa: E402
+from scripts.model.network import Ensemble, load_state_dict_file  # noqa: E402
 from scripts.saliency import EnsembleCAM, localisation_metrics, localisation_table  # noqa: E402
-from scripts.schema import load_split  # noqa: E402
 
 DEFAULT_PAIRS = [
     "gradcam:backbone.bn2",

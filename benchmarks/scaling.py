@@ -2,7 +2,7 @@
 
 For each count N the benchmark (each step in its own subprocess, so that each peak is its own):
 
-1. ``prep``: ``scripts.synthetic.generate_dataset`` writes N target ROIs (PNG + mask) and the datalist;
+1. ``prep``: ``scripts.data.synthetic.generate_dataset`` writes N target ROIs (PNG + mask) and the datalist;
 2. ``epoch (CacheDataset)``: the bundle's trainer (configs/train.json, every training ROI, validation moved out of
    the way) builds its in-memory cache and trains one epoch;
 3. ``epoch (PersistentDataset)``: the same trainer with ``train#dataset`` replaced by a ``PersistentDataset``
@@ -53,7 +53,7 @@ COLUMNS = ["n_rois", "step", "seconds", "ms_per_roi", "process_peak_rss_mb", "gr
 
 
 def child_prep(n: int, root: Path, size: int, workers: int) -> dict:
-    from scripts.synthetic import generate_dataset
+    from scripts.data.synthetic import generate_dataset
 
     base = current_rss_mb()
     t0 = time.perf_counter()
@@ -68,14 +68,14 @@ def child_epoch(n: int, root: Path, size: int, arch: str, batch: int, cache: str
 
     base = current_rss_mb()
     overrides: dict[str, Any] = {
-        "train#dataset#data": "$scripts.schema.load_split(@datalist, 'training')",
-        "validate#dataset#data": "$scripts.schema.load_split(@datalist, 'validation', @fold)[:2]",
+        "train#dataset#data": "$scripts.data.schema.load_split(@datalist, 'training')",
+        "validate#dataset#data": "$scripts.data.schema.load_split(@datalist, 'validation', @fold)[:2]",
         "train#trainer#max_epochs": epochs,
     }
     if cache == "persistent":
         overrides["train#dataset"] = {
             "_target_": "PersistentDataset",
-            "data": "$scripts.schema.load_split(@datalist, 'training')",
+            "data": "$scripts.data.schema.load_split(@datalist, 'training')",
             "transform": "@train#preprocessing",
             "cache_dir": str(root / "persistent_cache"),
         }

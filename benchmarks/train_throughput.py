@@ -6,13 +6,13 @@ postprocessing and handlers; validation is pushed past the measured window). The
 (same architecture, seed, optimiser, loss, batch and input size) on the same ROIs, held in one tensor in memory.
 Two more variants separate the cost of MONAI's metadata tracking from the rest of the trainer: ``plain+meta`` is
 the plain loop fed ``MetaTensor`` batches (what the trainer's network sees), and ``bundle+tensor`` is the bundle's
-trainer with an inferer that drops the metadata before the network: ``scripts.inferers.AutocastInferer`` now does
+trainer with an inferer that drops the metadata before the network: ``scripts.model.inferers.AutocastInferer`` now does
 that itself, so this variant is the shipped trainer again (kept so that earlier results stay comparable);
 ``bundle+tensor+none`` also frees the gradients between iterations (``optim_set_to_none``) as the plain loop does.
 
 Precisions (``--precisions``): ``fp32`` (float32, contiguous tensors), ``fp32_cl`` (float32, network and batches in
 channels_last) and ``amp`` (channels_last + bfloat16 autocast, as ``AutocastInferer`` does on CPU and CUDA): the
-bundle's ``amp`` / ``channels_last`` settings (``configs/train.json``; ``scripts.inferers.default_amp`` picks ``amp``
+bundle's ``amp`` / ``channels_last`` settings (``configs/train.json``; ``scripts.model.inferers.default_amp`` picks ``amp``
 per architecture and device). After the per-size tables a precision table puts them side by side (images/s of each
 variant, ratio to ``fp32`` and the fastest). Throughput is the batch size over the median iteration time after
 warm-up. An untimed first round runs every variant once (whichever network first meets an input shape pays for
@@ -69,7 +69,7 @@ COLUMNS = [
 
 def make_data(root: Path, n_train: int, roi_size: int) -> Path:
     """Synthetic target ROIs (written once per run) and their datalist."""
-    from scripts.synthetic import generate_dataset
+    from scripts.data.synthetic import generate_dataset
 
     # two folds: the training split (fold 0 held out) has about n_train ROIs
     return generate_dataset(root, "target", n_train=2 * n_train, n_test=2, num_folds=2, image_size=roi_size, seed=0)
@@ -90,11 +90,11 @@ def build_bundle_trainer(
 ) -> tuple[Any, Any]:
     """The bundle's SupervisedTrainer from configs/train.json (validation moved out of the way).
 
-    ``plain_tensor`` sets the inferer to ``scripts.inferers.AutocastInferer`` (metadata dropped before the network;
+    ``plain_tensor`` sets the inferer to ``scripts.model.inferers.AutocastInferer`` (metadata dropped before the network;
     the shipped config's inferer), everything else unchanged; ``set_to_none`` sets the trainer's ``optim_set_to_none`` (gradients
     freed instead of zero-filled between iterations, as the plain loop does); ``channels_last`` defaults to ``amp``.
     """
-    extra: dict[str, Any] = {"train#inferer#_target_": "scripts.inferers.AutocastInferer"} if plain_tensor else {}
+    extra: dict[str, Any] = {"train#inferer#_target_": "scripts.model.inferers.AutocastInferer"} if plain_tensor else {}
     if set_to_none:
         extra["train#trainer#optim_set_to_none"] = True
     wf = train_workflow(
@@ -175,7 +175,7 @@ def run_plain(
     batches in channels_last memory format; defaults to ``amp``)."""
     import torch
 
-    from scripts.network import param_groups
+    from scripts.model.network import param_groups
 
     dev = torch.device(device)
     dtype = torch.bfloat16  # as AutocastInferer, on CPU and CUDA
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger().setLevel(logging.WARNING)
     import torch
 
-    from scripts.network import build_network
+    from scripts.model.network import build_network
 
     with Run(NAME, args, device) as run, tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         tmp = Path(tmp)

@@ -1,6 +1,6 @@
 """Ablation: how much does each transfer step add, as the target training set grows?
 
-Arms (each is the main job, :func:`scripts.pipeline.run_pipeline`, with one setting changed):
+Arms (each is the main job, :func:`scripts.main_job.run_pipeline`, with one setting changed):
 
 ================  =======================================  ==========================================
 arm               stage 1 (intermediate task)              target folds initialised from
@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scripts.pipeline import Settings, prepare_synthetic, run_pipeline
+from scripts.main_job import Settings, prepare_synthetic, run_pipeline
 
 logger = logging.getLogger("ablation")
 
@@ -52,7 +52,7 @@ FULL = "full"
 
 def imagenet_available(arch: str, weights: str | None) -> tuple[bool, str]:
     """Whether ImageNet weights can be had for ``arch`` (packaged, a local file, or torchvision's download)."""
-    from scripts.network import WeightsError, build_network
+    from scripts.model.network import WeightsError, build_network
 
     try:
         build_network(arch, init="imagenet", weights=weights)
@@ -67,7 +67,7 @@ def nested_subset(items: Sequence[dict], size: int, num_folds: int, seed: int) -
     Smaller subsets are contained in larger ones (same seed), classes stay balanced to within one patient, and a
     patient's ROIs stay together; folds are reassigned within the subset (patient-grouped, label-stratified).
     """
-    from scripts.schema import assign_folds
+    from scripts.data.schema import assign_folds
 
     by_patient: dict[str, list[dict]] = defaultdict(list)
     for it in items:
@@ -90,7 +90,7 @@ def nested_subset(items: Sequence[dict], size: int, num_folds: int, seed: int) -
 
 def write_subset_datalist(datalist: Path, size: int | str, num_folds: int, seed: int) -> Path:
     """``datalist_n<size>.json`` beside ``datalist`` (same files, same test split, a nested training subset)."""
-    from scripts.schema import read_datalist, write_datalist
+    from scripts.data.schema import read_datalist, write_datalist
 
     if size == FULL:
         return datalist
@@ -111,7 +111,7 @@ def _reuse_stage1(src_workdir: Path | None, workdir: Path) -> None:
 
 def _paired_tests(runs: list[dict], reference: str = "dtl") -> None:
     """Add to each run the DeLong paired test of ``reference`` vs it on the same seed, size and test cases."""
-    from scripts.metrics import delong_paired_test, read_cases_csv
+    from scripts.evaluation.metrics import delong_paired_test, read_cases_csv
 
     by_key = {(r["arm"], r["size"], r["seed"]): r for r in runs}
     for r in runs:
@@ -137,7 +137,7 @@ def run_ablation(
     base: Settings | None = None,
 ) -> dict:
     """Run every arm × size × seed; write ``ablation.json``, ``ablation.md`` and ``ablation.png`` in ``out_dir``."""
-    from scripts.atomic import write_json, write_text
+    from scripts.engine.atomic import write_json, write_text
 
     out = Path(out_dir).resolve()
     base = base or Settings()
@@ -267,7 +267,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from scripts.atomic import atomic_path
+    from scripts.engine.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for arm, row in result["table"].items():

@@ -34,10 +34,10 @@ TINY_SETTINGS: dict[str, Any] = {
 
 def train_tiny_ensemble(data_root: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """One epoch of a one-member resnet18 ensemble on 16 synthetic 64-px target ROIs; returns its state dict."""
-    from scripts.network import Ensemble
-    from scripts.schema import load_split
-    from scripts.synthetic import generate_dataset
-    from scripts.transforms import LoadROId
+    from scripts.data.schema import load_split
+    from scripts.data.synthetic import generate_dataset
+    from scripts.data.transforms import LoadROId
+    from scripts.model.network import Ensemble
 
     datalist = generate_dataset(data_root, "target", n_train=16, n_test=0, num_folds=2, image_size=64, seed=seed)
     items = load_split(datalist, "training")

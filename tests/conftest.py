@@ -21,7 +21,7 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset (film and mass intermediate sets + target, 64 px, 3 folds), made once per session."""
-    from scripts.synthetic import generate_dataset
+    from scripts.data.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(root, "intermediate", n_train=24, n_test=0, num_folds=3, image_size=64, seed=1)
@@ -32,7 +32,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def tiny_settings(**overrides):
     """Main-job settings small enough for a test: resnet18 from scratch, 64 px, one epoch per stage, small sets."""
-    from scripts.pipeline import Settings
+    from scripts.main_job import Settings
 
     base = dict(
         arch="resnet18", init="scratch", image_size=64, folds=2, n_intermediate=16, n_target_train=24, n_target_test=8,

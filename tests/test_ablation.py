@@ -63,7 +63,7 @@ def _paired_delong_p(csv_a: str, csv_b: str) -> float:
     structural components (O(positives x negatives), independent of the midrank algorithm the bundle uses)."""
     from scipy import stats
 
-    from scripts.metrics import read_cases_csv
+    from scripts.evaluation.metrics import read_cases_csv
 
     a = {r["case"]: r for r in read_cases_csv(csv_a)}
     b = {r["case"]: r for r in read_cases_csv(csv_b)}

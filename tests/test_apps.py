@@ -47,10 +47,10 @@ def app_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """Two synthetic test ROIs as a 16-bit PNG, a MONOCHROME2 and a MONOCHROME1 DICOM, and a truncated DICOM."""
-    from scripts.imageio import read_roi_png, write_roi_png
-    from scripts.prepare.dicom_writer import write_dicom
-    from scripts.schema import load_split
-    from scripts.synthetic import generate_dataset
+    from scripts.data.imageio import read_roi_png, write_roi_png
+    from scripts.data.prepare.dicom_writer import write_dicom
+    from scripts.data.schema import load_split
+    from scripts.data.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("app_inputs")
     datalist = generate_dataset(root / "synthetic", "target", n_train=2, n_test=4, num_folds=2, image_size=64, seed=5)
@@ -109,7 +109,7 @@ def test_inference_config_fits_the_stock_operators(tmp_path):
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
-    from scripts.imageio import write_roi_png
+    from scripts.data.imageio import write_roi_png
 
     meta = json.loads((REPO / "configs" / "metadata.json").read_text())
     fmt = meta["network_data_format"]
@@ -120,7 +120,7 @@ def test_inference_config_fits_the_stock_operators(tmp_path):
     parser = ConfigParser()
     parser.read_config(str(REPO / "configs" / "inference.json"))
     # MONAI Label passes the device as a string; fp32 (bf16 autocast rounds the probabilities to ~3 digits)
-    from scripts.network import Ensemble
+    from scripts.model.network import Ensemble
 
     torch.save(Ensemble(2, "resnet18").state_dict(), tmp_path / "model.pt")  # the member count is read from it
     parser.update({"arch": "resnet18", "device": "cpu", "on_input_error": "raise", "amp": False})
@@ -244,11 +244,11 @@ def test_monailabel_rejects_a_corrupt_upload_and_keeps_serving(label_server, inp
 def test_bundle_dicom_reader_gives_the_same_hints_under_the_apps_pydicom_2():
     """The MONAI Label environment has pydicom 2: the reader's decoder check must answer as under pydicom 3."""
     need_env(LABEL_PY, "monailabel")
-    from scripts.prepare.dicom_io import missing_decoder_message
+    from scripts.data.prepare.dicom_io import missing_decoder_message
 
     uids = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"]  # none, JPEG-LS, RLE
     code = (
-        "import json, sys, pydicom; from scripts.prepare.dicom_io import missing_decoder_message as m; "
+        "import json, sys, pydicom; from scripts.data.prepare.dicom_io import missing_decoder_message as m; "
         "print(json.dumps([pydicom.__version__, [m(u) for u in sys.argv[1:]]]))"
     )
     proc = subprocess.run([str(LABEL_PY), "-c", code, *uids], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Tests of scripts.birads_baseline: the CBIS-DDSM BI-RADS baseline from the case-description tables."""
+"""Tests of scripts.evaluation.birads: the CBIS-DDSM BI-RADS baseline from the case-description tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import birads_baseline as B
+from scripts.evaluation import birads as B
 
 SHARED_CBIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbis-ddsm"
 HAVE_TABLES = all(B.table_path(SHARED_CBIS, "calc", s).is_file() for s in B.SPLITS)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from scripts.config_values import parse_bool
-from scripts.inferers import AutocastInferer
-from scripts.resilience import parse_resume, set_deterministic_algorithms
+from scripts.engine.config_values import parse_bool
+from scripts.engine.resilience import parse_resume, set_deterministic_algorithms
+from scripts.model.inferers import AutocastInferer
 
 
 @pytest.mark.parametrize("text", ["1", "true", "True", " YES ", "on", "On"])

@@ -7,7 +7,7 @@ import json
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from scripts.schema import TARGET_CLASSES
+from scripts.data.schema import TARGET_CLASSES
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs"
@@ -27,7 +27,7 @@ def test_check_properties_is_empty(files, workflow_type, tiny_data, tmp_path):
     if workflow_type == "infer":  # inference.json reads the member count from the weights file
         import torch
 
-        from scripts.network import Ensemble
+        from scripts.model.network import Ensemble
 
         torch.save(Ensemble(2, "resnet18").state_dict(), tmp_path / "model.pt")
         infer = {"model_file": str(tmp_path / "model.pt")}
@@ -100,7 +100,7 @@ def test_class_names_have_one_definition():
     """The schema's target classes are the definition; the metadata's output channels, the inference config's
     ``class_names`` (a literal: the config is run without the metadata too) and the datalists written by the
     synthetic generator all repeat it."""
-    from scripts.schema import make_datalist
+    from scripts.data.schema import make_datalist
 
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.export import ONNX_KWARGS_CLI, check_parity, eager_network, export_torchscript
-from scripts.network import Ensemble, build_network
+from scripts.model.export import ONNX_KWARGS_CLI, check_parity, eager_network, export_torchscript
+from scripts.model.network import Ensemble, build_network
 from tests.conftest import REPO
 
 ARCHS = ["resnet18", "efficientnet_lite0"]
@@ -113,11 +113,11 @@ def test_torchscript_serves_other_roi_sizes(exported, arch):
 
 
 def test_export_command_writes_onnx_and_checks_parity(exported, arch, tmp_path, capsys):
-    """`python -m scripts.export --formats onnx --arch ARCH --num-members 2 --bundle-root ROOT` (scripts/export.py's
+    """`python -m scripts.model.export --formats onnx --arch ARCH --num-members 2 --bundle-root ROOT` (scripts/model/export.py's
     own ONNX export, then its parity check against eager PyTorch)."""
     import shutil
 
-    from scripts.export import main
+    from scripts.model.export import main
 
     (tmp_path / "models").mkdir()
     shutil.copy(exported / "models" / "model.pt", tmp_path / "models" / "model.pt")
@@ -178,7 +178,7 @@ def test_hash_weights_fills_and_checks_large_files_yml(tmp_path):
 
     import yaml
 
-    from scripts.hash_weights import check_hashes, fill_hashes
+    from scripts.model.hash_weights import check_hashes, fill_hashes
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.pt").write_bytes(b"weights")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from scripts import fingerprint as F
+from scripts.engine import fingerprint as F
 
 
 def _inputs(tmp_path):

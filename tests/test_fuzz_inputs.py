@@ -5,7 +5,7 @@ NIfTI), derives mutated files from them (truncations, byte flips in header and p
 VRs, bad pitches and windows, compressed syntax without a decoder, a deflate bomb, palette/RGB/16-bit PNGs, NaN
 NIfTI, non-UTF-8 names, ...) and runs, each in a subprocess that measures its peak memory (VmHWM):
 
-- ``python -m scripts.prepare csv --on-error skip`` over a CSV that lists every file;
+- ``python -m scripts.data.prepare csv --on-error skip`` over a CSV that lists every file;
 - inference (``configs/inference.json``, tiny resnet18 ensemble) over the same CSV and over the folder.
 
 It asserts that every file gets an OK or an error row, that the run completes (datalists, report, predictions),
@@ -261,7 +261,7 @@ def make_fuzz_files(folder: Path, flips: int = 1) -> dict[str, list[str]]:
         _save(_marked_dataset(np.full((N, N), value, np.uint16)), add("blank", f"blank_{k}.dcm"))
     # DICOM: compressed transfer syntaxes (no decoder installed -> clear error; installed -> garbage codestream)
     for k, uid in enumerate(["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.50"]):
-        from scripts.prepare.dicom_writer import write_dicom
+        from scripts.data.prepare.dicom_writer import write_dicom
 
         write_dicom(folder / f"compressed_{k}.dcm", _pixels(), pixel_spacing=(0.1, 0.1), transfer_syntax=uid)
         classes.setdefault("compressed", []).append(f"compressed_{k}.dcm")
@@ -342,8 +342,8 @@ def _peak_mb() -> float:
 
 
 def _harness_prepare(csv_path: str, out: str, result: str) -> None:
-    import scripts.prepare.pipeline as pl
-    from scripts.prepare.__main__ import main
+    import scripts.data.prepare.staging as pl
+    from scripts.data.prepare.__main__ import main
 
     times: dict[str, float] = {}
     original = pl.run_cases
@@ -376,7 +376,7 @@ def _harness_infer(bundle: str, out: str, result: str, mode: str, source: str) -
 
     from monai.bundle import ConfigWorkflow
 
-    import scripts.inference as inf
+    import scripts.data.inputs as inf
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     times: dict[str, float] = {}
@@ -463,7 +463,7 @@ def _write_csvs(folder: Path, names: list[str]) -> tuple[Path, Path]:
 def bundle(tmp_path_factory) -> Path:
     import torch
 
-    from scripts.network import Ensemble
+    from scripts.model.network import Ensemble
 
     root = tmp_path_factory.mktemp("fuzz_bundle")
     torch.manual_seed(0)

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts import network
-from scripts.network import PACKAGED_WEIGHTS, WeightsError, build_network, imagenet_weights_info
+from scripts.model import network
+from scripts.model.network import PACKAGED_WEIGHTS, WeightsError, build_network, imagenet_weights_info
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967

@@ -10,12 +10,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.imageio import write_roi_png
-from scripts.inference import InferenceInputError, LoadInputd, items_from_csv, select_inputs
-from scripts.network import Ensemble
-from scripts.prepare.dicom_writer import write_dicom
-from scripts.schema import load_split
-from scripts.transforms import LoadROId
+from scripts.data.imageio import write_roi_png
+from scripts.data.inputs import InferenceInputError, LoadInputd, items_from_csv, select_inputs
+from scripts.data.prepare.dicom_writer import write_dicom
+from scripts.data.schema import load_split
+from scripts.data.transforms import LoadROId
+from scripts.model.network import Ensemble
 from tests.app_bundle import read_predictions, run_inference_workflow
 from tests.conftest import REPO
 
@@ -169,7 +169,7 @@ def test_dicom_csv_is_cropped_at_the_training_scale(bundle, tmp_path):
 
 
 def test_decision_threshold_and_error_rows():
-    from scripts.handlers import PredictionTableHandler
+    from scripts.engine.handlers import PredictionTableHandler
 
     probs = torch.tensor([0.7, 0.3])
     assert PredictionTableHandler("x.csv").row("a", probs)["pred_label"] == "benign"
@@ -241,7 +241,7 @@ def test_odd_file_names_and_left_out_entries(bundle, tmp_path, caplog):
     write_roi_png(folder / "plain.png", _roi(2))
     (folder / "scan.jpg").write_bytes(b"\xff\xd8\xff")
     os.symlink(folder / "gone.png", folder / "dangling.png")
-    with caplog.at_level(logging.INFO, logger="scripts.inference"):
+    with caplog.at_level(logging.INFO, logger="scripts.data.inputs"):
         rows = run_inference(bundle, tmp_path / "out", input_dir=str(folder))
     assert [(r["case"], r["status"]) for r in rows] == [("latin1_\\xe9", "ok"), ("plain", "ok")]
     assert "dangling.png left out: dangling symbolic link" in caplog.text
@@ -249,7 +249,7 @@ def test_odd_file_names_and_left_out_entries(bundle, tmp_path, caplog):
 
 
 def test_a_failing_run_still_writes_the_rows_it_has(bundle, tmp_path, monkeypatch):
-    from scripts.network import Ensemble
+    from scripts.model.network import Ensemble
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -275,8 +275,8 @@ def test_degenerate_inputs_are_error_rows_as_in_prepare(tmp_path):
     """One rule in prepare and inference: blank or non-finite images and out-of-range headers are errors."""
     from PIL import Image
 
-    from scripts.prepare.errors import PrepareError
-    from scripts.prepare.loaders import load_image
+    from scripts.data.prepare.errors import PrepareError
+    from scripts.data.prepare.loaders import load_image
 
     write_dicom(tmp_path / "nanwin.dcm", np.arange(96 * 96).reshape(96, 96) % 4000, pixel_spacing=(0.1, 0.1))
     import pydicom

@@ -1,4 +1,4 @@
-"""Tests of scripts.metrics: agreement with scikit-learn, DeLong vs bootstrap, threshold hygiene, summarize."""
+"""Tests of scripts.evaluation.metrics: agreement with scikit-learn, DeLong vs bootstrap, threshold hygiene, summarize."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from scripts import metrics as M
+from scripts.evaluation import metrics as M
 
 sk = pytest.importorskip("sklearn.metrics")
 

@@ -49,7 +49,7 @@ def test_merged_config_shape(stage):
 def test_rank0_only_drops_file_writers_on_other_ranks(tmp_path):
     from monai.handlers import CheckpointSaver, StatsHandler, ValidationHandler
 
-    from scripts.handlers import rank0_only
+    from scripts.engine.handlers import rank0_only
 
     net = torch.nn.Linear(1, 1)
     saver = CheckpointSaver(str(tmp_path), {"model": net}, save_final=True)

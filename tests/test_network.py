@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from scripts.network import (
+from scripts.model.network import (
     Ensemble,
     GrayClassifier,
     WeightsError,
@@ -146,7 +146,7 @@ def test_ensemble_torchscript_export_matches_eager():
 
 
 def test_default_precision_follows_the_measured_rule():
-    from scripts.inferers import default_amp
+    from scripts.model.inferers import default_amp
 
     assert default_amp("efficientnet_lite0", "cpu", 128) is False  # float32 + channels_last is faster there
     assert default_amp("efficientnet_lite0", "cpu", 224) is True

@@ -10,10 +10,10 @@ import re
 import pytest
 import torch
 
-from scripts import schema
-from scripts.metrics import read_cases_csv
-from scripts.network import Ensemble
-from scripts.pipeline import run_pipeline
+from scripts.data import schema
+from scripts.evaluation.metrics import read_cases_csv
+from scripts.main_job import run_pipeline
+from scripts.model.network import Ensemble
 from tests.conftest import tiny_settings
 
 
@@ -104,7 +104,7 @@ def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
 
 
 def test_headline_says_synthetic_and_random_initialisation(tiny_run, capsys):
-    from scripts.pipeline import _print_headline
+    from scripts.main_job import _print_headline
 
     _, work, metrics_file = tiny_run
     summary = json.loads(metrics_file.read_text())
@@ -117,8 +117,8 @@ def test_headline_says_synthetic_and_random_initialisation(tiny_run, capsys):
 
 
 def test_default_recipe_starts_from_the_packaged_imagenet_weights_and_records_them(tmp_path, capsys):
-    from scripts.network import PACKAGED_WEIGHTS
-    from scripts.pipeline import Settings
+    from scripts.main_job import Settings
+    from scripts.model.network import PACKAGED_WEIGHTS
 
     assert (Settings().arch, Settings().init, Settings().intermediate_task) == (
         "efficientnet_lite0",
@@ -163,7 +163,7 @@ def _recipe_block(text: str) -> str:
 
 def test_readme_gives_the_main_jobs_bundle_commands(capsys):
     """The documented sequence is what ``--dry-run`` prints for the default main job: they cannot drift apart."""
-    from scripts.pipeline import BUNDLE_DIR, main
+    from scripts.main_job import BUNDLE_DIR, main
 
     assert main(["--dry-run", "--workdir", str(BUNDLE_DIR)]) == 0
     printed = capsys.readouterr().out
@@ -178,7 +178,7 @@ def test_the_bundle_commands_reproduce_the_main_job(tiny_run, tmp_path):
     import sys
     from pathlib import Path
 
-    from scripts.pipeline import BUNDLE_DIR, data_steps, plan
+    from scripts.main_job import BUNDLE_DIR, data_steps, plan
 
     s, work, metrics_file = tiny_run
     other = tmp_path / "bundle"

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.imageio import read_roi_png
-from scripts.prepare.__main__ import CBIS_INTERMEDIATE_CHOICES, CBIS_TARGET_CHOICES, main
-from scripts.prepare.cbis_ddsm import INTERMEDIATE_CHOICES, TARGET_CHOICES, prepare_cbis_ddsm, resolve_selection
-from scripts.prepare.dicom_writer import write_dicom
-from scripts.prepare.errors import PrepareError
-from scripts.schema import read_datalist
+from scripts.data.imageio import read_roi_png
+from scripts.data.prepare.__main__ import CBIS_INTERMEDIATE_CHOICES, CBIS_TARGET_CHOICES, main
+from scripts.data.prepare.cbis_ddsm import INTERMEDIATE_CHOICES, TARGET_CHOICES, prepare_cbis_ddsm, resolve_selection
+from scripts.data.prepare.dicom_writer import write_dicom
+from scripts.data.prepare.errors import PrepareError
+from scripts.data.schema import read_datalist
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CBIS = DATA / "cbis-ddsm"

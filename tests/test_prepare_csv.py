@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.imageio import read_mask_png, read_roi_png
-from scripts.prepare.__main__ import main
-from scripts.prepare.csv_source import prepare_csv
-from scripts.prepare.dicom_writer import write_dicom
-from scripts.prepare.errors import PreparationFailed, PrepareError
-from scripts.prepare.pipeline import OutputFolder
-from scripts.schema import read_datalist
+from scripts.data.imageio import read_mask_png, read_roi_png
+from scripts.data.prepare.__main__ import main
+from scripts.data.prepare.csv_source import prepare_csv
+from scripts.data.prepare.dicom_writer import write_dicom
+from scripts.data.prepare.errors import PreparationFailed, PrepareError
+from scripts.data.prepare.staging import OutputFolder
+from scripts.data.schema import read_datalist
 
 SECRET_NAMES = ("DOE^JANE", "99887766", "hospital-patient")
 
@@ -205,7 +205,7 @@ def test_cli(dataset, tmp_path, capsys):
 
 def test_one_bad_case_never_costs_the_run(dataset, tmp_path, monkeypatch):
     """A MemoryError or an unforeseen exception in one case is that case's error; the report and datalists follow."""
-    import scripts.prepare.csv_source as cs
+    import scripts.data.prepare.csv_source as cs
 
     src, rows = dataset
     table = _write_csv(src / "rois.csv", rows)
@@ -229,7 +229,7 @@ def test_one_bad_case_never_costs_the_run(dataset, tmp_path, monkeypatch):
 
 
 def test_interrupted_run_still_writes_its_report(dataset, tmp_path, monkeypatch):
-    import scripts.prepare.csv_source as cs
+    import scripts.data.prepare.csv_source as cs
 
     src, rows = dataset
     monkeypatch.setattr(cs, "load_image", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -286,8 +286,8 @@ def test_csv_quirks_blank_lines_zero_spacing_and_one_clear_message(dataset, tmp_
 
 
 def test_the_shared_csv_reader_checks_columns_units_and_resolves_paths_from_the_csv_folder(tmp_path):
-    from scripts.inference import InferenceInputError, items_from_csv
-    from scripts.prepare.csv_source import csv_cell_path, read_csv_rows
+    from scripts.data.inputs import InferenceInputError, items_from_csv
+    from scripts.data.prepare.csv_source import csv_cell_path, read_csv_rows
 
     sub = tmp_path / "tables"
     sub.mkdir()

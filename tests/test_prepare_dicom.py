@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.prepare.dicom_io import DicomReadError, missing_decoder_message, read_dicom
-from scripts.prepare.dicom_writer import write_dicom
-from scripts.prepare.loaders import load_image
+from scripts.data.prepare.dicom_io import DicomReadError, missing_decoder_message, read_dicom
+from scripts.data.prepare.dicom_writer import write_dicom
+from scripts.data.prepare.loaders import load_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_CROP = DATA / "cbis-ddsm" / "Mass-Training_P_00004_LEFT_CC_1_cropped_000001.dcm"

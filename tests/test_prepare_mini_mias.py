@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.imageio import read_mask_png, read_roi_png
-from scripts.prepare.loaders import load_image
-from scripts.prepare.mini_mias import parse_info, patient_key, prepare_mini_mias
-from scripts.prepare.roi import RoiGeometry, crop_roi
-from scripts.schema import read_datalist
+from scripts.data.imageio import read_mask_png, read_roi_png
+from scripts.data.prepare.loaders import load_image
+from scripts.data.prepare.mini_mias import parse_info, patient_key, prepare_mini_mias
+from scripts.data.prepare.roi import RoiGeometry, crop_roi
+from scripts.data.schema import read_datalist
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MIAS = DATA / "mini-mias"

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from scripts.prepare.errors import PrepareError
-from scripts.prepare.roi import RoiGeometry, crop_mask, crop_roi, disc_mask, mask_box
+from scripts.data.prepare.errors import PrepareError
+from scripts.data.prepare.roi import RoiGeometry, crop_mask, crop_roi, disc_mask, mask_box
 
 
 def _render_blob(pitch_mm: float, extent_mm: float, centre_mm: tuple, sigma_mm: float = 0.6) -> np.ndarray:
@@ -110,7 +110,7 @@ def test_resampler_bounds_its_own_cost_and_refuses_blank_rois():
 
 
 def test_scrub_keeps_words_and_tags_but_no_values():
-    from scripts.prepare.bounds import header_problem, scrub
+    from scripts.data.prepare.bounds import header_problem, scrub
 
     msg = "The value length (70) exceeds the maximum length of 64 allowed for VR UI. Value: b'1.2.QZXMARK^JANE'"
     assert "QZXMARK" not in scrub(msg) and "VR UI" in scrub(msg)

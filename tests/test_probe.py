@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from scripts.imageio import read_roi_png, write_roi_png
-from scripts.probe import format_summary, main, run_probe
+from scripts.data.imageio import read_roi_png, write_roi_png
+from scripts.data.probe import format_summary, main, run_probe
 
 
 def test_probe_runs_and_reports(tiny_data, tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_probe_runs_and_reports(tiny_data, tmp_path, capsys):
     from PIL import Image
     from sklearn.metrics import roc_auc_score
 
-    from scripts.schema import load_split
+    from scripts.data.schema import load_split
 
     for split in ("training", "test"):
         items = load_split(datalist, split)

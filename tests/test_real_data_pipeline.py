@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from scripts.metrics import read_cases_csv
-from scripts.pipeline import run_pipeline
+from scripts.evaluation.metrics import read_cases_csv
+from scripts.main_job import run_pipeline
 from tests.conftest import SHARED_DATA, tiny_settings
 
 MIAS = SHARED_DATA / "mini-mias"
@@ -15,7 +15,7 @@ MIAS = SHARED_DATA / "mini-mias"
 
 @pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not found at {MIAS}")
 def test_pipeline_trains_and_evaluates_on_prepared_mini_mias(tmp_path):
-    from scripts.prepare.mini_mias import prepare_mini_mias
+    from scripts.data.prepare.mini_mias import prepare_mini_mias
 
     prepare_mini_mias(MIAS, tmp_path / "mias", num_folds=2)
     s = tiny_settings(workdir=str(tmp_path / "run"), dataset_dir=str(tmp_path / "mias"), n_boot=50)

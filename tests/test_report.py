@@ -1,4 +1,4 @@
-"""Tests of scripts.report: one self-contained HTML file with embedded PNG figures."""
+"""Tests of scripts.evaluation.report: one self-contained HTML file with embedded PNG figures."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import metrics as M
-from scripts import report as R
+from scripts.evaluation import metrics as M
+from scripts.evaluation import report as R
 
 pytest.importorskip("matplotlib")
 
@@ -157,7 +157,7 @@ def test_report_reference_standard_comes_from_the_data_source(source, expected):
 
 
 def test_report_prefers_the_datalist_reference_standard_and_class_names(tmp_path: Path):
-    from scripts import schema
+    from scripts.data import schema
 
     dl = schema.make_datalist(
         [], [], source="csv", task="target", class_names=["low", "high"], reference_standard="expert consensus"
@@ -182,7 +182,7 @@ def test_report_prefers_the_datalist_reference_standard_and_class_names(tmp_path
 
 
 def test_reference_standard_of_old_datalists_falls_back_to_their_source():
-    from scripts import schema
+    from scripts.data import schema
 
     assert schema.reference_standard({"metadata": {"source": "synthetic"}}).startswith("simulated ground truth")
     assert schema.reference_standard({"metadata": {"source": "CBIS-DDSM"}}).startswith("histopathology")

@@ -18,10 +18,10 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts import resilience
-from scripts.network import WeightsError, load_state_dict_file
-from scripts.pipeline import run_pipeline
-from scripts.resilience import ResumeHandler
+from scripts.engine import resilience
+from scripts.engine.resilience import ResumeHandler
+from scripts.main_job import run_pipeline
+from scripts.model.network import WeightsError, load_state_dict_file
 from tests.conftest import REPO, tiny_settings
 
 CONFIGS = REPO / "configs"
@@ -247,7 +247,7 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_data, 
     wf = workflow(root, tiny_data, epochs=3)
     trainer = wf.parser.get_parsed_content("train#trainer")
     resume = next(h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, ResumeHandler))
-    with caplog.at_level(logging.INFO, logger="scripts.resilience"):
+    with caplog.at_level(logging.INFO, logger="scripts.engine.resilience"):
         resume(trainer)  # what happens at Events.STARTED
     assert "written by a different configuration" in caplog.text and "starting from epoch 1" in caplog.text
     assert resume.resumed_from is None and trainer.state.epoch == 0

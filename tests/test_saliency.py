@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.imageio import write_mask_png, write_roi_png  # noqa: E402
-from scripts.inference import LoadInputd  # noqa: E402
-from scripts.inferers import saliency_amp  # noqa: E402
-from scripts.network import Ensemble, build_network  # noqa: E402
+from scripts.data.imageio import write_mask_png, write_roi_png  # noqa: E402
+from scripts.data.inputs import LoadInputd  # noqa: E402
+from scripts.model.inferers import saliency_amp  # noqa: E402
+from scripts.model.network import Ensemble, build_network  # noqa: E402
 from scripts.saliency import (  # noqa: E402
     EnsembleCAM,
     SaliencySettings,
@@ -472,7 +472,7 @@ def _merged_parser(ensemble, root: Path, **overrides):
 
 
 def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tmp_path, monkeypatch):
-    from scripts.schema import make_datalist, write_datalist
+    from scripts.data.schema import make_datalist, write_datalist
 
     items = _write_rois(tmp_path / "data", [(64, 64), (64, 64), (64, 64)])
     for it in items:
@@ -498,7 +498,7 @@ def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tm
 
 
 def test_bundle_config_over_a_folder_and_a_csv_of_png_and_dicom(ensemble, tmp_path, monkeypatch):
-    from scripts.prepare.dicom_writer import write_dicom
+    from scripts.data.prepare.dicom_writer import write_dicom
 
     folder = tmp_path / "in"
     _write_rois(folder, [(64, 64), (64, 64)])

@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from scripts.imageio import write_roi_png
-from scripts.schema import (
+from scripts.data.imageio import write_roi_png
+from scripts.data.schema import (
     DatalistError,
     assign_folds,
     load_split,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.imageio import read_mask_png, read_roi_png
-from scripts.schema import read_datalist, validate_datalist
-from scripts.synthetic import (
+from scripts.data.imageio import read_mask_png, read_roi_png
+from scripts.data.schema import read_datalist, validate_datalist
+from scripts.data.synthetic import (
     FIELD_MM,
     SynthParams,
     apply_film_domain,
@@ -215,7 +215,7 @@ def test_up_to_date_skip_and_regeneration(tmp_path, caplog):
     kw = dict(n_train=6, n_test=3, num_folds=2, image_size=32, seed=0)
     path = generate_dataset(tmp_path, "target", **kw)
     stamp = path.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="scripts.synthetic"):
+    with caplog.at_level(logging.INFO, logger="scripts.data.synthetic"):
         assert generate_dataset(tmp_path, "target", **kw) == path
     assert "up to date" in caplog.text and path.stat().st_mtime_ns == stamp
     # changed knob -> regenerated, with the new value in the metadata and no stale images
@@ -241,7 +241,7 @@ def test_params_from_dict():
 
 
 def test_cli(tmp_path):
-    cmd = [sys.executable, "-m", "scripts.synthetic", "--out", str(tmp_path), "--task", "target"]
+    cmd = [sys.executable, "-m", "scripts.data.synthetic", "--out", str(tmp_path), "--task", "target"]
     cmd += ["--n-train", "6", "--n-test", "4", "--folds", "2", "--size", "32", "--seed", "1", "--overlap", "0.3"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -255,7 +255,7 @@ def test_cli(tmp_path):
 
 
 def test_shared_style_knob_controls_whether_a_patients_rois_share_their_background(monkeypatch):
-    import scripts.synthetic_render as synth  # generate_roi looks patient_style up here
+    import scripts.data.synthetic_render as synth  # generate_roi looks patient_style up here
 
     styles = []
     original = synth.patient_style
@@ -427,7 +427,7 @@ def test_invalid_film_knobs_raise(tmp_path, knob):
 
 
 def test_cli_film_task(tmp_path):
-    cmd = [sys.executable, "-m", "scripts.synthetic", "--out", str(tmp_path), "--task", "film", "--n-train", "4"]
+    cmd = [sys.executable, "-m", "scripts.data.synthetic", "--out", str(tmp_path), "--task", "film", "--n-train", "4"]
     cmd += ["--n-test", "0", "--folds", "2", "--size", "32", "--params", '{"film_gamma": 0.8}']
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

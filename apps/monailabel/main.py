@@ -67,7 +67,7 @@ class MicrocalcificationInferTask(BundleInferTask):
 
     def __call__(self, request: Dict[str, Any], callbacks: Any = None) -> Any:
         # The stock task puts the bundle on sys.path only while it builds transforms; the bundle's transforms import
-        # their helpers (scripts.prepare...) when they run, so keep it there for the whole request.
+        # their helpers (scripts.data.prepare...) when they run, so keep it there for the whole request.
         sys.path.insert(0, self.bundle_path)
         try:
             return super().__call__(request, callbacks)

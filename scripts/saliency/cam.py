@@ -30,7 +30,7 @@ METHODS = {
 }
 TARGETS = ("malignant", "predicted")
 MALIGNANT = 1
-AMP_DTYPE = torch.bfloat16  # as scripts.inferers.AutocastInferer's default, on CPU and CUDA
+AMP_DTYPE = torch.bfloat16  # as scripts.model.inferers.AutocastInferer's default, on CPU and CUDA
 _EPS = 1e-8
 
 
@@ -53,7 +53,7 @@ class CAMResult(NamedTuple):
 
 
 def ensemble_members(ensemble: nn.Module) -> list[nn.Module]:
-    """The member networks of an :class:`~scripts.network.Ensemble` (DDP-wrapped or not), or ``[model]``."""
+    """The member networks of an :class:`~scripts.model.network.Ensemble` (DDP-wrapped or not), or ``[model]``."""
     ensemble = getattr(ensemble, "module", ensemble)
     members = getattr(ensemble, "members", None)
     return list(members) if members is not None else [ensemble]
@@ -71,7 +71,9 @@ def target_layer(member: nn.Module, name: str | None = None) -> nn.Module:
         return modules[name]
     layer = getattr(member, "target_layer", None)
     if layer is None:
-        raise TypeError(f"{type(member).__name__} has no 'target_layer' (expected a scripts.network.GrayClassifier)")
+        raise TypeError(
+            f"{type(member).__name__} has no 'target_layer' (expected a scripts.model.network.GrayClassifier)"
+        )
     return layer
 
 
@@ -118,7 +120,7 @@ class EnsembleCAM:
     """Grad-CAM family maps for an ensemble: one pytorch-grad-cam object per member and call.
 
     Args:
-        ensemble: an :class:`~scripts.network.Ensemble` (or a single member network).
+        ensemble: an :class:`~scripts.model.network.Ensemble` (or a single member network).
         method: ``"hirescam"`` (gradient x activation per cell, Draelos & Carin 2020; identical to Grad-CAM at a
             last layer followed by global pooling and a linear head), ``"gradcam"``, ``"gradcam++"``,
             ``"eigencam"`` (class-agnostic: ignores ``target``) or ``"layercam"``.
@@ -131,7 +133,7 @@ class EnsembleCAM:
         threshold: decision threshold on P(malignant) for ``target="predicted"``.
         amp: run the forward pass under bfloat16 autocast (as ``AutocastInferer``) with a channels_last input;
             the target layer's activations and gradients are cast to float32 before the map is computed. Never
-            for EfficientNet-Lite in the bundle (:func:`scripts.inferers.saliency_amp`).
+            for EfficientNet-Lite in the bundle (:func:`scripts.model.inferers.saliency_amp`).
         layer: the target layer's module name inside a member (e.g. ``"backbone.bn2"``); ``None``: the member's
             ``target_layer``.
 

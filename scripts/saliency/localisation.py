@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scripts.schema import TARGET_CLASSES
+from scripts.data.schema import TARGET_CLASSES
 
 FEATURE_STRIDE = 32  # default tolerance (px) of the pure pointing_game function: one cell of a stride-32 map
 BOOTSTRAP_RESAMPLES = 2000  # percentile-bootstrap CIs of the localisation table

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scripts.atomic import atomic_path
+from scripts.engine.atomic import atomic_path
 
 
 def _spacing_xy(spacing_mm: float | Sequence[float] | None) -> tuple[float, float]:

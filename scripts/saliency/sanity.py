@@ -60,7 +60,7 @@ def map_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def _blocks_top_down(member: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     member = getattr(member, "module", member)
-    if hasattr(member, "stages"):  # scripts.network.GrayClassifier: head first, stem last
+    if hasattr(member, "stages"):  # scripts.model.network.GrayClassifier: head first, stem last
         return list(reversed(member.stages()))
     return [(name, [mod]) for name, mod in reversed(list(member.named_children()))]
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from scripts.config_values import parse_bool
+from scripts.data.schema import TARGET_CLASSES
+from scripts.engine.config_values import parse_bool
 from scripts.saliency.cam import METHODS, TARGETS
 from scripts.saliency.sanity import RANDOMISATION_MODES
-from scripts.schema import TARGET_CLASSES
 
 _OFF = ("", "none", "null", "off", "false")
 

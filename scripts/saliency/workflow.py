@@ -3,7 +3,7 @@ localisation metrics where an item carries a lesion mask, a randomisation check,
 and ``localisation.json``.
 
 Inputs go through the inference preprocessing (``configs/inference.json``'s ``@preprocessing``, i.e.
-:class:`scripts.inference.LoadInputd`), so maps are computed, scored and written at the network input's geometry:
+:class:`scripts.data.inputs.LoadInputd`), so maps are computed, scored and written at the network input's geometry:
 ``(H, W)`` = ``image_size``. A mask (``item["mask"]``, a ROI-shaped PNG) is resized to that geometry
 (area-weighted, a pixel is lesion when at least half of it is; a mask that would vanish keeps every touched pixel).
 """
@@ -22,14 +22,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scripts.atomic import write_json
-from scripts.imageio import read_mask_png
+from scripts.data.imageio import read_mask_png
+from scripts.data.schema import unique_case
+from scripts.engine.atomic import write_json
 from scripts.saliency.cam import MALIGNANT, EnsembleCAM
 from scripts.saliency.localisation import BOOTSTRAP_RESAMPLES, localisation_metrics, localisation_table
 from scripts.saliency.render import OUTCOMES, gallery_example, render_overlay, save_gallery, save_map_nifti, save_png
 from scripts.saliency.sanity import randomisation_check
 from scripts.saliency.settings import SaliencySettings, none_if_off
-from scripts.schema import unique_case
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def load_weights(network: nn.Module, path: str | Path | None) -> nn.Module:
     ``path=None`` (or ``"none"``) returns ``network`` unchanged (weights already loaded by the merged config)."""
     if none_if_off(path) is None:
         return network
-    from scripts.network import WeightsError, load_state_dict_file
+    from scripts.model.network import WeightsError, load_state_dict_file
 
     target = getattr(network, "module", network)
     try:
@@ -132,7 +132,7 @@ def run_saliency(
         settings: what to compute (:class:`~scripts.saliency.settings.SaliencySettings`).
         out_dir: output folder.
         preprocessing: item -> ``{"image": (1, H, W) in [0, 1], "case", "error"}``, as
-            :class:`scripts.inference.LoadInputd` (inference's ``@preprocessing``).
+            :class:`scripts.data.inputs.LoadInputd` (inference's ``@preprocessing``).
         device: where the ensemble runs.
 
     Writes, per readable input, ``overlays/<case>.png`` (input, heat map, P(malignant), prediction, true label)

@@ -135,7 +135,7 @@ class DicomRoiLoaderOperator(Operator):
         spec.output("case")
 
     def start(self) -> None:
-        from scripts.inference import LoadInputd
+        from scripts.data.inputs import LoadInputd
 
         s = self.settings
         self.loader = LoadInputd(
@@ -147,8 +147,8 @@ class DicomRoiLoaderOperator(Operator):
         )
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from scripts.inference import InferenceInputError
-        from scripts.schema import unique_case
+        from scripts.data.inputs import InferenceInputError
+        from scripts.data.schema import unique_case
 
         path = self.files[self._next]
         self._next += 1

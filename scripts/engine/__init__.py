@@ -1,0 +1,1 @@
+"""Engine pieces: handlers, resilience (resume, guards), atomic files and fingerprints."""

@@ -1,0 +1,134 @@
+"""A step of the main job: one ``python -m monai.bundle run`` of the bundle's configs, its command line and its
+fingerprint (config files, overrides less file locations, input files), run in-process unless its output is current.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from scripts.engine import fingerprint
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+logger = logging.getLogger("pipeline")
+
+# overrides that only say where files are: their contents enter the fingerprint as input files, so a moved
+# bundle or dataset folder does not make finished steps stale
+LOCATION_KEYS = (
+    "bundle_root",
+    "dataset_dir",
+    "datalist",
+    "init_weights",
+    "intermediate_datalist",
+    "output_dir",
+    "saliency#metrics_file",
+)
+
+
+@dataclass
+class Step:
+    """One ``python -m monai.bundle run <run_id> --config_file <configs> --<key> <value> ...``."""
+
+    name: str
+    configs: tuple[str, ...]  # file names under configs/, later ones override earlier ones
+    overrides: dict
+    output: Path  # the file whose presence (and fingerprint) says the step is done
+    inputs: dict = field(default_factory=dict)  # role -> file whose contents the output depends on
+    run_id: str = "run"
+    always: bool = False  # steps with their own up-to-date check (the synthetic generator) run every time
+
+    def fingerprint(self) -> fingerprint.Fingerprint:
+        settings = {k: v for k, v in self.overrides.items() if k not in LOCATION_KEYS}
+        return fingerprint.compute(
+            [CONFIGS / c for c in self.configs], {"run_id": self.run_id, **settings}, self.inputs
+        )
+
+    def command(self, root: Path | None = None, compact: bool = False) -> str:
+        """The step as a shell command run from the bundle folder.
+
+        ``root``: paths under it are written relative to it (``.``). ``compact``: leave out the overrides that equal
+        the configs' own values (evaluated with ``bundle_root`` ``.``), as in the documented sequence."""
+        files = "[" + ",".join(f"'configs/{c}'" for c in self.configs) + "]"
+        words = ["python", "-m", "monai.bundle", "run"] + ([self.run_id] if self.run_id != "run" else [])
+        words += ["--config_file", files]
+        overrides = {k: _relative(v, root) for k, v in self.overrides.items()}
+        defaults = _config_values(self.configs, overrides) if compact else {}
+        for k, v in overrides.items():  # values as Python literals (the command line's parser reads those)
+            if k in defaults and defaults[k] == v:
+                continue
+            words += [f"--{k}", v if isinstance(v, str) else repr(v)]
+        return " ".join(_quote(w) for w in words)
+
+
+def _relative(value: Any, root: Path | None) -> Any:
+    if isinstance(value, str) and root is not None and (value == str(root) or value.startswith(str(root) + "/")):
+        return "." + value[len(str(root)) :]
+    return value
+
+
+def _config_values(configs: Sequence[str], keys: Sequence[str]) -> dict:
+    """What the ``configs`` (merged in order, ``bundle_root`` ``.``) resolve ``keys`` to; keys that cannot be
+    evaluated without data are left out."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in configs])
+    parser["bundle_root"] = "."
+    out = {}
+    for k in keys:
+        try:
+            out[k] = parser.get_parsed_content(k)
+        except Exception:  # noqa: BLE001 - e.g. a value that reads a datalist: keep the override
+            continue
+    return out
+
+
+def _quote(word: str) -> str:
+    """Shell quoting that keeps a config list readable: ``"['configs/a.json','configs/b.json']"``."""
+    if "'" in word and not any(c in word for c in '"$`\\!'):
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
+def run_config(configs: Sequence[str], overrides: dict, run_id: str = "run") -> None:
+    """Run one bundle workflow in this process (``initialize`` -> ``run_id`` -> ``finalize``)."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in configs],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train" if "train.json" in configs and run_id == "run" else None,
+        run_id=run_id,
+        **overrides,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+
+
+def run_step(step: Step) -> dict:
+    """Run ``step`` unless its output is current; returns what happened (for ``main_job.json``)."""
+    if step.always:
+        logger.info("[%s] (the generator reuses its files when they are current)", step.name)
+        run_config(step.configs, step.overrides, step.run_id)
+        return {"step": step.name, "ran": True, "command": step.command()}
+    fp = step.fingerprint()
+    reason = fingerprint.why_stale(step.output, fp)
+    if reason is None:
+        logger.info("[%s] up to date, skipped (%s)", step.name, step.output)
+        return {"step": step.name, "ran": False, "command": step.command()}
+    fingerprint.forget(step.output)
+    logger.info("[%s] running (%s) ...", step.name, reason)
+    t0 = time.time()
+    run_config(step.configs, step.overrides, step.run_id)
+    if not step.output.is_file():
+        raise RuntimeError(f"[{step.name}] finished without writing {step.output}")
+    fingerprint.record(step.output, fp)
+    seconds = round(time.time() - t0, 1)
+    logger.info("[%s] done in %.0f s -> %s", step.name, seconds, step.output)
+    return {"step": step.name, "ran": True, "why": reason, "seconds": seconds, "command": step.command()}

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with intervals, the BI-RADS baseline, the summary and the report."""

@@ -1,0 +1,431 @@
+"""The main job: the bundle's config runs in order, each skipped while its output is current.
+
+Every step (:class:`scripts.engine.steps.Step`) is one ``python -m monai.bundle run`` of files in ``configs/``, run here
+in-process; :func:`plan` lists them, ``--dry-run`` prints them as commands, and README.md ("The pipeline, as
+configs") gives the default sequence. This module only chooses the configs,
+their order and the overrides that the command-line flags give; each step's fingerprint
+(:mod:`scripts.engine.fingerprint`: its config files, overrides and input files) decides whether it reruns, and the log says why.
+
+    python -m scripts.main_job            # synthetic data, default size (see README for timings)
+    python -m scripts.main_job --quick    # a small run for trying it out
+    python -m scripts.main_job --dry-run  # the bundle commands it would run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from scripts.engine.steps import Step, run_config, run_step
+
+BUNDLE_DIR = Path(__file__).resolve().parents[1]
+CONFIGS = BUNDLE_DIR / "configs"
+logger = logging.getLogger("pipeline")
+
+
+def config_default(config: str, key: str) -> Any:
+    """The literal value of ``key`` (``a#b`` for nested) in ``configs/<config>``: the one place a default lives."""
+    value: Any = json.loads((CONFIGS / config).read_text())
+    for part in key.split("#"):
+        value = value[part]
+    return value
+
+
+def _default(config: str, key: str) -> Any:
+    return field(default_factory=lambda: config_default(config, key))
+
+
+@dataclass
+class Settings:
+    """What the main job runs; every field is a command-line flag (``--n-target-train`` for ``n_target_train``).
+
+    Defaults are read from the configs; ``None`` keeps each stage config's own value (e.g. its epochs)."""
+
+    workdir: str = "."
+    dataset_dir: str | None = None
+    intermediate_datalist: str | None = None
+    target_datalist: str | None = None
+    arch: str = _default("train.json", "arch")
+    image_size: int = _default("train.json", "image_size")
+    init: str = _default("stage_intermediate.json", "init")
+    imagenet_weights: str | None = None
+    folds: int = _default("synthetic.json", "num_folds")
+    intermediate: bool = True
+    intermediate_task: str = "film"
+    n_intermediate: int = _default("synthetic.json", "intermediate_data#n_train")
+    n_target_train: int = _default("synthetic.json", "target_data#n_train")
+    n_target_test: int = _default("synthetic.json", "target_data#n_test")
+    overlap: float | None = None
+    cnr: float | None = None
+    epochs_intermediate: int | None = None  # None: configs/stage_intermediate.json's train#trainer#max_epochs
+    epochs_target: int | None = None  # None: configs/stage_target.json's
+    batch_size: int = _default("train.json", "batch_size")
+    learning_rate: float | None = None  # None: each stage config's own
+    backbone_lr_factor: float | None = None  # None: the stage configs'
+    amp: bool | None = (
+        None  # None: scripts.model.inferers.default_amp (bf16; fp32 for EfficientNet-Lite on CPU < 224 px)
+    )
+    seed: int = _default("train.json", "seed")
+    threshold_rule: str = _default("summarize.json", "threshold_rule")
+    threshold_value: float | None = None
+    n_boot: int = _default("summarize.json", "n_boot")
+    saliency: bool = True
+    saliency_method: str = _default("saliency.json", "saliency#method")
+    extra_overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **kw: Any) -> "Settings":
+        """A small setting for trying the pipeline out in a few minutes."""
+        base = dict(
+            n_intermediate=120, n_target_train=90, n_target_test=60, epochs_intermediate=2, epochs_target=2, n_boot=200
+        )
+        base.update(kw)
+        return cls(**base)
+
+
+# --intermediate-task -> scripts.data.synthetic task: calcification clusters imaged as digitised screen film, or masses
+INTERMEDIATE_TASKS = {"film": "film", "masses": "intermediate"}
+
+
+def _given(**overrides: Any) -> dict:
+    """The overrides whose value is not ``None`` (``None``: keep the config's own value)."""
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def data_steps(
+    s: Settings, root: Path, synthetic_dir: Path | None = None
+) -> tuple[list[Step], Path | None, Path, bool]:
+    """Where the data come from: ``(steps that make synthetic data, intermediate, target, synthetic target)``.
+
+    Explicit files first, then ``--dataset-dir``, else the synthetic generator (``configs/synthetic.json``). A real
+    target without an intermediate datalist gets the synthetic intermediate set (logged)."""
+    if s.intermediate_task not in INTERMEDIATE_TASKS:
+        raise ValueError(
+            f"--intermediate-task must be one of {sorted(INTERMEDIATE_TASKS)}, got {s.intermediate_task!r}"
+        )
+    synthetic_dir = synthetic_dir or root / "data" / "synthetic"
+    task = INTERMEDIATE_TASKS[s.intermediate_task]
+    over = {
+        "bundle_root": str(root),
+        "dataset_dir": str(synthetic_dir),
+        "image_size": s.image_size,
+        "seed": s.seed,
+        "num_folds": s.folds,
+        "target_data#n_train": s.n_target_train,
+        "target_data#n_test": s.n_target_test,
+        **_given(**{"target_data#overlap": s.overlap, "target_data#cnr": s.cnr}),
+        "intermediate_data#task": task,
+        "intermediate_data#n_train": s.n_intermediate,
+    }
+    configs = ("train.json", "synthetic.json")
+    make_target = Step(
+        "synthetic target data", configs, over, synthetic_dir / "target" / "datalist.json", {}, "make_target", True
+    )
+    make_inter = Step(
+        f"synthetic {task} data", configs, over, synthetic_dir / task / "datalist.json", {}, "make_intermediate", True
+    )
+    dataset_dir = Path(s.dataset_dir).resolve() if s.dataset_dir else None
+    steps = []
+    if s.target_datalist or dataset_dir:
+        target = Path(s.target_datalist).resolve() if s.target_datalist else find_datalist(dataset_dir, "target")
+        synthetic = False
+    else:
+        steps.append(make_target)
+        target, synthetic = make_target.output, True
+    inter = None
+    if s.intermediate_datalist:
+        inter = Path(s.intermediate_datalist).resolve()
+    elif s.intermediate:
+        if dataset_dir and _has_datalist(dataset_dir, "intermediate"):
+            inter = find_datalist(dataset_dir, "intermediate")
+        else:
+            if not synthetic:
+                logger.warning(
+                    "no intermediate datalist given or found beside the target: stage 1 uses the synthetic %s set "
+                    "(--intermediate-datalist FILE to use your own, --no-intermediate to skip stage 1)",
+                    s.intermediate_task,
+                )
+            steps.append(make_inter)
+            inter = make_inter.output
+    return steps, inter, target, synthetic
+
+
+def prepare_synthetic(s: Settings, dataset_dir: Path) -> tuple[Path, Path]:
+    """Generate (or reuse) the synthetic intermediate and target datalists under ``dataset_dir``."""
+    no_files = Settings(**{**asdict(s), "dataset_dir": None, "target_datalist": None, "intermediate_datalist": None})
+    steps, inter, target, _ = data_steps(no_files, Path(s.workdir).resolve(), synthetic_dir=dataset_dir)
+    for step in steps:
+        run_config(step.configs, step.overrides, step.run_id)
+    return inter, target
+
+
+def _has_datalist(dataset_dir: Path, task: str) -> bool:
+    try:
+        find_datalist(dataset_dir, task)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def find_datalist(dataset_dir: Path, task: str) -> Path:
+    """``<dir>/<task>/datalist.json`` (synthetic layout) or ``<dir>/datalist_<task>.json`` (``scripts.data.prepare``)."""
+    for candidate in (dataset_dir / task / "datalist.json", dataset_dir / f"datalist_{task}.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{dataset_dir}: no {task} datalist ({task}/datalist.json or datalist_{task}.json); "
+        "prepare one with `python -m scripts.data.prepare` or omit --dataset-dir to use synthetic data"
+    )
+
+
+def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[Step]:
+    """Every step of the main job after the data, in order, with the overrides ``s`` gives."""
+    root = Path(s.workdir).resolve()
+    _, inter_dl, target_dl, synthetic = data
+    models, results = root / "models", root / "results"
+    dataset_dir = root / "data" / "synthetic" if synthetic else target_dl.parent
+    common = {
+        "bundle_root": str(root),
+        "dataset_dir": str(dataset_dir),
+        "datalist": str(target_dl),
+        "arch": s.arch,
+        "image_size": s.image_size,
+        "batch_size": s.batch_size,
+        "seed": s.seed,
+        **_given(learning_rate=s.learning_rate, amp=s.amp),
+        **s.extra_overrides,
+    }
+    steps = []
+    init = {"init": s.init, **_given(init_weights=s.imagenet_weights)}
+    if s.intermediate:
+        if inter_dl is None:
+            raise ValueError(
+                "stage 1 needs an intermediate datalist (--intermediate-datalist FILE) or --no-intermediate"
+            )
+        over = dict(
+            common, datalist=str(inter_dl), **init, **_given(**{"train#trainer#max_epochs": s.epochs_intermediate})
+        )
+        stage1 = models / "intermediate" / "model.pt"
+        inputs = {"datalist": inter_dl, "init_weights": s.imagenet_weights}
+        steps.append(Step("intermediate", ("train.json", "stage_intermediate.json"), over, stage1, inputs))
+        target_init, init_file = {"init_weights": str(stage1)}, stage1
+    else:  # init_weights given even when None: stage_target.json's default is the stage-1 model
+        target_init, init_file = {"init": s.init, "init_weights": s.imagenet_weights}, s.imagenet_weights
+    num_folds = s.folds if synthetic else _datalist_folds(target_dl)
+    members = [models / f"target_fold{k}" / "model.pt" for k in range(num_folds)]
+    for k, member in enumerate(members):
+        over = dict(
+            common,
+            fold=k,
+            **_given(backbone_lr_factor=s.backbone_lr_factor),
+            **target_init,
+            **_given(**{"train#trainer#max_epochs": s.epochs_target}),
+        )
+        inputs = {"datalist": target_dl, "init_weights": init_file}
+        steps.append(
+            Step(f"target fold {k + 1}/{num_folds}", ("train.json", "stage_target.json"), over, member, inputs)
+        )
+    member_inputs = {f"member {k}": m for k, m in enumerate(members)}
+    ensemble = models / "model.pt"
+    steps.append(Step("ensemble", ("train.json", "ensemble.json"), common, ensemble, member_inputs))
+
+    evaluate = ("train.json", "evaluate.json")
+    csvs = {}
+    for k, member in enumerate(members):
+        csv = results / f"cases_validation_fold{k}.csv"
+        over = dict(common, eval_split="validation", eval_fold=k)
+        steps.append(
+            Step(f"validation predictions fold {k + 1}", evaluate, over, csv, {"datalist": target_dl, "member": member})
+        )
+        csvs[f"validation {k}"] = csv
+    csvs["test"] = results / "cases_test.csv"
+    over = dict(common, eval_split="test")
+    steps.append(Step("test predictions", evaluate, over, csvs["test"], {"datalist": target_dl, **member_inputs}))
+
+    summarize = ("train.json", "summarize.json")
+    over = dict(
+        common,
+        stage1_init=s.init,
+        intermediate_stage=bool(s.intermediate),
+        threshold_rule=s.threshold_rule,
+        n_boot=s.n_boot,
+        **_given(imagenet_weights=s.imagenet_weights, threshold_value=s.threshold_value),
+        **_given(intermediate_datalist=str(inter_dl) if inter_dl else None),
+    )
+    metrics_file = results / "metrics.json"
+    steps.append(Step("metrics", summarize, over, metrics_file, {"datalist": target_dl, **csvs}))
+    report_inputs = {"metrics": metrics_file}
+    if s.saliency:
+        loc = results / "saliency" / "localisation.json"
+        sal = dict(
+            {k: v for k, v in common.items() if k not in ("batch_size", "seed")},  # not inference.json's to set
+            split="test",
+            output_dir=str(results),
+            **{"saliency#method": s.saliency_method, "saliency#metrics_file": str(metrics_file)},
+        )
+        steps.append(
+            Step(
+                "saliency",
+                ("inference.json", "saliency.json"),
+                sal,
+                loc,
+                {"datalist": target_dl, "ensemble": ensemble, "metrics": metrics_file},
+                run_id="saliency",
+            )
+        )
+        report_inputs["localisation"] = loc
+    steps.append(Step("report", summarize, over, results / "report.html", report_inputs, run_id="report"))
+    return steps
+
+
+def _datalist_folds(path: Path) -> int:
+    from scripts.data import schema
+
+    return schema.num_folds(path)
+
+
+def run_pipeline(s: Settings) -> Path:
+    """Run the whole method; returns the path of ``metrics.json``."""
+    from scripts.data import schema
+    from scripts.engine.atomic import write_json
+    from scripts.evaluation.summarize import read_localisation
+
+    t_start = time.time()
+    root = Path(s.workdir).resolve()
+    data = data_steps(s, root)
+    log = [run_step(step) for step in data[0]]
+    _, inter_dl, target_dl, synthetic = data
+    logger.info(
+        "bundle root: %s; target: %s%s; intermediate: %s", root, target_dl, " (synthetic)" * synthetic, inter_dl
+    )
+    for dl in (inter_dl, target_dl):
+        if dl is not None:
+            schema.read_datalist(dl)  # refuses a broken datalist before any training
+    steps = plan(s, data)
+    log += [run_step(step) for step in steps]
+    results = root / "results"
+    write_json(
+        results / "main_job.json",
+        {
+            "settings": {k: v for k, v in asdict(s).items() if k != "extra_overrides"},
+            "extra_overrides": s.extra_overrides,
+            "steps": log,
+            "elapsed_s": round(time.time() - t_start, 1),
+        },
+    )
+    metrics_file = results / "metrics.json"
+    _print_headline(json.loads(metrics_file.read_text()), read_localisation(results) or {}, results)
+    return metrics_file
+
+
+def _print_localisation(saliency: dict) -> None:
+    """One line per localisation metric of the saliency maps on all masked test ROIs: mean [CI] vs chance."""
+    table, st = (saliency.get("table") or {}).get("all") or {}, saliency.get("settings") or {}
+    if not table.get("n"):
+        return
+    print(f"saliency {st.get('method')} at {st.get('layer')} ({table['n']} ROIs with masks):")
+    for key, name, d in (("pointing_game", "pointing game", 3), ("energy_in_mask", "energy in mask", 4)):
+        lo, hi = table[f"{key}_ci"]
+        verdict = "above chance" if table[f"{key}_above_chance"] else "NOT above chance"
+        chance = table[key + "_chance"]
+        print(f"  {name:15s} {table[key]:.{d}f} (95% CI {lo:.{d}f}-{hi:.{d}f}), chance {chance:.{d}f}: {verdict}")
+    if table.get("pointing_game_centre") is not None:
+        print(
+            f"  {'centre prior':15s} {table['pointing_game_centre']:.3f} (pointing game of a map fixed at the ROI centre)"
+        )
+
+
+def _print_headline(summary: dict, saliency: dict, results: Path) -> None:
+    auc, thr, m = summary["auc"], summary["threshold"], summary["metrics"]
+    print("\n=== ensemble on the test split ===", flush=True)
+    print(f"AUC {auc['auc']:.3f} (95% CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}, DeLong)")
+    print(f"threshold {thr['threshold']:.3f}: {thr.get('description', thr['rule'])}")
+    for name in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
+        v = m.get(name, {})
+        if isinstance(v, dict) and v.get("value") is not None:
+            print(f"{name:12s} {v['value']:.3f}")
+    net = summary.get("network") or {}
+    w = net.get("imagenet_weights")
+    if w:
+        sha = f", SHA-256 {w['sha256'][:12]}..." if w.get("sha256") else ""
+        print(f"network {net.get('arch')}: ImageNet weights from {w['source']}{sha}")
+    else:
+        print(f"network {net.get('arch')}: initialised {net.get('init')}")
+    _print_localisation(saliency)
+    if summary.get("data", {}).get("source") == "synthetic":
+        print("NOTE: synthetic data; these numbers are not clinical evidence.")
+    if net.get("init") == "scratch":
+        print(
+            "NOTE: stage 1 started from random weights, not ImageNet (the full recipe); see README.md, "
+            "'What to expect from the default run'."
+        )
+    print(f"results: {results}/metrics.json, {results}/cases_test.csv, {results}/report.html", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
+    """``(settings, dry_run)`` from the command line."""
+    p = argparse.ArgumentParser(prog="python -m scripts.main_job", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes and 2 epochs per stage, for trying it out")
+    p.add_argument("--dry-run", action="store_true", help="print the bundle commands of each step, run nothing")
+    defaults = Settings()
+    for name, value in asdict(defaults).items():
+        if name == "extra_overrides":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or name == "amp":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = type(value) if value is not None else str
+            if name in ("threshold_value", "overlap", "cnr", "learning_rate", "backbone_lr_factor"):
+                typ = float
+            elif name in ("epochs_intermediate", "epochs_target"):
+                typ = int
+            p.add_argument(flag, type=typ, default=None)
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="ID=JSON",
+        help="extra config override, e.g. --override 'train#dataloader#num_workers=2' (repeatable)",
+    )
+    a = p.parse_args(argv)
+    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "override", "dry_run")}
+    extra = {}
+    for o in a.override:
+        key, _, val = o.partition("=")
+        try:
+            extra[key] = json.loads(val)
+        except json.JSONDecodeError:
+            extra[key] = val
+    given["extra_overrides"] = extra
+    if given.get("init") not in (None, "scratch", "imagenet"):
+        p.error("--init must be 'scratch' or 'imagenet'")
+    if given.get("intermediate_task") not in (None, *INTERMEDIATE_TASKS):
+        p.error(f"--intermediate-task must be one of {sorted(INTERMEDIATE_TASKS)}")
+    return (Settings.quick(**given) if a.quick else Settings(**given)), a.dry_run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
+    s, dry_run = parse_args(argv)
+    try:
+        if dry_run:
+            data = data_steps(s, Path(s.workdir).resolve())
+            for step in data[0] + plan(s, data):
+                print(f"# {step.name}\n{step.command(Path(s.workdir).resolve(), compact=True)}")
+            return 0
+        run_pipeline(s)
+    except Exception as e:  # a clear last line; the traceback above has the details
+        logger.exception("pipeline failed: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The network, its inferers, its export and weight hashing."""

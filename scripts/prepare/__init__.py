@@ -1,9 +1,0 @@
-"""Real-data preparation: CBIS-DDSM, mini-MIAS and a generic CSV -> physical-scale ROI images + datalists.
-
-Run ``python -m scripts.prepare {mini-mias,cbis-ddsm,csv} --in ... --out DIR``; see ``docs/data_preparation.md``.
-"""
-
-from scripts.prepare.errors import ErrorReport, PreparationFailed, PrepareError
-from scripts.prepare.roi import RoiGeometry, crop_mask, crop_roi
-
-__all__ = ["ErrorReport", "PreparationFailed", "PrepareError", "RoiGeometry", "crop_mask", "crop_roi"]
