@@ -14,6 +14,8 @@ import torchvision
 from scripts.ablation import nested_subset, run_ablation
 from tests.conftest import tiny_settings
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 
 def test_nested_subsets_are_balanced_patient_grouped_and_nested():
     items = [{"case": f"c{i}", "patient": f"p{i // 2}", "label": (i // 2) % 2, "image": f"{i}.png"} for i in range(40)]

@@ -25,6 +25,8 @@ import pytest
 from tests.app_bundle import TINY_SETTINGS, make_app_bundle, run_inference_workflow
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 APPS = REPO / "apps"
 LABEL_PY = APPS / "monailabel" / ".venv" / "bin" / "python"
 DEPLOY_PY = APPS / "deploy" / ".venv" / "bin" / "python"

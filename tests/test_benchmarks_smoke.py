@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 SCRIPTS = ["train_throughput", "data_path", "inference_latency", "scaling"]
 
 

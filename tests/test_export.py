@@ -17,6 +17,8 @@ from scripts.model.export import ONNX_KWARGS_CLI, check_parity, eager_network, e
 from scripts.model.network import Ensemble, build_network
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 ARCHS = ["resnet18", "efficientnet_lite0"]
 
 

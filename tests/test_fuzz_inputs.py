@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 REPO = Path(__file__).resolve().parents[1]
 MARKERS = (b"QZXMARK", b"19010203", b"3680043.8.498.77345")  # text, date, UID root planted in the seed DICOM
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77345."
@@ -580,7 +582,7 @@ def test_fuzz_inputs_prepare_and_inference(tmp_path, bundle):
     _fuzz(tmp_path, bundle, flips=1)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_fuzz_inputs_more_byte_flips(tmp_path, bundle):
     """The same with four times the random byte-flip variants (545 files)."""
     _fuzz(tmp_path, bundle, flips=4)

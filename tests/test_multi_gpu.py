@@ -15,6 +15,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 CONFIGS = REPO / "configs"
 # test-only override: every rank saves its weights and pid before the process group is torn down
 SAVE_RANK_STATE = {

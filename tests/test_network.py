@@ -116,6 +116,7 @@ def test_freezing_and_backbone_learning_rate_factor():
         freeze_before(net, "layer9")
 
 
+@pytest.mark.slow
 def test_ensemble_is_the_mean_of_member_softmax(tmp_path):
     paths = []
     for k in range(3):
@@ -137,6 +138,7 @@ def test_ensemble_is_the_mean_of_member_softmax(tmp_path):
         assert torch.allclose(fresh.eval()(x), out)
 
 
+@pytest.mark.slow
 def test_ensemble_torchscript_export_matches_eager():
     ens = Ensemble(2, "resnet18").eval()
     scripted = torch.jit.script(ens)

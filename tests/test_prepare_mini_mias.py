@@ -14,7 +14,10 @@ from scripts.data.schema import read_datalist
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MIAS = DATA / "mini-mias"
-pytestmark = pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not found at {MIAS}")
+pytestmark = [
+    pytest.mark.slow,  # prepares the real mini-MIAS films
+    pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason=f"mini-MIAS not found at {MIAS}"),
+]
 
 
 @pytest.fixture(scope="module")

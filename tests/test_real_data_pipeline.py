@@ -10,6 +10,8 @@ from scripts.evaluation.metrics import read_cases_csv
 from scripts.main_job import run_pipeline
 from tests.conftest import SHARED_DATA, tiny_settings
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 MIAS = SHARED_DATA / "mini-mias"
 
 

@@ -24,6 +24,8 @@ from scripts.main_job import run_pipeline
 from scripts.model.network import WeightsError, load_state_dict_file
 from tests.conftest import REPO, tiny_settings
 
+pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
+
 CONFIGS = REPO / "configs"
 STAGE = [str(CONFIGS / "train.json"), str(CONFIGS / "stage_target.json")]
 TINY = {"init": "scratch", "arch": "resnet18", "image_size": 64, "batch_size": 8}

@@ -38,9 +38,6 @@ from scripts.saliency import (  # noqa: E402
     threshold_from_metrics,
 )
 
-torch.set_num_threads(1)
-
-
 ARCHS = ["resnet18", "efficientnet_lite0"]
 # the saliency target layer, its stride and channels, and the randomisation order (head first), for each family
 TARGET_LAYERS = {"resnet18": "backbone.layer4.1", "efficientnet_lite0": "backbone.blocks.4"}
@@ -362,6 +359,7 @@ def test_randomisation_check_detects_change(ensemble, x):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the trained ensemble is untouched
 
 
+@pytest.mark.slow
 def test_cascading_randomisation_follows_the_stages(ensemble, x):
     """Cascading randomisation walks ``stages()`` from the head to the stem, every step re-initialising one more
     stage of every member; the maps drift away from the original ones."""
@@ -407,6 +405,7 @@ def _settings(**kw) -> SaliencySettings:
     return SaliencySettings(**{"batch_size": 2, "randomisation": None, "spacing_mm": 0.07, **kw})
 
 
+@pytest.mark.slow
 def test_run_saliency_writes_outputs(ensemble, tmp_path):
     import nibabel as nib
 
@@ -471,6 +470,7 @@ def _merged_parser(ensemble, root: Path, **overrides):
     return parser
 
 
+@pytest.mark.slow
 def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tmp_path, monkeypatch):
     from scripts.data.schema import make_datalist, write_datalist
 
@@ -497,6 +497,7 @@ def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tm
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ensemble.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_bundle_config_over_a_folder_and_a_csv_of_png_and_dicom(ensemble, tmp_path, monkeypatch):
     from scripts.data.prepare.dicom_writer import write_dicom
 

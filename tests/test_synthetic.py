@@ -240,6 +240,7 @@ def test_params_from_dict():
         SynthParams.from_dict({"not_a_knob": 1})
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     cmd = [sys.executable, "-m", "scripts.data.synthetic", "--out", str(tmp_path), "--task", "target"]
     cmd += ["--n-train", "6", "--n-test", "4", "--folds", "2", "--size", "32", "--seed", "1", "--overlap", "0.3"]
@@ -426,6 +427,7 @@ def test_invalid_film_knobs_raise(tmp_path, knob):
         generate_dataset(tmp_path, "film", n_train=2, n_test=0, num_folds=2, image_size=32, params=knob)
 
 
+@pytest.mark.slow
 def test_cli_film_task(tmp_path):
     cmd = [sys.executable, "-m", "scripts.data.synthetic", "--out", str(tmp_path), "--task", "film", "--n-train", "4"]
     cmd += ["--n-test", "0", "--folds", "2", "--size", "32", "--params", '{"film_gamma": 0.8}']

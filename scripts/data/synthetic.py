@@ -256,9 +256,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--task", choices=sorted(TASKS), default="target")
     ap.add_argument("--n-train", type=int, default=200, help="training ROIs (folds are assigned within them)")
     ap.add_argument("--n-test", type=int, default=200, help="held-out test ROIs")
-    ap.add_argument("--folds", type=int, default=3, help="cross-validation folds (>= 2)")
-    ap.add_argument("--size", type=int, default=128, help="ROI side in px")
-    ap.add_argument("--spacing", type=float, default=None, help=f"pixel spacing in mm (default {FIELD_MM} mm / size)")
+    ap.add_argument("--folds", dest="num_folds", type=int, default=3, help="cross-validation folds (>= 2)")
+    ap.add_argument("--size", dest="image_size", type=int, default=128, help="ROI side in px")
+    ap.add_argument(
+        "--spacing",
+        dest="pixel_spacing_mm",
+        type=float,
+        default=None,
+        help=f"pixel spacing in mm (default {FIELD_MM} mm / size)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overlap", type=float, default=None, help="class overlap in [0, 1] (task's knob; film: target's)")
     ap.add_argument(
@@ -270,27 +276,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ap.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    params: dict = {}
-    if args.params:
-        text = Path(args.params).read_text() if Path(args.params).is_file() else args.params
-        params = json.loads(text)
-    if args.noise is not None:
-        params["noise_sigma"] = args.noise
-    path = generate_dataset(
-        args.out,
-        task=args.task,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        num_folds=args.folds,
-        image_size=args.size,
-        pixel_spacing_mm=args.spacing,
-        seed=args.seed,
-        params=params,
-        workers=args.workers,
-        overlap=args.overlap,
-        cnr=args.cnr,
-        force=args.force,
-    )
+    kw = vars(args)  # the flags are generate_dataset's keywords, less --out, --params and --noise
+    text, noise = kw.pop("params"), kw.pop("noise")
+    params: dict = json.loads(Path(text).read_text() if Path(text).is_file() else text) if text else {}
+    if noise is not None:
+        params["noise_sigma"] = noise
+    path = generate_dataset(kw.pop("out"), params=params, **kw)
     print(path)
     return path
 

@@ -29,21 +29,29 @@ from scripts.data.prepare.errors import PrepareError
 
 logger = logging.getLogger(__name__)
 
-# transfer syntax UID -> (name, pip packages that give pydicom a decoder)
-_DECODER_HINTS = {
-    "1.2.840.10008.1.2.4.50": ("JPEG Baseline", "pylibjpeg pylibjpeg-libjpeg"),
-    "1.2.840.10008.1.2.4.51": ("JPEG Extended", "pylibjpeg pylibjpeg-libjpeg"),
-    "1.2.840.10008.1.2.4.57": ("JPEG Lossless", "pylibjpeg pylibjpeg-libjpeg"),
-    "1.2.840.10008.1.2.4.70": ("JPEG Lossless SV1", "pylibjpeg pylibjpeg-libjpeg"),
-    "1.2.840.10008.1.2.4.80": ("JPEG-LS Lossless", "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)"),
-    "1.2.840.10008.1.2.4.81": ("JPEG-LS Near-Lossless", "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)"),
-    "1.2.840.10008.1.2.4.90": ("JPEG 2000 Lossless", "pylibjpeg pylibjpeg-openjpeg"),
-    "1.2.840.10008.1.2.4.91": ("JPEG 2000", "pylibjpeg pylibjpeg-openjpeg"),
-    "1.2.840.10008.1.2.4.201": ("HTJ2K Lossless", "pylibjpeg pylibjpeg-openjpeg"),
-    "1.2.840.10008.1.2.4.202": ("HTJ2K Lossless RPCL", "pylibjpeg pylibjpeg-openjpeg"),
-    "1.2.840.10008.1.2.4.203": ("HTJ2K", "pylibjpeg pylibjpeg-openjpeg"),
-    "1.2.840.10008.1.2.5": ("RLE Lossless", "pylibjpeg pylibjpeg-rle"),
+# pip packages that give pydicom a decoder -> {transfer syntax UID: name}
+_DECODERS = {
+    "pylibjpeg pylibjpeg-libjpeg": {
+        "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+        "1.2.840.10008.1.2.4.51": "JPEG Extended",
+        "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+        "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    },
+    "pylibjpeg pylibjpeg-libjpeg (or pyjpegls)": {
+        "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+        "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
+    },
+    "pylibjpeg pylibjpeg-openjpeg": {
+        "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+        "1.2.840.10008.1.2.4.91": "JPEG 2000",
+        "1.2.840.10008.1.2.4.201": "HTJ2K Lossless",
+        "1.2.840.10008.1.2.4.202": "HTJ2K Lossless RPCL",
+        "1.2.840.10008.1.2.4.203": "HTJ2K",
+    },
+    "pylibjpeg pylibjpeg-rle": {"1.2.840.10008.1.2.5": "RLE Lossless"},
 }
+# transfer syntax UID -> (name, pip packages)
+_DECODER_HINTS = {uid: (name, pkgs) for pkgs, uids in _DECODERS.items() for uid, name in uids.items()}
 
 
 class DicomReadError(PrepareError):
