@@ -2,8 +2,9 @@
 
 import pytest
 
+from scripts.engine.checkpoints import parse_resume
 from scripts.engine.config_values import parse_bool
-from scripts.engine.resilience import parse_resume, set_deterministic_algorithms
+from scripts.engine.resilience import set_deterministic_algorithms
 from scripts.model.inferers import AutocastInferer
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.engine import resilience
-from scripts.engine.resilience import ResumeHandler
+from scripts.engine import checkpoints, resilience
+from scripts.engine.checkpoints import ResumeHandler
 from scripts.main_job import run_pipeline
 from scripts.model.network import WeightsError, load_state_dict_file
 from tests.conftest import REPO, tiny_settings
@@ -222,7 +222,7 @@ def test_truncated_checkpoints_are_refused_with_a_clear_error(cli_runs, tiny_dat
     foreign = tmp_path / "foreign.pt"
     torch.save({"optimizer": {"lr": 0.1}}, foreign)
     with pytest.raises(resilience.CheckpointError, match="not a training checkpoint"):
-        resilience.read_checkpoint(foreign)
+        checkpoints.read_checkpoint(foreign)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_too_little_free_disk_is_reported_before_training(tiny_data, tmp_path):
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     net = torch.nn.Linear(3, 2)
-    saver = resilience._AtomicDiskSaver(tmp_path, "model.pt")
+    saver = checkpoints._AtomicDiskSaver(tmp_path, "model.pt")
     saver({"model": net.state_dict()}, "ignored.pt")
     before = (tmp_path / "model.pt").read_bytes()
 
@@ -343,7 +343,7 @@ def test_pipeline_reruns_exactly_the_affected_stages_and_resumes_a_killed_one(tm
 
 
 def test_a_resumed_best_model_record_without_its_file_is_reset(tmp_path):
-    saver = resilience.AtomicCheckpointSaver(
+    saver = checkpoints.AtomicCheckpointSaver(
         save_dir=str(tmp_path),
         save_dict={"model": torch.nn.Linear(3, 2)},
         save_key_metric=True,
