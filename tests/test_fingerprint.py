@@ -54,6 +54,12 @@ def test_a_record_of_an_earlier_version_or_unreadable_is_stale(tmp_path):
     assert "unreadable" in F.why_stale(out, fp)
 
 
+def test_nested_settings_name_the_leaf_that_changed():
+    old = F.compute(settings={"generator": {"params": {"cnr": 2.5, "overlap": 0.1}}, "n": 3})
+    new = F.compute(settings={"generator": {"params": {"cnr": 3.0, "overlap": 0.1}}, "n": 3})
+    assert new.changes(old.parts) == ["setting generator.params.cnr 2.5 -> 3.0"]
+
+
 def test_digest_of_is_order_independent_and_stable():
     assert F.digest_of({"a": 1, "b": [2, 3]}) == F.digest_of({"b": [2, 3], "a": 1})
     # the preparation fingerprint of earlier versions (sha256 of the sorted-key JSON), so prepared folders stay current

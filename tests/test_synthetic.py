@@ -219,7 +219,10 @@ def test_up_to_date_skip_and_regeneration(tmp_path, caplog):
         assert generate_dataset(tmp_path, "target", **kw) == path
     assert "up to date" in caplog.text and path.stat().st_mtime_ns == stamp
     # changed knob -> regenerated, with the new value in the metadata and no stale images
-    path2 = generate_dataset(tmp_path, "target", **{**kw, "n_train": 4}, cnr=20.0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scripts.data.synthetic"):
+        path2 = generate_dataset(tmp_path, "target", **{**kw, "n_train": 4}, cnr=20.0)
+    assert "regenerated: setting generator.n_train 6 -> 4" in caplog.text  # the log names what changed
     meta = json.loads(path2.read_text())["metadata"]["generator"]
     assert meta["params"]["cnr"] == 20.0 and meta["n_train"] == 4
     assert len(list((tmp_path / "target" / "images").glob("*.png"))) == 7

@@ -92,6 +92,7 @@ from scripts.data.synthetic_render import (  # noqa: F401 (re-exported)
     render_primitives,
     render_target_roi,
 )
+from scripts.engine.fingerprint import compute
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +187,14 @@ def generate_dataset(
     wanted = json.loads(json.dumps(make_datalist([], [], **meta_kw)["metadata"]))
     if path.is_file() and not force:
         try:
-            if read_datalist(path).get("metadata") == wanted:
-                logger.info("synthetic %s data up to date: %s", task, path)
-                return path
-        except DatalistError:
-            pass  # missing or broken files: regenerate
+            # the settings are the datalist's metadata: compared part by part, so the log can say what changed
+            changed = compute(settings=wanted).changes(compute(settings=read_datalist(path).get("metadata", {})).parts)
+        except DatalistError as e:  # missing or broken files: regenerate
+            changed = [str(e)]
+        if not changed:
+            logger.info("synthetic %s data up to date: %s", task, path)
+            return path
+        logger.info("synthetic %s data regenerated: %s", task, "; ".join(changed))
     if path.exists():
         path.unlink()  # a half-regenerated folder must never look up to date
     for sub in ("images", "masks"):

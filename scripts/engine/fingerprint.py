@@ -67,12 +67,13 @@ def compute(
 
     Args:
         configs: config files; each part is named by the file name and holds the digest of its text.
-        settings: values that change the output (not file locations: a moved folder leaves a stage current).
+        settings: values that change the output (not file locations: a moved folder leaves a stage current);
+            nested dicts become one part per leaf (``generator.params.cnr``), so a change names the leaf.
         files: role -> input file, hashed by content; ``None`` and paths that are not files (e.g. a torchvision
             weights name, which is a setting) are left out.
     """
     parts = {f"config {Path(c).name}": file_digest(c) for c in configs}
-    parts.update({f"setting {k}": json.dumps(v, sort_keys=True, default=str) for k, v in (settings or {}).items()})
+    parts.update({f"setting {k}": json.dumps(v, sort_keys=True, default=str) for k, v in _flat(settings or {})})
     for role, path in (files or {}).items():
         if path is not None and Path(path).is_file():
             parts[f"file {role}"] = file_digest(path)
@@ -112,6 +113,16 @@ def record(output: PathLike, fp: Fingerprint) -> None:
 def forget(output: PathLike) -> None:
     """Drop the record of ``output`` (before remaking it, so that a crash leaves it stale)."""
     record_file(output).unlink(missing_ok=True)
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in settings.items():
+        if isinstance(v, Mapping) and v:
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def _short(text: str, n: int = 60) -> str:
