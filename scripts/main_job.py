@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from scripts.data import schema
 from scripts.engine.steps import Step, run_config, run_step
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         target_init, init_file = {"init_weights": str(stage1)}, stage1
     else:  # init_weights given even when None: stage_target.json's default is the stage-1 model
         target_init, init_file = {"init": s.init, "init_weights": s.imagenet_weights}, s.imagenet_weights
-    num_folds = s.folds if synthetic else _datalist_folds(target_dl)
+    num_folds = s.folds if synthetic else schema.num_folds(target_dl)
     members = [models / f"target_fold{k}" / "model.pt" for k in range(num_folds)]
     for k, member in enumerate(members):
         over = dict(
@@ -284,15 +285,8 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
     return steps
 
 
-def _datalist_folds(path: Path) -> int:
-    from scripts.data import schema
-
-    return schema.num_folds(path)
-
-
 def run_pipeline(s: Settings) -> Path:
     """Run the whole method; returns the path of ``metrics.json``."""
-    from scripts.data import schema
     from scripts.engine.atomic import write_json
     from scripts.evaluation.summarize import read_localisation
 
