@@ -10,7 +10,8 @@ import pytest
 
 from scripts.data.imageio import read_roi_png
 from scripts.data.prepare.__main__ import CBIS_INTERMEDIATE_CHOICES, CBIS_TARGET_CHOICES, main
-from scripts.data.prepare.cbis_ddsm import INTERMEDIATE_CHOICES, TARGET_CHOICES, prepare_cbis_ddsm, resolve_selection
+from scripts.data.prepare.cbis_ddsm import prepare_cbis_ddsm
+from scripts.data.prepare.cbis_tables import INTERMEDIATE_CHOICES, TARGET_CHOICES, resolve_selection
 from scripts.data.prepare.dicom_writer import write_dicom
 from scripts.data.prepare.errors import PrepareError
 from scripts.data.schema import read_datalist

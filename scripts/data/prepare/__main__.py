@@ -11,7 +11,7 @@ from scripts.data.prepare.bounds import DEFAULT_MAX_PIXELS, check_pitch, set_max
 from scripts.data.prepare.errors import ON_ERROR_CHOICES, PreparationFailed, PrepareError
 from scripts.data.prepare.roi import PAD_CHOICES, RoiGeometry
 
-# the same as scripts.data.prepare.cbis_ddsm.TARGET_CHOICES / INTERMEDIATE_CHOICES (not imported: sources load lazily)
+# the same as scripts.data.prepare.cbis_tables.TARGET_CHOICES / INTERMEDIATE_CHOICES (not imported: sources load lazily)
 CBIS_TARGET_CHOICES = ("calc", "none")
 CBIS_INTERMEDIATE_CHOICES = ("mass", "calc", "both", "none")
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.source == "cbis-ddsm":
-        from scripts.data.prepare.cbis_ddsm import resolve_selection
+        from scripts.data.prepare.cbis_tables import resolve_selection
 
         if args.no_mass:
             if args.intermediate not in (None, "none"):
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(result["summary"])
     if "row_selection" in result:
-        from scripts.data.prepare.cbis_ddsm import describe_selection
+        from scripts.data.prepare.cbis_tables import describe_selection
 
         for line in describe_selection(result["row_selection"]):
             print(line)
