@@ -69,9 +69,14 @@ def test_no_patient_in_two_folds_or_in_training_and_test(tiny_run):
 
 def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tiny_run, caplog):
     s, work, _ = tiny_run
+    first = json.loads((work / "results" / "main_job.json").read_text())["steps"]
+    assert all(step["ran"] for step in first)
     before = {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
     with caplog.at_level(logging.INFO, logger="pipeline"):
         run_pipeline(s)
+    rerun = json.loads((work / "results" / "main_job.json").read_text())["steps"]
+    assert [step["step"] for step in rerun] == [step["step"] for step in first]
+    assert not any(step["ran"] for step in rerun)  # the data generator's reuse included
     assert caplog.text.count("up to date, skipped") == 1 + 3 + 1 + 3 + 1 + 1 + 1 + 1  # stage 1, folds, ensemble,
     # validation and test predictions, metrics, saliency, report (all but the data generator, which checks itself)
     assert "running" not in caplog.text

@@ -111,12 +111,26 @@ def run_config(configs: Sequence[str], overrides: dict, run_id: str = "run") -> 
     wf.finalize()
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """``(mtime in ns, size)`` of ``path``, ``None`` when absent: whether a step rewrote its output."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def run_step(step: Step) -> dict:
     """Run ``step`` unless its output is current; returns what happened (for ``main_job.json``)."""
     if step.always:
         logger.info("[%s] (the generator reuses its files when they are current)", step.name)
+        before = _stamp(step.output)
+        t0 = time.time()
         run_config(step.configs, step.overrides, step.run_id)
-        return {"step": step.name, "ran": True, "command": step.command()}
+        if before is not None and _stamp(step.output) == before:  # the generator found its output current
+            return {"step": step.name, "ran": False, "command": step.command()}
+        seconds = round(time.time() - t0, 1)
+        return {"step": step.name, "ran": True, "why": "generated", "seconds": seconds, "command": step.command()}
     fp = step.fingerprint()
     reason = fingerprint.why_stale(step.output, fp)
     if reason is None:
