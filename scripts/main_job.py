@@ -285,6 +285,27 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
     return steps
 
 
+def environment() -> dict:
+    """What the figures depend on beyond code and data: library versions and the floating-point kernels in use.
+
+    Weights are reproducible bit for bit on the same CPU capability and thread count, not across them (AVX2 and
+    AVX-512 kernels round differently; docs/README.md gives the measured difference)."""
+    import platform
+
+    import monai
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
 def run_pipeline(s: Settings) -> Path:
     """Run the whole method; returns the path of ``metrics.json``."""
     from scripts.engine.atomic import write_json
@@ -311,6 +332,7 @@ def run_pipeline(s: Settings) -> Path:
             "extra_overrides": s.extra_overrides,
             "steps": log,
             "elapsed_s": round(time.time() - t_start, 1),
+            "environment": environment(),
         },
     )
     metrics_file = results / "metrics.json"

@@ -69,8 +69,11 @@ def test_no_patient_in_two_folds_or_in_training_and_test(tiny_run):
 
 def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tiny_run, caplog):
     s, work, _ = tiny_run
-    first = json.loads((work / "results" / "main_job.json").read_text())["steps"]
+    record = json.loads((work / "results" / "main_job.json").read_text())
+    first = record["steps"]
     assert all(step["ran"] for step in first)
+    assert record["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["environment"]["threads"] == torch.get_num_threads() and record["environment"]["torch"]
     before = {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
     with caplog.at_level(logging.INFO, logger="pipeline"):
         run_pipeline(s)
