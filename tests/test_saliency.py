@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.data.imageio import write_mask_png, write_roi_png  # noqa: E402
+from scripts.data.imageio import read_mask_png, write_mask_png, write_roi_png  # noqa: E402
 from scripts.data.inputs import LoadInputd  # noqa: E402
 from scripts.model.inferers import saliency_amp  # noqa: E402
 from scripts.model.network import Ensemble, build_network  # noqa: E402
@@ -416,7 +416,6 @@ def test_run_saliency_writes_outputs(ensemble, tmp_path):
     assert summary["counts"]["n"] == 4 and summary["counts"]["with_mask"] == 3
     assert summary["counts"]["unmasked"] == 1 and summary["counts"]["errors"] == 0
     assert summary["localisation"]["all"]["n"] == 3
-    assert 0 <= summary["localisation"]["all"]["energy_in_mask"] <= 1
     assert summary["randomisation"]["n_images"] == 2
     for it in items:
         case = it["case"]
@@ -431,6 +430,13 @@ def test_run_saliency_writes_outputs(ensemble, tmp_path):
     assert loc["table"]["all"]["n"] == 3 and len(loc["cases"]) == 4
     assert {"hit", "energy", "iou", "chance_area", "chance_pointing"} <= set(loc["cases"][0])
     assert "hit" not in next(r for r in loc["cases"] if r["case"] == "case001")  # no mask: maps only
+    # energy in mask, recomputed from the written map and the mask file (64 px ROIs: no resizing in between)
+    energies = {r["case"]: r["energy"] for r in loc["cases"] if "energy" in r}
+    assert summary["localisation"]["all"]["energy_in_mask"] == pytest.approx(np.mean(list(energies.values())))
+    for i in (0, 2):
+        cam = np.asarray(nib.load(out / "maps" / f"case{i:03d}.nii.gz").dataobj).T.astype(np.float64)
+        mask = read_mask_png(tmp_path / "data" / f"mask_{i}.png")
+        assert energies[f"case{i:03d}"] == pytest.approx(cam[mask].sum() / cam.sum(), rel=1e-4)
     # one feature-map cell, in pixels of the 64 px network input
     resized = next(r for r in loc["cases"] if r["case"] == "case003")
     assert resized["tolerance_px"] == pytest.approx(TARGET_STRIDE[ensemble.members[0].arch])
