@@ -27,7 +27,7 @@ from scripts.engine.steps import Step, run_config, run_step
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_DIR / "configs"
-logger = logging.getLogger("pipeline")
+logger = logging.getLogger("main_job")
 
 
 def config_default(config: str, key: str) -> Any:

@@ -35,7 +35,7 @@ def test_ablation_shares_data_and_stage1_and_reports_unavailable_imagenet_arms(t
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     base = tiny_settings(n_target_train=24, n_target_test=12)
-    with caplog.at_level(logging.INFO, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="main_job"):
         result = run_ablation(
             tmp_path, sizes=[12, "full"], seeds=[0], arms=["scratch", "intermediate", "dtl"], base=base
         )

@@ -75,7 +75,7 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     assert record["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert record["environment"]["threads"] == torch.get_num_threads() and record["environment"]["torch"]
     before = {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
-    with caplog.at_level(logging.INFO, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="main_job"):
         run_pipeline(s)
     rerun = json.loads((work / "results" / "main_job.json").read_text())["steps"]
     assert [step["step"] for step in rerun] == [step["step"] for step in first]
@@ -91,7 +91,7 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     shutil.copytree(work, copy)
     before = {p: p.stat().st_mtime_ns for p in (copy / "models").glob("*/model.pt")}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="main_job"):
         run_pipeline(dataclasses.replace(s, workdir=str(copy), saliency_method="layercam"))
     assert re.findall(r"\[([^\]]+)\] running", caplog.text) == ["saliency", "report"]
     assert '[saliency] running (setting saliency#method "hirescam" -> "layercam")' in caplog.text
@@ -108,7 +108,7 @@ def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
     s, work, _ = tiny_run
     moved = tmp_path / "moved"
     shutil.copytree(work, moved)
-    with caplog.at_level(logging.INFO, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="main_job"):
         run_pipeline(dataclasses.replace(s, workdir=str(moved)))
     assert "running" not in caplog.text
 
@@ -156,7 +156,7 @@ def test_separate_datalists_and_a_target_without_an_intermediate_set(tiny_data, 
     assert summary["data"]["intermediate_source"] == "synthetic intermediate"  # the mass task's datalist
     # a target alone: stage 1 runs on the synthetic film set, and says so
     s = tiny_settings(workdir=str(tmp_path / "b"), target_datalist=str(target), saliency=False)
-    with caplog.at_level(logging.WARNING, logger="pipeline"):
+    with caplog.at_level(logging.WARNING, logger="main_job"):
         summary = json.loads(run_pipeline(s).read_text())
     assert "stage 1 uses the synthetic film set" in caplog.text
     assert summary["data"]["intermediate_source"] == "synthetic film"

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from scripts.engine import fingerprint
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-logger = logging.getLogger("pipeline")
+logger = logging.getLogger("main_job")
 
 # overrides that only say where files are: their contents enter the fingerprint as input files, so a moved
 # bundle or dataset folder does not make finished steps stale
