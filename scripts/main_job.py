@@ -290,6 +290,7 @@ def environment() -> dict:
 
     Weights are reproducible bit for bit on the same CPU capability and thread count, not across them (AVX2 and
     AVX-512 kernels round differently; docs/README.md gives the measured difference)."""
+    import os
     import platform
 
     import monai
@@ -302,6 +303,8 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        # variables that hold the kernels below what the CPU offers (e.g. AVX2 on an AVX-512 machine)
+        "kernel_limits": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
