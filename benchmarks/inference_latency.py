@@ -14,8 +14,9 @@ model: ``peak_delta_mb``); on CUDA ``torch.cuda.max_memory_allocated``. Modes:
 * ``cam_last``: ``EnsembleCAM(method="gradcam")`` at the last feature map (EfficientNet-Lite's ``bn2``), the default
   before HiResCAM at ``blocks.4``;
 * ``cam_nofreeze``: the same with every parameter requiring gradients (the library's plain path; ``--compare-freeze``);
-* ``cam_amp``: ``EnsembleCAM(amp=True)``, the bundle's saliency default: channels_last + bfloat16 forward,
-  float32 maps; the row reports the correlation of its ensemble map with ``cam``'s on the same ROI.
+* ``cam_amp``: ``EnsembleCAM(amp=True)``, channels_last + bfloat16 forward, float32 maps (the saliency default for
+  ResNets; EfficientNet-Lite's maps stay float32, ``scripts.model.inferers.saliency_amp``); the row reports the
+  correlation of its ensemble map with ``cam``'s on the same ROI.
 
 The three ``predict*`` modes compare the precisions the bundle can run inference in (``configs/inference.json``'s
 ``amp`` and ``channels_last``); after the per-configuration rows a precision table puts them side by side with the
