@@ -8,12 +8,9 @@ import sys
 from pathlib import Path
 
 from scripts.data.prepare.bounds import DEFAULT_MAX_PIXELS, check_pitch, set_max_pixels
+from scripts.data.prepare.cbis_tables import INTERMEDIATE_CHOICES, TARGET_CHOICES
 from scripts.data.prepare.errors import ON_ERROR_CHOICES, PreparationFailed, PrepareError
 from scripts.data.prepare.roi import PAD_CHOICES, RoiGeometry
-
-# the same as scripts.data.prepare.cbis_tables.TARGET_CHOICES / INTERMEDIATE_CHOICES (not imported: sources load lazily)
-CBIS_TARGET_CHOICES = ("calc", "none")
-CBIS_INTERMEDIATE_CHOICES = ("mass", "calc", "both", "none")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-pitch-mm", type=float, default=0.05, help="pitch when a DICOM states none (mm)")
     p.add_argument(
         "--target",
-        choices=CBIS_TARGET_CHOICES,
+        choices=TARGET_CHOICES,
         default="calc",
         help="calc: calcification rows form the target set (default); none: no target set, CBIS-DDSM as "
         "intermediate data for your own target",
     )
     p.add_argument(
         "--intermediate",
-        choices=CBIS_INTERMEDIATE_CHOICES,
+        choices=INTERMEDIATE_CHOICES,
         default=None,
         help="rows of the intermediate set (default mass); target patients are kept out of it: all of them when "
         "calc rows are in both sets, else those of the target test set",
