@@ -1,35 +1,45 @@
 """Synthetic ROI generator: determinism, masks that match the drawn lesions, class differences, datalists, CLI,
-and the film (digitised screen-film) domain."""
+the film (digitised screen-film) domain and the simulated reader's BI-RADS."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.data.imageio import read_mask_png, read_roi_png
+from scripts.data.imageio import read_mask_png, read_raster, read_roi_png
 from scripts.data.schema import read_datalist, validate_datalist
 from scripts.data.synthetic import (
+    CBIS_DDSM_CALC_BIRADS_COUNTS,
     FIELD_MM,
+    READER_TASKS,
+    TASKS,
     SynthParams,
     apply_film_domain,
     class_morphology,
+    expected_reader_performance,
     film_grain,
     generate_dataset,
     generate_roi,
     plan_patients,
     power_law_field,
+    reader_metadata,
     render_film_roi,
     render_target_roi,
+    simulated_birads,
 )
+from scripts.evaluation.birads import PATHOLOGY_LABELS, load_case_table, table_path
 
 ROOT = Path(__file__).resolve().parents[1]
+CBIS_TABLES = ROOT.parent / "shared" / "data" / "cbis-ddsm"  # the CBIS-DDSM case-description CSVs, when present
 SIZE = 64
 SPACING = 0.1  # mm; the default would be FIELD_MM / SIZE = 0.2 mm, too coarse for the mask-contrast checks
 
@@ -92,9 +102,9 @@ def test_datalist_schema_and_patient_split(target_dir):
     assert meta["generator"]["seed"] == 3 and meta["generator"]["params"]["overlap"] == SynthParams().overlap
     items = _all_items(dl)
     assert len(items) == 36 and abs(len(dl["test"]) - 12) <= 3
-    assert all(
-        it["birads"] is None and it["case"].startswith("t-") and it["patient"].startswith("synth-p") for it in items
-    )
+    assert all(it["case"].startswith("t-") and it["patient"].startswith("synth-p") for it in items)
+    assert all(it["birads"] in (0, 2, 3, 4, 5) for it in items)  # the simulated reader's category
+    assert meta["reader"]["kind"] == "simulated" and meta["reader"]["label"] == "simulated reader"
     assert {it["fold"] for it in dl["training"]} == {0, 1, 2}
     train_patients = {it["patient"] for it in dl["training"]}
     test_patients = {it["patient"] for it in dl["test"]}
@@ -198,6 +208,7 @@ def test_intermediate_task(tmp_path):
     assert dl["metadata"]["class_names"] == ["circumscribed", "spiculated"]
     items = _all_items(dl)
     assert all(it["case"].startswith("i-") and it["patient"].startswith("synth-ip") for it in items)
+    assert all(it["birads"] is None for it in items) and "reader" not in dl["metadata"]  # masses: no reader
     for it in items:
         mask = read_mask_png(path.parent / it["mask"])
         assert mask.mean() > 0.01
@@ -383,6 +394,7 @@ def test_film_task_datalist(tmp_path):
     params = meta["generator"]["params"]
     assert params["film_gamma"] == SynthParams().film_gamma and params["film_blur_mm"] == SynthParams().film_blur_mm
     assert dl["test"] == [] and {it["label"] for it in dl["training"]} == {0, 1}
+    assert meta["reader"]["kind"] == "simulated" and all(it["birads"] in (0, 2, 3, 4, 5) for it in dl["training"])
     assert {it["fold"] for it in dl["training"]} == {0, 1}
     for it in dl["training"]:
         assert it["case"].startswith("f-") and it["patient"].startswith("synth-fp") and it["n_calcifications"] >= 1
@@ -440,3 +452,92 @@ def test_cli_film_task(tmp_path):
     assert path == tmp_path / "film" / "datalist.json"
     dl = read_datalist(path)
     assert dl["metadata"]["task"] == "film" and dl["metadata"]["generator"]["params"]["film_gamma"] == 0.8
+
+
+# ----------------------------------------------------------------------------------------------- simulated reader
+def _pixel_digest(root: Path) -> str:
+    """SHA-256 over every PNG's relative path and decoded pixels (independent of the PNG encoder's settings)."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.png")):
+        pixels = read_raster(path)
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(str(pixels.dtype).encode())
+        h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.hexdigest()
+
+
+def test_images_and_masks_are_those_written_before_the_simulated_reader(tmp_path):
+    """Digests recorded with generator version 1, before the reader existed (numpy 2.4, scipy 1.17): the reader's
+    own random stream leaves every image and mask of every task unchanged."""
+    recorded = {
+        "target": "e8f7d7d9f026e372fe25c403c9ed5131fd91b5289819769dc07a3d758e054d06",
+        "film": "b7cb87779bb4bb627dc80fd050afb318a60109059fb12a434dd335e501cefe9f",
+        "intermediate": "4dd0aef08d63e7751417c58362403463224d0a3e1aaf805cdbb1c3b32bbe4a26",
+    }
+    for task, digest in recorded.items():
+        generate_dataset(
+            tmp_path, task, n_train=12, n_test=6, num_folds=3, image_size=SIZE, pixel_spacing_mm=SPACING, seed=5
+        )
+        assert _pixel_digest(tmp_path / task) == digest, task
+
+
+def test_reader_tasks_are_the_benign_malignant_calcification_tasks():
+    assert set(READER_TASKS) == {t for t, v in TASKS.items() if tuple(v[3]) == ("benign", "malignant")}
+    assert set(READER_TASKS) == {"target", "film"}
+    assert simulated_birads("intermediate", 0, 1, seed=0) is None
+    with pytest.raises(ValueError):
+        simulated_birads("nope", 0, 1)
+
+
+def test_simulated_birads_follows_the_cbis_ddsm_frequencies_by_pathology():
+    n = 6000
+    for label, name in enumerate(("benign", "malignant")):
+        counts = CBIS_DDSM_CALC_BIRADS_COUNTS[name]
+        draws = np.array([simulated_birads("target", i, label, seed=0) for i in range(n)])
+        assert set(np.unique(draws)) <= set(counts)
+        total = sum(counts.values())
+        for category, count in counts.items():
+            p = count / total
+            assert abs(np.mean(draws == category) - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-3, (name, category)
+    expected = expected_reader_performance()
+    assert expected["sensitivity"] == pytest.approx(582 / 673) and expected["specificity"] == pytest.approx(651 / 1199)
+    assert expected["auc"] == pytest.approx(0.7754, abs=1e-4) and expected["cut"] == 4
+
+
+def test_simulated_birads_is_independent_of_the_image_and_its_knobs(tmp_path):
+    """The category is a function of (seed, task, index, label) alone: other knobs, sizes or worker counts change
+    no category, and the datalist holds exactly these draws."""
+    kw = dict(n_train=10, n_test=6, num_folds=2, seed=2)
+    a = read_datalist(generate_dataset(tmp_path / "a", "target", image_size=32, **kw))
+    b = read_datalist(generate_dataset(tmp_path / "b", "target", image_size=48, cnr=25.0, overlap=0.9, workers=2, **kw))
+    birads_a = {it["case"]: it["birads"] for it in _all_items(a)}
+    assert birads_a == {it["case"]: it["birads"] for it in _all_items(b)}
+    for it in _all_items(a):
+        index = int(it["case"].split("-")[1]) - 1
+        assert it["birads"] == simulated_birads("target", index, it["label"], seed=2)
+    # the film task draws from its own stream: another task code gives other categories
+    film = [simulated_birads("film", i, 1, seed=2) for i in range(50)]
+    assert film != [simulated_birads("target", i, 1, seed=2) for i in range(50)]
+
+
+def test_reader_metadata_describes_the_simulated_reader(target_dir):
+    reader = read_datalist(target_dir / "target" / "datalist.json")["metadata"]["reader"]
+    assert reader == reader_metadata()
+    assert {"kind", "label", "model", "birads_counts", "citation", "expected", "independent_of_image"} <= set(reader)
+    assert reader["kind"] == "simulated" and reader["independent_of_image"] is True
+    assert "10.7937/K9/TCIA.2016.7O02S9CY" in reader["citation"] and "CC BY 3.0" in reader["citation"]
+    assert reader["birads_counts"]["malignant"] == {"0": 37, "2": 1, "3": 53, "4": 385, "5": 197}
+    assert reader["expected"] == {"cut": 4, "auc": 0.7754, "sensitivity": 0.8648, "specificity": 0.543}
+
+
+@pytest.mark.skipif(
+    not all(table_path(CBIS_TABLES, "calc", split).is_file() for split in ("train", "test")),
+    reason=f"CBIS-DDSM calcification case tables (calc_case_description_{{train,test}}_set.csv) not found in {CBIS_TABLES}",
+)
+def test_embedded_birads_counts_are_those_of_the_cbis_ddsm_calc_tables():
+    counted: dict[str, Counter] = {"benign": Counter(), "malignant": Counter()}
+    for split in ("train", "test"):
+        for row in load_case_table(table_path(CBIS_TABLES, "calc", split), split):
+            counted[("benign", "malignant")[row["label"]]][row["birads"]] += 1
+    assert set(PATHOLOGY_LABELS) == {"MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"}
+    assert {k: dict(v) for k, v in counted.items()} == CBIS_DDSM_CALC_BIRADS_COUNTS

@@ -16,6 +16,11 @@ fat/dense mixing and quantum-like noise):
   grain (``film_grain_sigma`` over ``film_grain_mm``); ``film_tissue_contrast`` and ``film_calc_contrast`` scale
   the background's tissue contrast and the calcifications' contrast. The mask is the drawn calcifications.
 
+Each ROI of the benign/malignant tasks (``target``, ``film``) carries a **simulated reader's** BI-RADS category
+(:func:`simulated_birads`): drawn by pathology from the CBIS-DDSM calcification case tables' category frequencies
+(:data:`CBIS_DDSM_CALC_BIRADS_COUNTS`), independent of the image; ``metadata.reader`` describes it (``kind``
+"simulated"). Intermediate (mass) ROIs have ``birads`` null.
+
 Every ROI is seeded on its own from ``(seed, task, index)``, so output does not depend on the order or the
 number of worker processes; the same seed gives byte-identical files. ROIs are grouped into synthetic
 patients (1-3 ROIs each, sharing a background style) so that patient-grouped splitting matters.
@@ -63,16 +68,21 @@ from scripts.data.schema import (
 )
 from scripts.data.synthetic_params import (  # noqa: F401 (re-exported)
     CALCIFICATION_TASKS,
+    CBIS_DDSM_CALC_BIRADS_COUNTS,
     FIELD_MM,
     FILM_NONNEGATIVE,
     FILM_PREFIX,
     GENERATOR_VERSION,
     INTERMEDIATE_CLASSES,
+    READER_TASKS,
     TASKS,
     CalcMorphology,
     MassMorphology,
     SynthParams,
     class_morphology,
+    expected_reader_performance,
+    reader_birads_distribution,
+    reader_metadata,
     task_params_dict,
 )
 from scripts.data.synthetic_render import (  # noqa: F401 (re-exported)
@@ -91,6 +101,7 @@ from scripts.data.synthetic_render import (  # noqa: F401 (re-exported)
     render_intermediate_roi,
     render_primitives,
     render_target_roi,
+    simulated_birads,
 )
 from scripts.engine.fingerprint import compute
 
@@ -142,7 +153,9 @@ def generate_dataset(
     the target's ``overlap`` and ``cnr``; the ``film_*`` knobs are stored in film datalists only). If the
     datalist exists with identical metadata and its files are present, nothing is regenerated ("up to date")
     unless ``force``. ``workers > 1`` uses processes; output does not depend on it. ``pixel_spacing_mm`` defaults
-    to ``FIELD_MM / image_size`` (0.1 mm at 128 px).
+    to ``FIELD_MM / image_size`` (0.1 mm at 128 px). Items of :data:`READER_TASKS` get the simulated reader's
+    ``birads`` (:func:`simulated_birads`) and the metadata its description (``reader``, :func:`reader_metadata`);
+    the others get ``birads`` null and no ``reader``.
     """
     if pixel_spacing_mm is None:
         pixel_spacing_mm = FIELD_MM / max(int(image_size), 1)
@@ -176,6 +189,8 @@ def generate_dataset(
         "note": "Synthetic ROIs for demonstration and testing; never clinical evidence.",
         "generator": generator,
     }
+    if task in READER_TASKS:
+        metadata_extra["reader"] = reader_metadata()
     meta_kw = dict(
         source="synthetic",
         task=task,
@@ -236,7 +251,7 @@ def generate_dataset(
                 patient=f"{patient_prefix}{pat + 1:04d}",
                 case=case,
                 mask=f"masks/{case}.png",
-                birads=None,
+                birads=simulated_birads(task, i, lab, seed),
                 **info,
             )
         )

@@ -1,5 +1,5 @@
-"""Parameters of the synthetic ROI generator (:mod:`scripts.data.synthetic`): tasks, class morphologies and
-:class:`SynthParams` with its difficulty knobs."""
+"""Parameters of the synthetic ROI generator (:mod:`scripts.data.synthetic`): tasks, class morphologies,
+:class:`SynthParams` with its difficulty knobs, and the simulated reader's BI-RADS frequencies (CBIS-DDSM)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from scripts.data.schema import TARGET_CLASSES
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: a simulated reader's BI-RADS on the benign/malignant tasks (images and masks unchanged)
 FIELD_MM = 12.8  # default side of a ROI in mm; pixel spacing = FIELD_MM / image_size unless given
 INTERMEDIATE_CLASSES = ("circumscribed", "spiculated")
 # task -> (numeric code used in seeds, case-id prefix, patient-id prefix, class names)
@@ -21,9 +21,27 @@ TASKS: dict[str, tuple[int, str, str, tuple[str, ...]]] = {
     "film": (3, "f", "synth-fp", TARGET_CLASSES),
 }
 CALCIFICATION_TASKS = ("target", "film")  # tasks drawing calcification clusters (benign / malignant)
+# tasks whose lesions get a simulated reader's BI-RADS: calcification tasks with the benign / malignant classes
+READER_TASKS = tuple(t for t in CALCIFICATION_TASKS if tuple(TASKS[t][3]) == tuple(TARGET_CLASSES))
 FILM_PREFIX = "film_"  # SynthParams fields of the film domain
 FILM_NONNEGATIVE = ("film_blur_mm", "film_grain_sigma", "film_grain_mm", "film_tissue_contrast", "film_calc_contrast")
-_STREAM_LAYOUT, _STREAM_PATIENT, _STREAM_ROI = 0, 1, 2
+_STREAM_LAYOUT, _STREAM_PATIENT, _STREAM_ROI, _STREAM_READER = 0, 1, 2, 3
+
+# ----------------------------------------------------------------------------------------------- simulated reader
+# A fact of the CBIS-DDSM dataset (Sawyer-Lee et al., The Cancer Imaging Archive 2016, doi:10.7937/K9/TCIA.2016.7O02S9CY,
+# CC BY 3.0): the rows of calc_case_description_train_set.csv and calc_case_description_test_set.csv (one row per
+# calcification abnormality and image view, 1872 in all) counted by pathology (MALIGNANT; BENIGN and
+# BENIGN_WITHOUT_CALLBACK) and BI-RADS ``assessment``. tests/test_synthetic.py recounts them from the tables.
+CBIS_DDSM_CALC_BIRADS_COUNTS: dict[str, dict[int, int]] = {
+    "benign": {0: 39, 2: 552, 3: 60, 4: 546, 5: 2},
+    "malignant": {0: 37, 2: 1, 3: 53, 4: 385, 5: 197},
+}
+CBIS_DDSM_CITATION = (
+    "Sawyer-Lee R, Gimenez F, Hoogi A, Rubin D. Curated Breast Imaging Subset of DDSM (CBIS-DDSM). The Cancer Imaging "
+    "Archive, 2016. doi:10.7937/K9/TCIA.2016.7O02S9CY. CC BY 3.0"
+)
+READER_MODEL = "BI-RADS drawn by pathology from CBIS-DDSM calcification case-table frequencies"
+READER_CUT = 4  # BI-RADS >= 4 (biopsy recommended) is the reader's positive call
 
 
 # ----------------------------------------------------------------------------------------------- parameters
@@ -180,3 +198,74 @@ def class_morphology(params: SynthParams, task: str, label: int) -> CalcMorpholo
     else:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     return _blend(a, b, ov) if label == 0 else _blend(b, a, ov)
+
+
+# ----------------------------------------------------------------------------------------------- simulated reader
+def reader_birads_distribution(label: int) -> tuple[np.ndarray, np.ndarray]:
+    """The simulated reader's BI-RADS categories and their probabilities for a lesion of class ``label``.
+
+    Args:
+        label: 0 (benign) or 1 (malignant).
+
+    Returns:
+        ``(categories, probabilities)``: the BI-RADS categories of :data:`CBIS_DDSM_CALC_BIRADS_COUNTS` for that
+        pathology (ascending) and their relative frequencies.
+    """
+    if int(label) not in (0, 1):
+        raise ValueError(f"label must be 0 (benign) or 1 (malignant), got {label!r}")
+    counts = CBIS_DDSM_CALC_BIRADS_COUNTS[TARGET_CLASSES[int(label)]]
+    categories = np.array(sorted(counts), dtype=np.int64)
+    freq = np.array([counts[int(c)] for c in categories], dtype=np.float64)
+    return categories, freq / freq.sum()
+
+
+def expected_reader_performance(
+    counts: dict[str, dict[int, int]] | None = None, cut: int = READER_CUT
+) -> dict[str, float]:
+    """The simulated reader's population AUC (BI-RADS as an ordinal score) and sensitivity/specificity at ``cut``.
+
+    Args:
+        counts: BI-RADS counts per pathology (``benign``, ``malignant``); default :data:`CBIS_DDSM_CALC_BIRADS_COUNTS`.
+        cut: BI-RADS >= ``cut`` is a positive call.
+
+    Returns:
+        ``{"cut", "auc", "sensitivity", "specificity"}``: the values the reader converges to over many lesions
+        (the AUC counts ties as one half; BI-RADS 0 ranks lowest, as in the evaluation).
+    """
+    counts = counts or CBIS_DDSM_CALC_BIRADS_COUNTS
+    ben, mal = counts["benign"], counts["malignant"]
+    n_ben, n_mal = sum(ben.values()), sum(mal.values())
+    pairs = sum(
+        m * b * (1.0 if cm > cb else 0.5 if cm == cb else 0.0) for cm, m in mal.items() for cb, b in ben.items()
+    )
+    return {
+        "cut": int(cut),
+        "auc": pairs / (n_ben * n_mal),
+        "sensitivity": sum(m for c, m in mal.items() if c >= cut) / n_mal,
+        "specificity": sum(b for c, b in ben.items() if c < cut) / n_ben,
+    }
+
+
+def reader_metadata() -> dict[str, Any]:
+    """The datalist metadata block (``metadata.reader``) that describes the simulated reader.
+
+    Returns:
+        A JSON-ready dictionary: ``kind`` ("simulated"), ``label`` ("simulated reader"), ``model``, ``draw``,
+        ``independent_of_image``, ``birads_counts`` (per pathology, categories as strings), ``source``,
+        ``citation`` and ``expected`` (:func:`expected_reader_performance`, rounded to 4 decimals).
+    """
+    expected = expected_reader_performance()
+    return {
+        "kind": "simulated",
+        "label": "simulated reader",
+        "model": READER_MODEL,
+        "draw": "one category per ROI by its pathology, from its own random stream (seed, task, ROI index)",
+        "independent_of_image": True,
+        "birads_counts": {
+            k: {str(c): int(n) for c, n in sorted(v.items())} for k, v in CBIS_DDSM_CALC_BIRADS_COUNTS.items()
+        },
+        "source": "CBIS-DDSM calc_case_description_train_set.csv + calc_case_description_test_set.csv "
+        "(rows: calcification abnormality x image view; benign = BENIGN + BENIGN_WITHOUT_CALLBACK)",
+        "citation": CBIS_DDSM_CITATION,
+        "expected": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in expected.items()},
+    }

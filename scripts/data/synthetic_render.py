@@ -1,5 +1,5 @@
 """Rendering of synthetic ROIs (:mod:`scripts.data.synthetic`): parenchymal background, calcification clusters and
-masses drawn as primitives, the film domain, and the per-ROI seeding and patient plan."""
+masses drawn as primitives, the film domain, the per-ROI seeding and patient plan, and the simulated reader's draw."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from scipy import ndimage
 from scripts.data.synthetic_params import (
     _STREAM_LAYOUT,
     _STREAM_PATIENT,
+    _STREAM_READER,
     _STREAM_ROI,
+    READER_TASKS,
     TASKS,
     SynthParams,
     class_morphology,
+    reader_birads_distribution,
 )
 
 
@@ -402,6 +405,32 @@ def generate_roi(
     rng = _rng(seed, code, _STREAM_ROI, index)
     render = {"target": render_target_roi, "intermediate": render_intermediate_roi, "film": render_film_roi}[task]
     return render(rng, int(label), style, int(image_size), float(pixel_spacing_mm), params)
+
+
+def simulated_birads(task: str, index: int, label: int, seed: int = 0) -> int | None:
+    """The simulated reader's BI-RADS category of ROI number ``index`` of ``task`` (``None`` for tasks without one).
+
+    Drawn by pathology from the CBIS-DDSM calcification frequencies (:func:`reader_birads_distribution`) with a
+    random stream of its own, ``(seed, task, reader stream, index)``: no image, mask or other draw of the generator
+    uses it, so adding the reader left every ROI unchanged, and the category depends on ``label`` alone, never on
+    the image (the reader's errors are independent of the model's given the pathology).
+
+    Args:
+        task: one of :data:`TASKS`; only :data:`READER_TASKS` (benign / malignant calcifications) get a category.
+        index: the ROI's index in the task (0-based, as for :func:`generate_roi`).
+        label: 0 (benign) or 1 (malignant).
+        seed: the dataset seed.
+
+    Returns:
+        A BI-RADS category (0, 2, 3, 4 or 5), or ``None`` when ``task`` has no reader.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    if task not in READER_TASKS:
+        return None
+    categories, probs = reader_birads_distribution(label)
+    rng = _rng(seed, TASKS[task][0], _STREAM_READER, index)
+    return int(rng.choice(categories, p=probs))
 
 
 def plan_patients(n: int, task: str, seed: int = 0, params: SynthParams | None = None) -> list[tuple[int, int]]:
