@@ -35,6 +35,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
@@ -51,6 +53,7 @@ from benchmarks._common import (  # noqa: E402
     table,
     vm_hwm_mb,
 )
+from scripts.model.inferers import default_amp  # noqa: E402
 
 NAME = "inference_latency"
 MODES = ("predict", "predict_fp32", "predict_fp32_nocl", "cam", "cam_last", "cam_nofreeze", "cam_amp")
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         if prec:
             run.payload["precision_table"] = prec
             cols = ["arch", "size", "members", *(f"{m}_ms" for m in PREDICT_MODES), "fastest", "fastest_vs_fp32_nocl"]
+            cols += ["default", "default_vs_fastest"]
             print()
             print(
                 table(
@@ -252,6 +256,10 @@ def precision_table(rows: list[dict]) -> list[dict]:
         row["fastest"] = min(ms, key=ms.get)
         ref = ms.get("predict_fp32_nocl")
         row["fastest_vs_fp32_nocl"] = ref / ms[row["fastest"]] if ref else None  # speed-up, >= 1
+        # the bundle's default on this machine (configs/inference.json's amp, channels_last true)
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        row["default"] = "predict" if default_amp(row["arch"], device, row["size"]) else "predict_fp32"
+        row["default_vs_fastest"] = ms[row["fastest"]] / ms[row["default"]] if row["default"] in ms else None
     return list(out.values())
 
 

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
@@ -46,6 +48,7 @@ from benchmarks._common import (  # noqa: E402
     table,
     train_workflow,
 )
+from scripts.model.inferers import default_amp  # noqa: E402
 
 NAME = "train_throughput"
 VARIANTS = ["bundle", "bundle+tensor", "bundle+tensor+none", "plain", "plain+meta"]
@@ -388,7 +391,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             table(
                 run.payload["precision_table"],
-                ["arch", "size", "variant", *(f"{p}_img_per_s" for p in args.precisions), "fastest", "fastest_vs_fp32"],
+                [
+                    "arch",
+                    "size",
+                    "variant",
+                    *(f"{p}_img_per_s" for p in args.precisions),
+                    "fastest",
+                    "fastest_vs_fp32",
+                    "default",
+                    "default_vs_fastest",
+                ],
                 f"Precision side by side ({args.arch}, images/s, {device}; fp32_cl = fp32 + channels_last, "
                 "amp = bf16 autocast + channels_last)",
             )
@@ -405,7 +417,9 @@ def add_fp32_ratios(rows: list[dict]) -> None:
 
 
 def precision_table(rows: list[dict], precisions: list[str]) -> list[dict]:
-    """One row per (architecture, size, variant): images/s of each precision and the fastest of them."""
+    """One row per (architecture, size, variant): images/s of each precision, the fastest of them and the bundle's
+    default on this machine (``scripts.model.inferers.default_amp``: ``amp``, else ``fp32_cl``) with its speed
+    relative to the fastest."""
     out: dict[tuple, dict] = {}
     for r in rows:
         key = (r["arch"], r["size"], r["variant"])
@@ -416,6 +430,9 @@ def precision_table(rows: list[dict], precisions: list[str]) -> list[dict]:
         best = max(rates, key=rates.get) if rates else None
         row["fastest"] = best
         row["fastest_vs_fp32"] = rates[best] / rates["fp32"] if best and "fp32" in rates else None
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        row["default"] = "amp" if default_amp(row["arch"], device, row["size"]) else "fp32_cl"
+        row["default_vs_fastest"] = rates[row["default"]] / rates[best] if row["default"] in rates else None
     return list(out.values())
 
 

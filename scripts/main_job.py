@@ -22,8 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from scripts.data import schema
 from scripts.engine.steps import Step, run_config, run_step
+from scripts.model.inferers import native_cpu_bf16, precision_choice
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_DIR / "configs"
@@ -70,7 +73,7 @@ class Settings:
     learning_rate: float | None = None  # None: each stage config's own
     backbone_lr_factor: float | None = None  # None: the stage configs'
     amp: bool | None = (
-        None  # None: scripts.model.inferers.default_amp (bf16; fp32 for EfficientNet-Lite on CPU < 224 px)
+        None  # None: scripts.model.inferers.default_amp (bf16 on CUDA and on CPUs with native bf16, else fp32)
     )
     seed: int = _default("train.json", "seed")
     threshold_rule: str = _default("summarize.json", "threshold_rule")
@@ -294,7 +297,6 @@ def environment() -> dict:
     import platform
 
     import monai
-    import torch
 
     return {
         "python": platform.python_version(),
@@ -306,7 +308,16 @@ def environment() -> dict:
         # variables that hold the kernels below what the CPU offers (e.g. AVX2 on an AVX-512 machine)
         "kernel_limits": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "native_cpu_bf16": dict(zip(("native", "reason"), native_cpu_bf16())),
     }
+
+
+def precision(s: Settings) -> dict:
+    """The precision the training stages ran in: ``--amp`` when given, else the machine's default and why."""
+    if s.amp is not None:
+        return {"amp": bool(s.amp), "reason": "--amp given"}
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return precision_choice(s.arch, device, s.image_size)
 
 
 def run_pipeline(s: Settings) -> Path:
@@ -336,6 +347,7 @@ def run_pipeline(s: Settings) -> Path:
             "steps": log,
             "elapsed_s": round(time.time() - t_start, 1),
             "environment": environment(),
+            "precision": precision(s),
         },
     )
     metrics_file = results / "metrics.json"

@@ -147,10 +147,39 @@ def test_ensemble_torchscript_export_matches_eager():
         assert torch.allclose(scripted(x), ens(x), atol=1e-5)
 
 
-def test_default_precision_follows_the_measured_rule():
-    from scripts.model.inferers import default_amp
+def test_default_precision_follows_the_machine(monkeypatch):
+    from scripts.model import inferers
 
-    assert default_amp("efficientnet_lite0", "cpu", 128) is False  # float32 + channels_last is faster there
-    assert default_amp("efficientnet_lite0", "cpu", 224) is True
-    assert default_amp("resnext50_32x4d", "cpu", 128) is True
-    assert default_amp("efficientnet_lite0", "cuda:0", 128) is True
+    native = (True, "native")
+    monkeypatch.setattr(inferers, "native_cpu_bf16", lambda: native)
+    assert inferers.default_amp("efficientnet_lite0", "cpu", 128) is False  # float32 + channels_last is faster there
+    assert inferers.default_amp("efficientnet_lite0", "cpu", 224) is True
+    assert inferers.default_amp("resnext50_32x4d", "cpu", 128) is True
+    assert inferers.default_amp("efficientnet_lite0", "cuda:0", 128) is True
+    native = (False, "no bf16 instructions")
+    for arch in ("efficientnet_lite0", "resnext50_32x4d"):
+        for size in (128, 224):
+            choice = inferers.precision_choice(arch, "cpu", size)
+            assert choice["amp"] is False and "no bf16 instructions" in choice["reason"]
+    assert inferers.default_amp("resnext50_32x4d", "cuda:0", 128) is True
+
+
+def test_native_cpu_bf16_needs_the_instructions_and_uncapped_kernels(monkeypatch, tmp_path):
+    from scripts.model import inferers
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
+    assert inferers.cpu_flags(cpuinfo) >= {"avx2", "avx512_bf16"}
+    assert inferers.cpu_flags(tmp_path / "missing") == set()
+    assert inferers.native_cpu_bf16({"avx2", "fma"}, {})[0] is False
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert inferers.native_cpu_bf16({"avx512f", "avx512_bf16"}, {}) == (
+        True,
+        inferers.native_cpu_bf16({"avx512_bf16"}, {})[1],
+    )
+    assert inferers.native_cpu_bf16({"amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})[0] is True
+    capped = inferers.native_cpu_bf16({"avx512_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert capped[0] is False and "ONEDNN_MAX_CPU_ISA=AVX2" in capped[1]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    lowered = inferers.native_cpu_bf16({"avx512_bf16"}, {})
+    assert lowered[0] is False and "AVX2 kernels" in lowered[1]

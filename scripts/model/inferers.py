@@ -2,35 +2,93 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from scripts.engine.config_values import parse_bool
+from scripts.model.network import is_lite
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) at or above the first one with bfloat16 instructions
+_BF16_ONEDNN_ISAS = {
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX_FP16",
+    "DEFAULT",
+    "ALL",
+}
+
+
+def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as the Linux kernel reports them (empty where ``cpuinfo`` cannot be read)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def native_cpu_bf16(flags: set[str] | None = None, environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """Whether bfloat16 runs on native CPU instructions here, and why: ``(native, reason)``.
+
+    Native means the CPU has AVX-512 BF16 or AMX-BF16 (``flags``, default :func:`cpu_flags`), PyTorch uses its
+    AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` can lower) and
+    oneDNN is not capped below its bf16 ISA (``ONEDNN_MAX_CPU_ISA`` in ``environ``). Without native support bf16
+    autocast is emulated and far slower than float32 (docs/performance.md).
+    """
+    flags = cpu_flags() if flags is None else flags
+    environ = os.environ if environ is None else environ
+    hardware = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if not hardware:
+        return False, "the CPU has no bf16 instructions (neither avx512_bf16 nor amx_bf16)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        return False, f"PyTorch runs {capability} kernels (no bf16 instructions), though the CPU has {hardware}"
+    isa = environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and isa not in _BF16_ONEDNN_ISAS:
+        return False, f"ONEDNN_MAX_CPU_ISA={isa} caps oneDNN below its bf16 kernels, though the CPU has {hardware}"
+    return True, f"the CPU has {hardware} and PyTorch runs {capability} kernels"
+
+
+def precision_choice(arch: str, device: torch.device | str, image_size: int = 128) -> dict:
+    """The default precision for ``arch`` on ``device`` at ``image_size`` px, and why: ``{"amp": bool, "reason": str}``.
+
+    bf16 autocast on CUDA. On a CPU, float32 (+ channels_last) unless bf16 is native (:func:`native_cpu_bf16`); with
+    native bf16, bf16 for ResNet/ResNeXt and for EfficientNet-Lite from 224 px, where it trained faster than float32
+    in ``benchmarks/train_throughput.py`` (docs/performance.md). The choice depends on the machine's features only,
+    never on a timing, so the same machine always makes the same choice (and the same weights).
+    """
+    if str(device).startswith("cuda"):
+        return {"amp": True, "reason": "CUDA device: bf16 autocast"}
+    native, why = native_cpu_bf16()
+    if not native:
+        return {"amp": False, "reason": f"float32: {why}"}
+    if is_lite(arch) and int(image_size) < 224:
+        return {"amp": False, "reason": f"float32: EfficientNet-Lite below 224 px trains faster in float32 ({why})"}
+    return {"amp": True, "reason": f"bf16 autocast: {why}"}
 
 
 def default_amp(arch: str, device: torch.device | str, image_size: int = 128) -> bool:
-    """Whether bf16 autocast is the faster default: on CUDA always; on CPU, not for EfficientNet-Lite below 224 px.
-
-    Measured with ``benchmarks/train_throughput.py`` on a 2-core CPU (docs/performance.md, 2026-12-02): training
-    EfficientNet-Lite0 ran at 53.8 img/s in float32 + channels_last vs 38.3 in bf16 at 128 px, but 15.2 vs 19.0 at
-    224 px; ResNet/ResNeXt train faster in bf16 at both sizes.
-    """
-    if str(device).startswith("cuda"):
-        return True
-    from scripts.model.network import is_lite
-
-    return not is_lite(arch) or int(image_size) >= 224
+    """Whether bf16 autocast is the default for ``arch`` on ``device`` at ``image_size`` px
+    (:func:`precision_choice`); configs use it as ``amp``, which a run can override (``--amp true|false``)."""
+    return precision_choice(arch, device, image_size)["amp"]
 
 
 def saliency_amp(arch: str, amp: bool | str) -> bool:
     """Whether saliency maps may use bf16 autocast: as ``amp`` for ResNets (maps correlate > 0.99 with float32
-    ones), never for EfficientNet-Lite, whose bf16 maps at its stride-16 target layer correlated only 0.78-0.99
-    with float32 ones (tests/test_saliency.py, 64 px)."""
-    from scripts.model.network import is_lite
-
+    ones), never for EfficientNet-Lite, whose bf16 maps at its stride-16 target layer correlated less well with
+    float32 ones (tests/test_saliency.py)."""
     return parse_bool(amp, "amp") and not is_lite(arch)
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scripts.data.imageio import read_mask_png
 from scripts.data.schema import unique_case
 from scripts.engine.atomic import write_json
+from scripts.engine.progress import ProgressLogger
 from scripts.saliency.cam import MALIGNANT, EnsembleCAM
 from scripts.saliency.localisation import BOOTSTRAP_RESAMPLES, localisation_metrics, localisation_table
 from scripts.saliency.render import OUTCOMES, gallery_example, render_overlay, save_gallery, save_map_nifti, save_png
@@ -160,8 +161,11 @@ def run_saliency(
     size = None
     logger.info("saliency: %d inputs, method=%s target=%s, output %s", len(items), s.method, s.target, out_dir)
     cam_args = {"method": s.method, "target": s.target, "threshold": s.threshold, "amp": s.amp, "layer": s.layer}
+    progress = ProgressLogger("saliency")
+    progress.start(len(items), ": ")
     with EnsembleCAM(ensemble, freeze=s.freeze, **cam_args) as cam:
         for batch in _batches(items, preprocessing, s.batch_size, errors):
+            progress.update(len(rows) + len(errors))
             x = torch.stack([image for _, image in batch])  # (B, 1, H, W)
             size = tuple(x.shape[-2:])
             res = cam(x)
