@@ -305,3 +305,52 @@ def test_the_shared_csv_reader_checks_columns_units_and_resolves_paths_from_the_
     with pytest.raises(InferenceInputError, match=r"^input_csv empty.csv: no rows"):
         (sub / "empty.csv").write_text("image\n")
         items_from_csv(sub / "empty.csv")
+
+
+def _canonical(text: str) -> str:
+    """Datalist text with every pseudonym (pt_, case_, lesion_ + hex) replaced by its order of first appearance."""
+    import re
+
+    names: dict[str, str] = {}
+    return re.sub(
+        r"\b(pt|case|lesion)_[0-9a-f]{10,12}\b", lambda m: names.setdefault(m.group(0), f"<{len(names)}>"), text
+    )
+
+
+def test_split_and_folds_do_not_depend_on_the_output_folder_or_the_salt(tmp_path):
+    """Same CSV + seed -> the same test set, folds and item order in two folders with different salts."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(3):
+        noise = np.random.default_rng(k).integers(1000, 60000, (300, 300))
+        Image.fromarray(noise.astype(np.uint16)).save(src / f"img{k}.png")
+    rows = []
+    for p in range(40):  # 40 patients, one or two ROIs each, both labels
+        for r in range(1 + p % 2):
+            rows.append(dict(image=f"img{p % 3}.png", label=(p // 2) % 2, patient=f"MRN{p:05d}", x=70 + 4 * p,
+                             y=100 + 60 * r, spacing_mm=0.1))  # fmt: skip
+    table = _write_csv(src / "rois.csv", rows)
+    outs = [tmp_path / "A", tmp_path / "B", tmp_path / "C"]
+    assert main(["csv", "--in", str(table), "--out", str(outs[0]), "--seed", "3"]) == 0  # random salt in A
+    assert main(["csv", "--in", str(table), "--out", str(outs[1]), "--seed", "3", "--salt", "another secret"]) == 0
+    assert main(["csv", "--in", str(table), "--out", str(outs[2]), "--seed", "4", "--salt", "another secret"]) == 0
+    salts = [(o / ".pseudonym_salt").read_text() if (o / ".pseudonym_salt").exists() else "--salt" for o in outs[:2]]
+    assert salts[0] != salts[1]
+    lists = [read_datalist(o / "datalist_target.json") for o in outs]
+    pseudonyms = [{it["patient"] for s in ("training", "test") for it in dl[s]} for dl in lists[:2]]
+    assert pseudonyms[0].isdisjoint(pseudonyms[1]), "the pseudonyms should differ with the salt"
+
+    def by_line(dl):
+        return {it["csv_line"]: ("test" if s == "test" else it["fold"]) for s in ("training", "test") for it in dl[s]}
+
+    assert by_line(lists[0]) == by_line(lists[1])  # same test cases, same fold per case
+    assert len(lists[0]["test"]) >= 8 and {it["fold"] for it in lists[0]["training"]} == {0, 1, 2}
+    texts = [_canonical((o / "datalist_target.json").read_text()) for o in outs]
+    assert texts[0] == texts[1], "the datalists differ in more than the pseudonyms"
+    assert by_line(lists[2]) != by_line(lists[0]), "another seed should give another split"
+    manifest = json.loads((outs[0] / "prepare.json").read_text())
+    assert manifest["split"]["depends_on"] == {
+        "input_digest": manifest["settings"]["input_digest"], "seed": 3, "test_fraction": 0.25, "num_folds": 3
+    }  # fmt: skip
+    assert "the pseudonym salt" in manifest["split"]["independent_of"]
+    assert "MRN" not in json.dumps(manifest)

@@ -86,3 +86,35 @@ def test_select_and_load_split_resolve_paths(tmp_path):
     assert test[0]["image"] == str(tmp_path / "c.png")
     with pytest.raises(DatalistError, match="empty"):
         load_split(path, "validation", 2)
+
+
+def test_split_and_folds_follow_the_patient_key_not_the_pseudonym():
+    """Two salts give two sets of pseudonyms; with the original ids as key, split and folds are the same."""
+    import hashlib
+
+    items = _items(120, per_patient=2)
+
+    def pseudonymised(salt: str) -> tuple[list[dict], dict[str, str]]:
+        alias = {it["patient"]: hashlib.sha256((salt + it["patient"]).encode()).hexdigest()[:12] for it in items}
+        back = {v: k for k, v in alias.items()}
+        return [dict(it, patient=alias[it["patient"]]) for it in items], back
+
+    (a, back_a), (b, back_b) = pseudonymised("one"), pseudonymised("two")
+    for fn in (lambda x, key: split_by_patient(x, 0.25, seed=5, patient_key=key)[1],
+               lambda x, key: assign_folds(x, 3, seed=5, patient_key=key)):  # fmt: skip
+        got_a = sorted((it["case"], it.get("fold")) for it in fn(a, back_a.get))
+        got_b = sorted((it["case"], it.get("fold")) for it in fn(b, back_b.get))
+        assert got_a == got_b
+        plain = sorted((it["case"], it.get("fold")) for it in fn(items, None))
+        assert plain == got_a  # the original ids as key = the original ids as patients
+        salted = [sorted((it["case"], it.get("fold")) for it in fn(x, None)) for x in (a, b)]
+        assert salted[0] != salted[1]  # without the key the pseudonyms (and so the salt) decide
+
+
+def test_split_helpers_refuse_bad_options():
+    with pytest.raises(ValueError, match="num_folds must be >= 2"):
+        assign_folds(_items(4), 1)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        assign_folds(_items(4), 2, seed=-1)
+    with pytest.raises(ValueError, match="test_fraction must be within"):
+        split_by_patient(_items(4), 1.5)

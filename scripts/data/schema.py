@@ -39,7 +39,7 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from scripts.engine.atomic import write_json
 
@@ -283,21 +283,47 @@ def validate_datalist(
         raise DatalistError(f"{name}: {len(problems)} problem(s):\n  {shown}{more}")
 
 
-def assign_folds(items: Sequence[dict], num_folds: int, seed: int = 0) -> list[dict]:
+def _patient_order(by_patient: Mapping[str, Any], patient_key: Callable[[str], Any] | None) -> list[str]:
+    """The patients sorted by ``patient_key`` (default: the patient value itself), ties by the value."""
+    if patient_key is None:
+        return sorted(by_patient)
+    return sorted(by_patient, key=lambda p: (str(patient_key(p)), p))
+
+
+def assign_folds(
+    items: Sequence[dict], num_folds: int, seed: int = 0, patient_key: Callable[[str], Any] | None = None
+) -> list[dict]:
     """Assign ``fold`` to items, grouped by patient and stratified by label (reproducible by ``seed``).
 
-    Patients are ordered by their majority label, shuffled, then dealt to the fold that currently holds
-    the fewest items of that label: every patient's items land in one fold and classes stay balanced.
+    Patients are sorted by ``patient_key``, shuffled by ``seed``, then dealt, larger patients first, to the fold that
+    currently holds the fewest items of their majority label: every patient's items land in one fold and classes stay
+    balanced. The folds are therefore a function of the patients' keys, their labels and the seed only.
+
+    Args:
+        items: datalist items (``patient``, ``label``, ``case``).
+        num_folds: at least 2.
+        seed: seed of the shuffle (>= 0).
+        patient_key: maps a ``patient`` value to the key patients are sorted by before the shuffle (default: the
+            value itself). Give a key that does not depend on a pseudonym's salt (e.g. the original identifier, kept
+            in memory) when the ``patient`` values are salted pseudonyms, so that the folds do not change with it.
+
+    Returns:
+        Copies of the items with ``fold`` set, sorted by ``case``.
+
+    Raises:
+        ValueError: ``num_folds`` below 2 or a negative ``seed``.
     """
     import numpy as np
 
     if num_folds < 2:
         raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     by_patient: dict[str, list[dict]] = defaultdict(list)
     for it in items:
         by_patient[str(it["patient"])].append(it)
     rng = np.random.default_rng(seed)
-    patients = sorted(by_patient)
+    patients = _patient_order(by_patient, patient_key)
     rng.shuffle(patients)
     labels = sorted({int(it["label"]) for it in items})
     counts = np.zeros((num_folds, max(labels) + 1 if labels else 1), dtype=int)
@@ -317,10 +343,33 @@ def assign_folds(items: Sequence[dict], num_folds: int, seed: int = 0) -> list[d
     return out
 
 
-def split_by_patient(items: Sequence[dict], test_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Split items into (rest, test) with whole patients on one side, stratified by patient majority label."""
+def split_by_patient(
+    items: Sequence[dict], test_fraction: float, seed: int = 0, patient_key: Callable[[str], Any] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Split items into (rest, test) with whole patients on one side, stratified by patient majority label.
+
+    Within each majority label, patients sorted by ``patient_key`` are shuffled by ``seed`` and taken into the test
+    set until it holds about ``test_fraction`` of that label's items: the split is a function of the patients' keys,
+    their labels and the seed only.
+
+    Args:
+        items: datalist items (``patient``, ``label``).
+        test_fraction: share of the items held out, in [0, 1].
+        seed: seed of the shuffle (>= 0).
+        patient_key: as in :func:`assign_folds` (default: the ``patient`` value itself).
+
+    Returns:
+        ``(rest, test)``, each in the order of the shuffled patients.
+
+    Raises:
+        ValueError: ``test_fraction`` outside [0, 1] or a negative ``seed``.
+    """
     import numpy as np
 
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be within [0, 1], got {test_fraction}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     by_patient: dict[str, list[dict]] = defaultdict(list)
     for it in items:
         by_patient[str(it["patient"])].append(it)
@@ -328,7 +377,7 @@ def split_by_patient(items: Sequence[dict], test_fraction: float, seed: int = 0)
     rest: list[dict] = []
     test: list[dict] = []
     by_label: dict[int, list[str]] = defaultdict(list)
-    for p in sorted(by_patient):
+    for p in _patient_order(by_patient, patient_key):
         lab = int(np.bincount([int(it["label"]) for it in by_patient[p]]).argmax())
         by_label[lab].append(p)
     for lab in sorted(by_label):

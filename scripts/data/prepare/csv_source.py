@@ -258,9 +258,10 @@ def csv_cases(
         if (row.get("lesion") or "").strip():
             fields["lesion"] = "lesion_" + pseudonym(row["patient"] + "|" + row["lesion"]).split("_", 1)[1]
         path = csv_cell_path(csv_path, row["image"])
-        yield CaseSpec(
-            case, task, f"{where}: {path}", fields, _render(row, path, csv_path, cache, geom, source_pitch_mm), split
-        )
+        render = _render(row, path, csv_path, cache, geom, source_pitch_mm)
+        # split order from the table's own values (in memory only), not from the salted pseudonyms
+        keys = {"patient_key": row["patient"].strip(), "case_key": roi_key}
+        yield CaseSpec(case, task, f"{where}: {path}", fields, render, split, **keys)
 
 
 def prepare_csv(
@@ -282,9 +283,18 @@ def prepare_csv(
     if not Path(csv_path).is_file():
         raise PrepareError(f"{csv_path}: CSV file not found")
     pseudonym = Pseudonymiser(out_dir, salt=salt, prefix="pt")
-    settings = {"input_digest": file_digest(csv_path)[:16], "source_pitch_mm": source_pitch_mm, "pad": geom.pad}
+    settings = {
+        "input_digest": file_digest(csv_path)[:16],
+        "source_pitch_mm": source_pitch_mm,
+        "pad": geom.pad,
+        # patients are ordered by their identifiers in the CSV before the seeded split (earlier versions ordered
+        # them by salted pseudonym, so the split changed with the output folder): a folder prepared that way holds
+        # another split and is refused here unless --overwrite
+        "split_order": "csv patient id",
+    }
 
     def cases(report: ErrorReport) -> Iterator[CaseSpec]:
         return csv_cases(csv_path, geom, report, pseudonym, source_pitch_mm, default_task)
 
-    return prepare_source("csv", cases, out_dir, geom, settings, **options)
+    order = "the identifiers in the CSV's patient column (in memory only, never written out)"
+    return prepare_source("csv", cases, out_dir, geom, settings, patient_order=order, **options)

@@ -24,7 +24,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -57,6 +57,11 @@ class CaseSpec:
     ``fields`` hold the datalist item's keys (``label``, ``patient``, optional ``birads``, ``lesion``, descriptive
     extras); ``split`` is ``"training"``/``"test"`` when the source has an official split, else ``None``.
     ``file`` names the input for the error report (never a patient identifier beyond what the user's path holds).
+
+    ``patient_key`` and ``case_key`` order patients before the seeded split and items in the datalists; they default
+    to ``fields["patient"]`` and ``case``. A source whose patient and case ids are salted pseudonyms gives keys that
+    do not depend on the salt (e.g. the original identifiers), so that the split is the same in every output folder.
+    They are kept in memory only: never written to any output.
     """
 
     case: str
@@ -65,6 +70,8 @@ class CaseSpec:
     fields: dict
     render: Callable[[], tuple]
     split: str | None = None
+    patient_key: str | None = None
+    case_key: str | None = None
 
 
 class Pseudonymiser:
@@ -101,6 +108,7 @@ class OutputFolder:
     out_dir: Path
     settings: dict
     overwrite: bool = False
+    split: dict | None = None
     fingerprint: str = field(init=False)
     work_dir: Path = field(init=False)
 
@@ -128,7 +136,14 @@ class OutputFolder:
                 self.work_dir.mkdir(parents=True)
                 return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(manifest, {"fingerprint": self.fingerprint, "settings": self.settings})
+        write_json(manifest, self.manifest())
+
+    def manifest(self) -> dict:
+        """The content of ``prepare.json``: the settings' fingerprint, the settings, and what the split depends on."""
+        out = {"fingerprint": self.fingerprint, "settings": self.settings}
+        if self.split is not None:
+            out["split"] = self.split
+        return out
 
     @property
     def staged(self) -> bool:
@@ -148,7 +163,7 @@ class OutputFolder:
         for p in [self.work_dir / "roi", *self.work_dir.glob("datalist_*.json")]:
             if p.exists():
                 os.replace(p, self.out_dir / p.name)
-        write_json(self.out_dir / "prepare.json", {"fingerprint": self.fingerprint, "settings": self.settings})
+        write_json(self.out_dir / "prepare.json", self.manifest())
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir = self.out_dir
@@ -279,6 +294,7 @@ def build_datalists(
     seed: int,
     test_fraction: float,
     class_names: tuple = TARGET_CLASSES,
+    order: Mapping[str, tuple[str, str]] | None = None,
     **metadata,
 ) -> dict[str, Path]:
     """Split, fold and write ``datalist_<task>.json`` for every task with items.
@@ -286,7 +302,23 @@ def build_datalists(
     Target: the official split when every item has one, else :func:`split_by_patient`. Intermediate: patients
     of the target test set are dropped; its own official test split is kept when present (no held-out split is
     made otherwise). Training items get patient-grouped, label-stratified folds (:func:`assign_folds`).
+
+    ``order`` maps a case id to its ``(patient_key, case_key)`` (:class:`CaseSpec`): patients are sorted by the
+    first before the seeded shuffle and items by the second in the datalists, so that split, folds and item order
+    are a function of the keys, the labels and ``seed`` only. Cases without an entry use their patient and case ids.
     """
+    order = order or {}
+    patient_keys: dict[str, str] = {}
+    for task_items in items.values():
+        for it in task_items:
+            patient_keys.setdefault(str(it["patient"]), order.get(it["case"], (str(it["patient"]),))[0])
+
+    def patient_key(patient: str) -> str:
+        return patient_keys.get(patient, patient)
+
+    def case_key(item: dict) -> tuple[str, str]:
+        return order.get(item["case"], ("", item["case"]))[1], item["case"]
+
     written: dict[str, Path] = {}
     target = items.get("target", [])
     target_test_patients: set[str] = set()
@@ -309,15 +341,15 @@ def build_datalists(
             _check_patient_splits(task, train, test)
             split_rule = "official"
         elif task == "target":
-            train, test = split_by_patient(task_items, test_fraction, seed=seed)
+            train, test = split_by_patient(task_items, test_fraction, seed=seed, patient_key=patient_key)
             split_rule = f"patient-grouped random, test fraction {test_fraction}, seed {seed}"
         else:
             train, test = list(task_items), []
             split_rule = "all training"
         if task == "target":
             target_test_patients = {str(it["patient"]) for it in test}
-        train = assign_folds(train, num_folds, seed=seed) if train else []
-        test = sorted(test, key=lambda it: it["case"])
+        train = assign_folds(train, num_folds, seed=seed, patient_key=patient_key) if train else []
+        train, test = sorted(train, key=case_key), sorted(test, key=case_key)
         datalist = make_datalist(
             train,
             test,
@@ -339,6 +371,21 @@ def build_datalists(
     return written
 
 
+def check_split_options(num_folds: int, seed: int, test_fraction: float) -> None:
+    """Refuse split options that could only fail after every image was decoded.
+
+    Raises:
+        ValueError: naming the option: ``num_folds`` below 2, a negative ``seed`` (numpy's generators refuse one),
+            or ``test_fraction`` outside [0, 1) (0: no held-out test set).
+    """
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or num_folds < 2:
+        raise ValueError(f"num_folds must be an integer >= 2 (patient-grouped cross-validation), got {num_folds!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(test_fraction, (int, float, np.floating)) or not 0.0 <= float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be a number >= 0 and < 1, got {test_fraction!r}")
+
+
 def prepare_source(
     source: str,
     make_specs: Callable[[ErrorReport], Iterable[CaseSpec]],
@@ -350,13 +397,31 @@ def prepare_source(
     test_fraction: float = 0.25,
     on_error: str = "stop",
     overwrite: bool = False,
+    patient_order: str = "the datalist's patient ids",
 ) -> dict:
     """Run one source end to end: cases -> ROI files -> datalists -> report. Returns the report as a dict
     (with ``datalists``: task -> path). Raises :class:`PreparationFailed` on the first case error when
-    ``on_error="stop"``, or when no case could be prepared."""
+    ``on_error="stop"``, or when no case could be prepared.
+
+    The options are checked before any case is made (:func:`check_split_options`). Split and folds depend on the
+    cases' ``patient_key``/``case_key`` (:class:`CaseSpec`), labels, official splits and the options only, never on
+    the output folder; ``prepare.json`` says so under ``split`` (``patient_order`` describes the patient keys).
+    """
+    check_split_options(num_folds, seed, test_fraction)
     settings = {"source": source, **geom.as_dict(), "num_folds": num_folds, "seed": seed, **settings}
     settings.setdefault("test_fraction", test_fraction)
-    out = OutputFolder(Path(out_dir), settings, overwrite=overwrite)
+    split = {
+        "depends_on": {
+            "input_digest": settings.get("input_digest"),
+            "seed": seed,
+            "test_fraction": test_fraction,
+            "num_folds": num_folds,
+        },
+        "patient_order": f"{patient_order}, sorted, then shuffled by numpy.random.default_rng(seed)",
+        "official_split": "kept where the input gives one for every case of a task",
+        "independent_of": ["the output folder", "the pseudonym salt", "the machine"],
+    }
+    out = OutputFolder(Path(out_dir), settings, overwrite=overwrite, split=split)
     report = ErrorReport(on_error=on_error)
     report_path = out.out_dir / ("prepare_report_failed.json" if out.staged else "prepare_report.json")
 
@@ -367,8 +432,16 @@ def prepare_source(
         write_json(report_path, result)
         out.discard()
 
+    order: dict[str, tuple[str, str]] = {}
+
+    def recorded(specs: Iterable[CaseSpec]) -> Iterable[CaseSpec]:
+        for spec in specs:
+            patient = spec.patient_key if spec.patient_key is not None else str(spec.fields.get("patient"))
+            order.setdefault(spec.case, (patient, spec.case_key if spec.case_key is not None else spec.case))
+            yield spec
+
     try:
-        items = run_cases(make_specs(report), out, report)
+        items = run_cases(recorded(make_specs(report)), out, report)
         if not any(items.values()):
             raise PreparationFailed("no case could be prepared: " + report.summary(), report)
         written = build_datalists(
@@ -379,6 +452,7 @@ def prepare_source(
             num_folds=num_folds,
             seed=seed,
             test_fraction=test_fraction,
+            order=order,
             roi_geometry=geom.as_dict(),
         )
     except PreparationFailed as e:
