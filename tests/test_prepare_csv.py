@@ -200,7 +200,7 @@ def test_cli(dataset, tmp_path, capsys):
     assert (
         main(["csv", "--in", str(table), "--out", str(out), "--pitch-mm", "0.1", "--fov-mm", "10", "--size", "64"]) == 2
     )
-    assert main(["csv", "--in", str(src / "nope.csv"), "--out", str(tmp_path / "x")]) == 1
+    assert main(["csv", "--in", str(src / "nope.csv"), "--out", str(tmp_path / "x")]) == 2  # checked before decoding
 
 
 def test_one_bad_case_never_costs_the_run(dataset, tmp_path, monkeypatch):
@@ -280,9 +280,9 @@ def test_csv_quirks_blank_lines_zero_spacing_and_one_clear_message(dataset, tmp_
         "spacing_mm 1e-07\\1e-07 mm is outside the plausible pixel pitch range 0.01-1 mm",
     ]
     (src / "latin1.csv").write_bytes("image,label,patient\nb.png,0,Jos\xe9\n".encode("latin-1"))
-    assert main(["csv", "--in", str(src / "latin1.csv"), "--out", str(tmp_path / "l")]) == 1
+    assert main(["csv", "--in", str(src / "latin1.csv"), "--out", str(tmp_path / "l")]) == 2
     err = capsys.readouterr().err
-    assert "latin1.csv: not a UTF-8 text file" in err and "Traceback" not in err
+    assert "error: argument --in: " in err and "latin1.csv: not a UTF-8 text file" in err and "Traceback" not in err
 
 
 def test_the_shared_csv_reader_checks_columns_units_and_resolves_paths_from_the_csv_folder(tmp_path):
@@ -354,3 +354,57 @@ def test_split_and_folds_do_not_depend_on_the_output_folder_or_the_salt(tmp_path
     }  # fmt: skip
     assert "the pseudonym salt" in manifest["split"]["independent_of"]
     assert "MRN" not in json.dumps(manifest)
+
+
+@pytest.mark.parametrize(
+    "extra, flag, message",
+    [
+        (["--folds", "1"], "--folds", "must be an integer >= 2 (patient-grouped cross-validation), got 1"),
+        (["--folds", "two"], "--folds", "'two' is not an integer"),
+        (["--seed", "-1"], "--seed", "must be an integer >= 0, got -1"),
+        (["--size", "-64"], "--size", "must be an integer between 8 and 4096, got -64"),
+        (["--size", "0"], "--size", "must be an integer between 8 and 4096, got 0"),
+        (["--pitch-mm", "-0.1"], "--pitch-mm", "-0.1 mm is outside the plausible pixel pitch range 0.01-1 mm"),
+        (["--fov-mm", "-5"], "--fov-mm", "must be a positive number, got -5"),
+        (["--fov-mm", "nan"], "--fov-mm", "nan is not a finite number"),
+        (["--fov-mm", "0.4"], "--pitch-mm/--fov-mm/--size", "invalid ROI geometry: pitch 0.1 mm, size 4 px"),
+        (["--fov-mm", "640", "--size", "64"], "--pitch-mm/--fov-mm/--size", "pitch (--fov-mm / --size) 10\\10 mm"),
+        (["--pitch-mm", "0.1", "--fov-mm", "10", "--size", "64"], "--pitch-mm/--fov-mm/--size", "!= --fov-mm 10"),
+        (["--test-fraction", "1"], "--test-fraction", "must be >= 0 and < 1 (a share of the ROIs), got 1"),
+        (["--test-fraction", "-0.2"], "--test-fraction", "must be >= 0 and < 1 (a share of the ROIs), got -0.2"),
+        (["--max-megapixels", "0"], "--max-megapixels", "must be a positive number, got 0"),
+        (["--source-pitch-mm", "0"], "--source-pitch-mm", "0 mm is outside the plausible pixel pitch range"),
+        (["--salt", "  "], "--salt", "is empty"),
+        (["--pad", "mirror"], "--pad", "invalid choice: 'mirror'"),
+        (["--in", "{src}/nope.csv"], "--in", "nope.csv: CSV file not found"),
+        (["--in", "{src}"], "--in", "is a folder, not a CSV file"),
+        (["--in", "{src}/no_patient.csv"], "--in", "no_patient.csv: missing column(s) patient in the header line"),
+        (["--out", "{src}/rois.csv"], "--out", "rois.csv exists and is not a folder"),
+        (["--out", "{src}/rois.csv/sub"], "--out", "cannot be created:"),
+    ],
+)
+def test_every_argument_is_checked_before_any_image_is_decoded(dataset, tmp_path, capsys, monkeypatch, extra, flag,
+                                                                 message):  # fmt: skip
+    """One argparse-style line naming the argument, exit status 2, no traceback, nothing decoded or written."""
+    import scripts.data.prepare.csv_source as cs
+    import scripts.data.prepare.loaders as loaders
+
+    src, rows = dataset
+    _write_csv(src / "rois.csv", rows)
+    (src / "no_patient.csv").write_text("image,label\na.dcm,0\n")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded before the arguments were checked")
+
+    monkeypatch.setattr(cs, "load_image", no_decoding)
+    monkeypatch.setattr(loaders, "load_image", no_decoding)
+    argv = {"--in": str(src / "rois.csv"), "--out": str(tmp_path / "out")}
+    extra = [a.replace("{src}", str(src)) for a in extra]
+    for i in range(0, len(extra), 2):
+        argv[extra[i]] = extra[i + 1]
+    assert main(["csv", *[a for kv in argv.items() for a in kv]]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m scripts.data.prepare csv: error: argument ") and "Traceback" not in err
+    assert f"error: argument {flag}: " in last and message in last, last
+    assert not (tmp_path / "out").exists()
