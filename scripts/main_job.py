@@ -26,6 +26,7 @@ import torch
 
 from scripts.data import schema
 from scripts.engine.steps import Step, run_config, run_step
+from scripts.model.calibration import OPERATING_POINT_FILE
 from scripts.model.inferers import native_cpu_bf16, precision_choice
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1]
@@ -248,10 +249,6 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
             Step(f"validation predictions fold {k + 1}", evaluate, over, csv, {"datalist": target_dl, "member": member})
         )
         csvs[f"validation {k}"] = csv
-    csvs["test"] = results / "cases_test.csv"
-    over = dict(common, eval_split="test")
-    steps.append(Step("test predictions", evaluate, over, csvs["test"], {"datalist": target_dl, **member_inputs}))
-
     summarize = ("train.json", "summarize.json")
     over = dict(
         common,
@@ -262,8 +259,17 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         **_given(imagenet_weights=s.imagenet_weights, threshold_value=s.threshold_value),
         **_given(intermediate_datalist=str(inter_dl) if inter_dl else None),
     )
+    operating_point = models / OPERATING_POINT_FILE
+    op_inputs = {"datalist": target_dl, "ensemble": ensemble, **csvs}
+    steps.append(Step("operating point", summarize, over, operating_point, op_inputs, run_id="operating_point"))
+    deployed = {"ensemble": ensemble, "operating point": operating_point}
+    csvs["test"] = results / "cases_test.csv"
+    test = dict(common, eval_split="test")
+    steps.append(
+        Step("test predictions", evaluate, test, csvs["test"], {"datalist": target_dl, **member_inputs, **deployed})
+    )
     metrics_file = results / "metrics.json"
-    steps.append(Step("metrics", summarize, over, metrics_file, {"datalist": target_dl, **csvs}))
+    steps.append(Step("metrics", summarize, over, metrics_file, {"datalist": target_dl, **csvs, **deployed}))
     report_inputs = {"metrics": metrics_file}
     if s.saliency:
         loc = results / "saliency" / "localisation.json"
@@ -271,7 +277,7 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
             {k: v for k, v in common.items() if k not in ("batch_size", "seed")},  # not inference.json's to set
             split="test",
             output_dir=str(results),
-            **{"saliency#method": s.saliency_method, "saliency#metrics_file": str(metrics_file)},
+            **{"saliency#method": s.saliency_method},
         )
         steps.append(
             Step(
@@ -279,7 +285,7 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
                 ("inference.json", "saliency.json"),
                 sal,
                 loc,
-                {"datalist": target_dl, "ensemble": ensemble, "metrics": metrics_file},
+                {"datalist": target_dl, **deployed},
                 run_id="saliency",
             )
         )
@@ -372,6 +378,29 @@ def _print_localisation(saliency: dict) -> None:
         )
 
 
+def _print_reader(summary: dict) -> None:
+    """The model beside the reader's BI-RADS >= 4 at the reader-matched threshold, with biopsies avoided."""
+    rad, matched = summary.get("radiologist"), summary.get("reader_matched")
+    if not rad or "error" in rad or not matched:
+        return
+    reader, r, mm = rad.get("reader", "radiologist"), rad["birads_at_cut"], matched["metrics"]
+    av, miss = matched["biopsies"]["benign_biopsies_avoided"], matched["biopsies"]["cancers_missed_caught_by_reader"]
+    boot = av.get("bootstrap") or {}
+    print(
+        f"{reader} (BI-RADS >= {rad['cut']}): AUC {rad['birads_auc']['auc']:.3f}, sensitivity "
+        f"{r['sensitivity']['value']:.3f}, specificity {r['specificity']['value']:.3f}, PPV {r['ppv']['value']:.3f}"
+    )
+    print(
+        f"model at the {reader}'s validation sensitivity (threshold {matched['threshold']:.3f}): sensitivity "
+        f"{mm['sensitivity']['value']:.3f}, specificity {mm['specificity']['value']:.3f}, PPV {mm['ppv']['value']:.3f}"
+    )
+    print(
+        f"  benign biopsies avoided: {av['count']}/{av['of']} ({av['fraction']:.2f}, 95% CI "
+        f"{boot.get('ci_low', float('nan')):.2f}-{boot.get('ci_high', float('nan')):.2f}); cancers missed that the "
+        f"{reader} catches: {miss['count']}/{miss['of']}"
+    )
+
+
 def _print_headline(summary: dict, saliency: dict, results: Path) -> None:
     auc, thr, m = summary["auc"], summary["threshold"], summary["metrics"]
     print("\n=== ensemble on the test split ===", flush=True)
@@ -380,7 +409,13 @@ def _print_headline(summary: dict, saliency: dict, results: Path) -> None:
     for name in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
         v = m.get(name, {})
         if isinstance(v, dict) and v.get("value") is not None:
-            print(f"{name:12s} {v['value']:.3f}")
+            ci = f" (95% CI {v['ci_low']:.3f}-{v['ci_high']:.3f})" if v.get("ci_low") is not None else ""
+            print(f"{name:12s} {v['value']:.3f}{ci}")
+    cal = summary.get("calibration")
+    if cal:
+        before, after = cal["before"]["reliability"]["ece"], cal["after"]["reliability"]["ece"]
+        print(f"calibration: expected calibration error {before:.3f} -> {after:.3f} ({cal['method']})")
+    _print_reader(summary)
     net = summary.get("network") or {}
     w = net.get("imagenet_weights")
     if w:

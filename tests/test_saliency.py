@@ -35,7 +35,6 @@ from scripts.saliency import (  # noqa: E402
     pointing_game,
     randomisation_check,
     run_saliency,
-    threshold_from_metrics,
 )
 
 ARCHS = ["resnet18", "efficientnet_lite0"]
@@ -529,27 +528,26 @@ def test_bundle_config_over_a_folder_and_a_csv_of_png_and_dicom(ensemble, tmp_pa
     assert sorted(p.name for p in (out2 / "saliency" / "overlays").iterdir()) == ["dicom_case.png", "png_case.png"]
 
 
-def test_threshold_from_the_metrics_file_and_its_override(ensemble, tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.json.*run the evaluation first.*saliency#threshold"):
-        threshold_from_metrics(tmp_path / "results" / "metrics.json")
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "metrics.json").write_text(json.dumps({"auc": 0.9}))
-    with pytest.raises(KeyError, match="metrics.json.*run the evaluation first"):
-        threshold_from_metrics(tmp_path / "results" / "metrics.json")
-    (tmp_path / "results" / "metrics.json").write_text(json.dumps({"threshold": {"threshold": 0.37, "rule": "x"}}))
-    assert threshold_from_metrics(tmp_path / "results" / "metrics.json") == pytest.approx(0.37)
+def test_threshold_and_calibration_come_from_the_operating_point_beside_the_weights(ensemble, tmp_path):
+    from scripts.model.calibration import write_operating_point
+
     default = json.loads((ROOT / "configs" / "saliency.json").read_text())["saliency"]["threshold"]
+    assert default == "@threshold"  # inference.json's: the saved operating point unless --decision_threshold
     parser = _merged_parser(ensemble, tmp_path, **{"saliency#threshold": default})
-    assert parser.get_parsed_content("saliency#settings").threshold == pytest.approx(0.37)  # the default reads it
-    assert _merged_parser(ensemble, tmp_path, **{"saliency#threshold": 0.8}).get_parsed_content(
-        "saliency#settings"
-    ).threshold == pytest.approx(0.8)
-
-
-def test_default_threshold_is_read_from_the_metrics_file():
-    cfg = json.loads((ROOT / "configs" / "saliency.json").read_text())["saliency"]
-    assert cfg["threshold"] == "$scripts.saliency.threshold_from_metrics(@saliency#metrics_file)"
-    assert cfg["metrics_file"] == "$@bundle_root + '/results/metrics.json'"
+    assert parser.get_parsed_content("saliency#settings").threshold == pytest.approx(0.5)  # nothing saved yet
+    op = {"threshold": 0.37, "rule": "sensitivity", "rule_description": "r", "calibration": {"scale": 0.5, "bias": 1.0}}
+    write_operating_point(tmp_path / "models" / "model.pt", op)
+    parser = _merged_parser(ensemble, tmp_path, **{"saliency#threshold": default})
+    assert parser.get_parsed_content("saliency#settings").threshold == pytest.approx(0.37)
+    net = parser.get_parsed_content("saliency#network")
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        member = torch.stack([torch.softmax(m(x), 1) for m in ensemble.members])[:, :, 1].double()
+    z = torch.log(member.clamp(1e-6, 1 - 1e-6) / (1 - member.clamp(1e-6, 1 - 1e-6))).mean(0)  # clamped as documented
+    with EnsembleCAM(net) as cam:  # the maps' probabilities are the calibrated ones the threshold applies to
+        np.testing.assert_allclose(cam(x).probs[:, 1], torch.sigmoid(0.5 * z + 1.0).numpy(), atol=1e-5)
+    parser = _merged_parser(ensemble, tmp_path, decision_threshold=0.8, **{"saliency#threshold": default})
+    assert parser.get_parsed_content("saliency#settings").threshold == pytest.approx(0.8)
 
 
 def test_settings_parse_off_values_and_reject_bad_ones():

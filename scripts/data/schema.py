@@ -178,6 +178,14 @@ def reference_standard(datalist: dict) -> str:
     return str(meta.get("reference_standard") or default_reference_standard(meta.get("source")))
 
 
+def reader_label(datalist: dict) -> str:
+    """Who gave the items' BI-RADS categories: ``metadata.reader.label`` (the synthetic generator's
+    ``"simulated reader"``), else ``"radiologist"`` (real data: the CSV's ``birads`` column, CBIS-DDSM's
+    ``assessment``)."""
+    reader = datalist.get("metadata", {}).get("reader") or {}
+    return str(reader.get("label") or "radiologist")
+
+
 def resolve(item: dict, base_dir: str | os.PathLike) -> dict:
     """Copy of ``item`` with its path keys made absolute against ``base_dir``."""
     out = dict(item)

@@ -47,6 +47,10 @@ class CaseTableHandler(_RowTable):
         member_keys: output keys holding each member's class probabilities ``(num_classes,)``.
         pred_key: output key holding the ensemble's class probabilities.
         class_index: the positive class (1 = malignant).
+        uncertainty_key: output key holding the members' disagreement (column ``uncertainty``); ``None``: none.
+        threshold: when given, column ``call`` holds ``class_names[class_index]`` for ``prob >= threshold``, else the
+            other class (the decision at the saved operating point).
+        class_names: the names ``call`` uses.
     """
 
     def __init__(
@@ -56,12 +60,18 @@ class CaseTableHandler(_RowTable):
         member_keys: Sequence[str] = (),
         pred_key: str = "pred",
         class_index: int = 1,
+        uncertainty_key: str | None = None,
+        threshold: float | None = None,
+        class_names: Sequence[str] = TARGET_CLASSES,
     ) -> None:
         self.by_case = {str(it["case"]): it for it in items}
         self.output_csv = output_csv
         self.member_keys = list(member_keys)
         self.pred_key = pred_key
         self.class_index = class_index
+        self.uncertainty_key = uncertainty_key
+        self.threshold = None if threshold is None else float(threshold)
+        self.class_names = [str(c) for c in class_names]
         self.rows: list[dict] = []
 
     def _prob(self, value: torch.Tensor) -> float:
@@ -81,6 +91,11 @@ class CaseTableHandler(_RowTable):
             for k, key in enumerate(self.member_keys):
                 row[f"member_{k}"] = self._prob(out[key])
             row["prob"] = self._prob(out[self.pred_key])
+            if self.uncertainty_key and len(self.member_keys) > 1:
+                row["uncertainty"] = float(out[self.uncertainty_key])
+            if self.threshold is not None:
+                positive = row["prob"] >= self.threshold
+                row["call"] = self.class_names[self.class_index if positive else 1 - self.class_index]
             self.rows.append(row)
 
     def _write(self, engine: Engine) -> None:
@@ -94,7 +109,9 @@ class PredictionTableHandler(_RowTable):
     """Write the inference table: one row per case with each class probability, the predicted class, or an error.
 
     Columns: ``case``, ``status`` (``ok`` or ``error``), ``prob_<class name>`` for every class, ``pred_class``
-    (index), ``pred_label`` (name) and ``error`` (why the input could not be used; empty when ``ok``). Rows keep
+    (index), ``pred_label`` (name), ``uncertainty`` (the members' disagreement, with ``uncertainty_key``),
+    ``threshold`` and ``operating_point`` (the decision rule in use) and ``error`` (why the input could not be
+    used; empty when ``ok``). Rows keep
     the input order. Cases whose batch item carries a non-empty ``error_key`` get an error row and no probabilities,
     so one unreadable file never loses the other results. The table is written atomically when the run completes;
     if every input failed, a :class:`RuntimeError` follows (after the table is written) so that scripts notice.
@@ -109,6 +126,8 @@ class PredictionTableHandler(_RowTable):
             probability is at least ``threshold`` (binary tasks; e.g. the threshold chosen on validation data).
         positive_index: the positive class for ``threshold`` (1 = malignant).
         fail_if_all_errors: raise after writing when no input could be used.
+        operating_point: a description of the decision rule (``models/operating_point.json``), written in each row.
+        uncertainty_key: output key holding the members' disagreement; ``None``: no ``uncertainty`` column.
     """
 
     def __init__(
@@ -121,8 +140,12 @@ class PredictionTableHandler(_RowTable):
         threshold: float | None = None,
         positive_index: int = 1,
         fail_if_all_errors: bool = True,
+        operating_point: str = "",
+        uncertainty_key: str | None = None,
     ) -> None:
         self.output_csv = output_csv
+        self.operating_point = str(operating_point)
+        self.uncertainty_key = uncertainty_key
         self.class_names = [str(c) for c in class_names]
         self.pred_key = pred_key
         self.case_key = case_key
@@ -135,15 +158,17 @@ class PredictionTableHandler(_RowTable):
     @property
     def columns(self) -> list[str]:
         """The table's header."""
-        return ["case", "status", *[f"prob_{c}" for c in self.class_names], "pred_class", "pred_label", "error"]
+        extra = ["uncertainty"] if self.uncertainty_key else []
+        extra += ["threshold", "operating_point"] if self.threshold is not None else []
+        return ["case", "status", *[f"prob_{c}" for c in self.class_names], "pred_class", "pred_label", *extra, "error"]
 
     def _decide(self, probs: list[float]) -> int:
         if self.threshold is None:
             return int(max(range(len(probs)), key=probs.__getitem__))
         return self.positive_index if probs[self.positive_index] >= self.threshold else 1 - self.positive_index
 
-    def row(self, case: str, probs: torch.Tensor | None, error: str = "") -> dict:
-        """One table row (``probs`` is ignored when ``error`` is set)."""
+    def row(self, case: str, probs: torch.Tensor | None, error: str = "", uncertainty: float | None = None) -> dict:
+        """One table row (``probs`` and ``uncertainty`` are ignored when ``error`` is set)."""
         row = {c: "" for c in self.columns}
         row["case"] = case
         if error:
@@ -156,6 +181,10 @@ class PredictionTableHandler(_RowTable):
         row.update(status="ok", pred_class=pred, pred_label=self.class_names[pred])
         for name, v in zip(self.class_names, values):
             row[f"prob_{name}"] = f"{v:.6f}"
+        if self.uncertainty_key and uncertainty is not None:
+            row["uncertainty"] = f"{float(uncertainty):.6f}"
+        if self.threshold is not None:
+            row.update(threshold=f"{self.threshold:.6g}", operating_point=self.operating_point)
         return row
 
     def attach(self, engine: Engine) -> None:
@@ -168,7 +197,9 @@ class PredictionTableHandler(_RowTable):
     def _collect(self, engine: Engine) -> None:
         for batch, out in zip(engine.state.batch, engine.state.output):
             error = str(batch.get(self.error_key) or "")
-            self.rows.append(self.row(str(batch[self.case_key]), None if error else out[self.pred_key], error))
+            probs = None if error else out[self.pred_key]
+            u = out.get(self.uncertainty_key) if self.uncertainty_key and not error else None
+            self.rows.append(self.row(str(batch[self.case_key]), probs, error, None if u is None else float(u)))
 
     def _write_partial(self, engine: Engine, e: BaseException) -> None:
         """The run stopped: write the rows it has (the table says so in the log), then re-raise."""

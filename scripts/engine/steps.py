@@ -25,7 +25,6 @@ LOCATION_KEYS = (
     "init_weights",
     "intermediate_datalist",
     "output_dir",
-    "saliency#metrics_file",
 )
 
 

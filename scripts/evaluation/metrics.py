@@ -23,6 +23,7 @@ import numpy as np
 
 from scripts.data.schema import TARGET_CLASSES, default_reference_standard
 from scripts.evaluation.case_table import CASE_COLUMNS, member_keys, read_cases_csv, write_cases_csv
+from scripts.evaluation.clinical import biopsies_avoided, decision_curve, referral_curve
 from scripts.evaluation.intervals import (
     _as_labels,
     _as_scores,
@@ -163,6 +164,9 @@ def binary_metrics(
     return out
 
 
+THRESHOLD_RULES = ("youden", "sensitivity", "specificity", "fixed", "radiologist")
+
+
 def choose_threshold(
     labels: Iterable, probs: Iterable, rule: str = "youden", value: float | None = None, data_name: str = "validation"
 ) -> dict:
@@ -170,8 +174,10 @@ def choose_threshold(
 
     Rules: ``"youden"`` maximises sensitivity + specificity - 1 (ties: the highest threshold);
     ``"sensitivity"`` is the highest threshold whose sensitivity is at least ``value``;
+    ``"specificity"`` is the lowest threshold whose specificity is at least ``value``;
     ``"fixed"`` uses ``value`` unchanged. Data-driven thresholds are placed midway between adjacent distinct
-    scores, so the classification of the tuning data is unambiguous.
+    scores, so the classification of the tuning data is unambiguous. (``"radiologist"`` is ``"sensitivity"`` at
+    the BI-RADS sensitivity of the same data: :func:`scripts.evaluation.operating_point.choose_operating_point`.)
     """
     rule = rule.lower()
     if rule == "fixed":
@@ -179,8 +185,8 @@ def choose_threshold(
             raise ValueError("rule='fixed' needs a value")
         desc = f"fixed threshold {float(value):g} (not tuned on any data)"
         return {"threshold": float(value), "rule": "fixed", "value": float(value), "n": 0, "description": desc}
-    if rule not in ("youden", "sensitivity"):
-        raise ValueError(f"unknown threshold rule {rule!r}; use 'youden', 'sensitivity' or 'fixed'")
+    if rule not in ("youden", "sensitivity", "specificity"):
+        raise ValueError(f"unknown threshold rule {rule!r}; use one of {', '.join(THRESHOLD_RULES)}")
     y = _as_labels(labels)
     s = _as_scores(probs, y.size)
     if not _both_classes(y):
@@ -198,13 +204,22 @@ def choose_threshold(
         desc = f"Youden's J on {data_name} (n={n}): J={j[i]:.3f}, sensitivity {sens[i]:.3f}, specificity {spec[i]:.3f}"
     else:
         if value is None or not 0 < value <= 1:
-            raise ValueError("rule='sensitivity' needs a target value in (0, 1]")
-        ok = np.flatnonzero(sens >= value - 1e-12)
-        i = int(ok[0])
-        desc = (
-            f"highest threshold with sensitivity >= {value:g} on {data_name} (n={n}): "
-            f"sensitivity {sens[i]:.3f}, specificity {spec[i]:.3f}"
-        )
+            raise ValueError(f"rule={rule!r} needs a target value in (0, 1]")
+        if rule == "sensitivity":
+            i = int(np.flatnonzero(sens >= value - 1e-12)[0])
+            desc = f"highest threshold with sensitivity >= {value:g} on {data_name} (n={n})"
+        else:
+            ok = np.flatnonzero(spec >= value - 1e-12)
+            if not ok.size:  # even the highest candidate calls the top score positive: call nothing positive
+                cands, sens, spec, ok = (
+                    np.r_[cands, np.nextafter(u[0], np.inf)],
+                    np.r_[sens, 0.0],
+                    np.r_[spec, 1.0],
+                    [-1],
+                )
+            i = int(ok[-1])
+            desc = f"lowest threshold with specificity >= {value:g} on {data_name} (n={n})"
+        desc += f": sensitivity {sens[i]:.3f}, specificity {spec[i]:.3f}"
     return {
         "threshold": float(cands[i]),
         "rule": rule,
@@ -399,8 +414,17 @@ def summarize(
     data_source: str | None = None,
     class_names: Sequence[str] | None = None,
     reference_standard: str | None = None,
+    operating_point: dict | None = None,
+    reader: str = "radiologist",
 ) -> dict:
     """All test-set metrics in one JSON-serialisable dict; the threshold is tuned on ``val_rows`` only.
+
+    With ``operating_point`` (``models/operating_point.json``, chosen on the out-of-fold predictions by
+    :func:`scripts.evaluation.operating_point.choose_operating_point`) its threshold is used as is, the test rows'
+    ``prob`` is taken to be its calibrated probability, and the summary adds calibration before/after (the mean
+    of the ``member_k`` columns is the uncalibrated score), the decision curve, the referral curve (rows with an
+    ``uncertainty`` column) and, with BI-RADS, the biopsies avoided at the reader-matched threshold. ``reader``
+    names who gave the BI-RADS categories (``"simulated reader"`` on synthetic data).
 
     ``class_names`` (default the target classes) and ``reference_standard`` (default that of ``data_source``,
     :func:`scripts.data.schema.default_reference_standard`) are the datalist's (``scripts.data.schema.class_names`` /
@@ -411,8 +435,8 @@ def summarize(
     """
     if not test_rows:
         raise ValueError("no test rows")
-    rule = threshold_rule.lower()
-    if rule != "fixed" and not val_rows:
+    rule = threshold_rule.lower() if operating_point is None else "operating_point"
+    if rule not in ("fixed", "operating_point") and not val_rows:
         raise ValueError(
             f"threshold rule {threshold_rule!r} needs validation rows (val_rows); the threshold is never tuned on "
             "the test set. Pass val_rows, or use threshold_rule='fixed' with threshold_value."
@@ -421,7 +445,15 @@ def summarize(
     p = _as_scores([float(r["prob"]) for r in test_rows], y.size)
     patients = [str(r.get("patient")) for r in test_rows]
 
-    if rule == "fixed":
+    if operating_point is not None:
+        thr = {
+            "threshold": float(operating_point["threshold"]),
+            "rule": operating_point["rule"],
+            "value": operating_point.get("value"),
+            "description": f"{operating_point['rule_description']} (models/operating_point.json)",
+            "validation": operating_point.get("validation"),
+        }
+    elif rule == "fixed":
         thr = choose_threshold([], [], rule="fixed", value=threshold_value)
     else:
         yv = [int(r["label"]) for r in val_rows]
@@ -452,19 +484,66 @@ def summarize(
         members[k]["n"] = len(sel)
     out["members"] = members
     out["metrics"] = binary_metrics(y, p, thr["threshold"], clusters=patients, n_boot=n_boot, seed=seed, alpha=alpha)
-    if val_rows:
+    if val_rows and operating_point is None:
         yv = [int(r["label"]) for r in val_rows]
         pv = [float(r["prob"]) for r in val_rows]
         out["validation_metrics"] = binary_metrics(yv, pv, thr["threshold"], alpha=alpha)
-        out["validation_auc"] = delong_ci(yv, pv, alpha)
+    if val_rows:
+        out["validation_auc"] = delong_ci(
+            [int(r["label"]) for r in val_rows], [float(r["prob"]) for r in val_rows], alpha
+        )
     out["brier"] = brier_score(y, p)
     out["reliability"] = reliability_curve(y, p)
-    if any(r.get("birads") not in (None, "") for r in test_rows):
-        b = [r.get("birads") if r.get("birads") not in ("",) else None for r in test_rows]
-        b = [None if v is None else int(v) for v in b]
+    b = [None if r.get("birads") in (None, "") else int(r["birads"]) for r in test_rows]
+    has_birads = any(v is not None for v in b)
+    out["radiologist"] = None
+    if has_birads:
         out["radiologist"] = birads_comparison(
             y, p, b, cut=birads_cut, clusters=patients, n_boot=n_boot, seed=seed, alpha=alpha
         )
-    else:
-        out["radiologist"] = None
+        out["radiologist"]["reader"] = reader
+    if operating_point is not None:
+        out.update(clinical_summary(test_rows, y, p, b if has_birads else None, patients, operating_point, reader,
+                                    birads_cut, n_boot, seed))  # fmt: skip
+    return out
+
+
+def clinical_summary(
+    test_rows: Sequence[dict],
+    y: np.ndarray,
+    p: np.ndarray,
+    birads: list | None,
+    patients: list[str],
+    operating_point: dict,
+    reader: str,
+    birads_cut: int,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """Calibration before/after, decision curve, referral curve and the reader-matched point of :func:`summarize`."""
+    out: dict[str, Any] = {"operating_point": operating_point}
+    keys = member_keys(test_rows)
+    if keys:
+        raw = np.array([np.mean([float(r[k]) for k in keys]) for r in test_rows])
+        out["calibration"] = {
+            "method": operating_point["calibration"].get("method"),
+            "before": {"score": "mean of the members' probabilities", "brier": brier_score(y, raw),
+                       "reliability": reliability_curve(y, raw)},
+            "after": {"score": "calibrated probability", "brier": brier_score(y, p),
+                      "reliability": reliability_curve(y, p)},
+        }  # fmt: skip
+    out["decision_curve"] = decision_curve(y, p, birads, cut=birads_cut, reader=reader)
+    if test_rows and all(r.get("uncertainty") not in (None, "") for r in test_rows) and len(keys) > 1:
+        u = [float(r["uncertainty"]) for r in test_rows]
+        out["referral"] = referral_curve(y, p, u, operating_point["threshold"], seed=seed)
+    matched = operating_point.get("reader_matched")
+    if birads is not None and matched:
+        t = matched["threshold"]
+        out["reader_matched"] = {
+            "threshold": t,
+            "description": matched["description"],
+            "target_sensitivity": matched["target_sensitivity"],
+            "metrics": binary_metrics(y, p, t, clusters=patients, n_boot=n_boot, seed=seed),
+            "biopsies": biopsies_avoided(y, p, birads, t, birads_cut, patients, n_boot=n_boot, seed=seed),
+        }
     return out

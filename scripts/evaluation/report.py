@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import html
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,18 @@ from typing import Any, Sequence
 from scripts.data.schema import TARGET_CLASSES, default_reference_standard
 from scripts.engine.atomic import write_json, write_text
 from scripts.evaluation.metrics import class_counts, read_cases_csv, summarize
-from scripts.evaluation.report_figures import calibration_figure, confusion_figure, num, png_uri, roc_figure
+from scripts.evaluation.report_clinical import calibration_section, decision_section, reader_section
+from scripts.evaluation.report_figures import (
+    calibration_figure,
+    ci_range,
+    confusion_figure,
+    esc,
+    html_figure,
+    html_table,
+    num,
+    png_uri,
+    roc_figure,
+)
 
 DEFAULT_TITLE = "Mammographic microcalcification classification: evaluation report"
 SYNTHETIC_BANNER = (
@@ -40,35 +50,6 @@ th{background:#f0f0f0}td.l,th.l{text-align:left}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# small helpers
-# ----------------------------------------------------------------------------------------------------------------------
-def _e(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def _ci(lo: Any, hi: Any, nd: int = 3) -> str:
-    if lo is None or hi is None:
-        return "n/a"
-    return f"{num(lo, nd)}&ndash;{num(hi, nd)}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left_cols: int = 1) -> str:
-    out = ["<table><thead><tr>"]
-    out += [f'<th class="{"l" if i < left_cols else ""}">{_e(h)}</th>' for i, h in enumerate(header)]
-    out.append("</tr></thead><tbody>")
-    for r in rows:
-        out.append("<tr>" + "".join(f'<td class="{"l" if i < left_cols else ""}">{c}</td>' for i, c in enumerate(r)))
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _img(uri: str, alt: str, caption: str = "") -> str:
-    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{uri}" alt="{_e(alt)}">{cap}</figure>'
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # sections
 # ----------------------------------------------------------------------------------------------------------------------
 def _auc_section(summary: dict) -> str:
@@ -78,24 +59,26 @@ def _auc_section(summary: dict) -> str:
         [
             "ensemble (test)",
             num(a.get("auc")),
-            _ci(a.get("ci_low"), a.get("ci_high")),
-            _ci(boot.get("ci_low"), boot.get("ci_high")),
+            ci_range(a.get("ci_low"), a.get("ci_high")),
+            ci_range(boot.get("ci_low"), boot.get("ci_high")),
         ]
     ]
     for k, m in (summary.get("members") or {}).items():
-        rows.append([_e(k), num(m.get("auc")), _ci(m.get("ci_low"), m.get("ci_high")), "&mdash;"])
+        rows.append([esc(k), num(m.get("auc")), ci_range(m.get("ci_low"), m.get("ci_high")), "&mdash;"])
     va = summary.get("validation_auc")
     if va:
-        rows.append(["ensemble (validation)", num(va.get("auc")), _ci(va.get("ci_low"), va.get("ci_high")), "&mdash;"])
+        rows.append(
+            ["ensemble (validation)", num(va.get("auc")), ci_range(va.get("ci_low"), va.get("ci_high")), "&mdash;"]
+        )
     note = ""
     if boot:
         note = (
             f'<p class="note">Bootstrap: {boot.get("n_valid", "?")} valid of {boot.get("n_boot")} '
-            f'{_e(boot.get("method", ""))} resamples ({boot.get("n_clusters")} clusters).</p>'
+            f'{esc(boot.get("method", ""))} resamples ({boot.get("n_clusters")} clusters).</p>'
         )
     return (
         "<h2>Discrimination (AUC)</h2>"
-        + _table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows)
+        + html_table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows)
         + note
     )
 
@@ -117,8 +100,8 @@ def _metrics_rows(m: dict) -> list[list[str]]:
                 label,
                 num(e.get("value")),
                 frac,
-                _ci(e.get("ci_low"), e.get("ci_high")),
-                _ci(*(e.get("boot_ci") or [None, None])),
+                ci_range(e.get("ci_low"), e.get("ci_high")),
+                ci_range(*(e.get("boot_ci") or [None, None])),
             ]
         )
     return rows
@@ -129,22 +112,24 @@ def _threshold_section(summary: dict, names: Sequence[str]) -> str:
     m = summary.get("metrics") or {}
     out = [
         "<h2>Operating threshold and metrics</h2>",
-        f"<p>Threshold <b>{num(thr.get('threshold'), 4)}</b>, rule <b>{_e(thr.get('rule'))}</b>: "
-        f"{_e(thr.get('description', ''))}. A case is called {_e(names[1])} when its ensemble probability is &ge; the "
+        f"<p>Threshold <b>{num(thr.get('threshold'), 4)}</b>, rule <b>{esc(thr.get('rule'))}</b>: "
+        f"{esc(thr.get('description', ''))}. A case is called {esc(names[1])} when its ensemble probability is &ge; the "
         "threshold. The threshold was not tuned on the test set.</p>",
     ]
     out.append(
-        _table(
+        html_table(
             ["metric (test)", "value", "count", "Wilson 95% CI", "patient-clustered bootstrap 95% CI"], _metrics_rows(m)
         )
     )
-    vm = summary.get("validation_metrics")
+    vm = summary.get("validation_metrics") or thr.get("validation")
     if vm:
         out.append(
             '<p class="note">Validation-set metrics at the same threshold (the data it was tuned on, so '
             "optimistic):</p>"
         )
-        out.append(_table(["metric (validation)", "value", "count", "Wilson 95% CI", "bootstrap"], _metrics_rows(vm)))
+        out.append(
+            html_table(["metric (validation)", "value", "count", "Wilson 95% CI", "bootstrap"], _metrics_rows(vm))
+        )
     out.append(
         f'<p>Brier score {num(summary.get("brier"))}; expected calibration error '
         f'{num((summary.get("reliability") or {}).get("ece"))} ({(summary.get("reliability") or {}).get("n_bins")}'
@@ -157,34 +142,35 @@ def _radiologist_section(summary: dict, names: Sequence[str]) -> str:
     rad = summary.get("radiologist")
     if not rad:
         return "<h2>Radiologist comparison</h2><p>No BI-RADS categories in these data: no radiologist comparison.</p>"
+    reader = rad.get("reader", "radiologist")
     if "error" in rad:
-        return f"<h2>Radiologist comparison</h2><p>{_e(rad['error'])}</p>"
+        return f"<h2>Comparison with the {esc(reader)}</h2><p>{esc(rad['error'])}</p>"
     cut = rad["cut"]
     ba, ma, pt = rad["birads_auc"], rad["model_auc"], rad["paired_delong"]
     rows = [
         [
-            "BI-RADS (ordinal)",
+            f"{esc(reader)}: BI-RADS (ordinal)",
             num(ba["auc"]),
-            _ci(ba["ci_low"], ba["ci_high"]),
-            _ci(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ba.get("bootstrap") or {})),
+            ci_range(ba["ci_low"], ba["ci_high"]),
+            ci_range(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ba.get("bootstrap") or {})),
         ],
         [
             "model (ensemble)",
             num(ma["auc"]),
-            _ci(ma["ci_low"], ma["ci_high"]),
-            _ci(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ma.get("bootstrap") or {})),
+            ci_range(ma["ci_low"], ma["ci_high"]),
+            ci_range(*(lambda b: (b.get("ci_low"), b.get("ci_high")))(ma.get("bootstrap") or {})),
         ],
     ]
     out = [
-        "<h2>Radiologist comparison (same lesions)</h2>",
-        f"<p>{rad['n']} test cases with a BI-RADS category ({rad['n_pos']} {_e(names[1])}, {rad['n_neg']} {_e(names[0])}; "
+        f"<h2>Comparison with the {esc(reader)} (same lesions, BI-RADS)</h2>",
+        f"<p>{rad['n']} test cases with a BI-RADS category ({rad['n_pos']} {esc(names[1])}, {rad['n_neg']} {esc(names[0])}; "
         f"{rad['n_excluded_missing_birads']} without BI-RADS left out). BI-RADS counts: "
-        f"{_e(', '.join(f'{k}: {v}' for k, v in rad['birads_counts'].items()))}.</p>",
-        _table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows),
+        f"{esc(', '.join(f'{k}: {v}' for k, v in rad['birads_counts'].items()))}.</p>",
+        html_table(["scores", "AUC", "DeLong 95% CI", "patient-clustered bootstrap 95% CI"], rows),
         f"<p>Paired DeLong test, model &minus; BI-RADS: difference {num(pt['diff'])} "
-        f"(95% CI {_ci(*pt['ci_diff'])}), z = {num(pt['z'], 2)}, p = {num(pt['p'], 4)}.</p>",
+        f"(95% CI {ci_range(*pt['ci_diff'])}), z = {num(pt['z'], 2)}, p = {num(pt['p'], 4)}.</p>",
         f"<p>BI-RADS &ge; {cut} as a positive call:</p>",
-        _table(
+        html_table(
             ["metric", "value", "count", "Wilson 95% CI", "patient-clustered bootstrap 95% CI"],
             _metrics_rows(rad["birads_at_cut"]),
         ),
@@ -192,11 +178,11 @@ def _radiologist_section(summary: dict, names: Sequence[str]) -> str:
     s = rad["model_at_radiologist_sensitivity"]
     sp = rad["model_at_radiologist_specificity"]
     out.append(
-        f"<p>Model at the radiologist's sensitivity ({num(s['target_sensitivity'])}): specificity "
+        f"<p>Model at the {esc(reader)}'s sensitivity ({num(s['target_sensitivity'])}): specificity "
         f"{num(s['specificity'])} at threshold {num(s['threshold'], 4)} (sensitivity {num(s['sensitivity'])}; "
-        f"linearly interpolated ROC: specificity {num(s['specificity_interpolated'])}). Model at the radiologist's "
+        f"linearly interpolated ROC: specificity {num(s['specificity_interpolated'])}). Model at the {esc(reader)}'s "
         f"specificity ({num(sp['target_specificity'])}): sensitivity {num(sp['sensitivity'])}.</p>"
-        f'<p class="note">{_e(s["method"])}. {_e(rad.get("note", ""))}</p>'
+        f'<p class="note">{esc(s["method"])}. {esc(rad.get("note", ""))}</p>'
     )
     return "".join(out)
 
@@ -223,10 +209,10 @@ def _dataset_section(
     cols: list[str] = []
     for v in splits.values():
         cols += [k for k in v if k not in cols]
-    rows = [[_e(name)] + [num(v.get(c), 3) if c in v else "&mdash;" for c in cols] for name, v in splits.items()]
-    out = ["<h2>Data</h2>", _table(["split"] + cols, rows)]
+    rows = [[esc(name)] + [num(v.get(c), 3) if c in v else "&mdash;" for c in cols] for name, v in splits.items()]
+    out = ["<h2>Data</h2>", html_table(["split"] + cols, rows)]
     if extra:
-        out.append(_table(["item", "value"], [[_e(k), _e(v)] for k, v in extra.items()], left_cols=2))
+        out.append(html_table(["item", "value"], [[esc(k), esc(v)] for k, v in extra.items()], left_cols=2))
     return "".join(out)
 
 
@@ -246,19 +232,19 @@ def _localisation_section(summary: dict) -> str:
         return ""
     rows = []
     for group, v in sal["table"].items():
-        cells = [_e(group), _e(v.get("n"))]
+        cells = [esc(group), esc(v.get("n"))]
         cells += [_ci_cell(v, "pointing_game"), num(v.get("pointing_game_centre")), _ci_cell(v, "energy_in_mask")]
         cells.append(f"{num(v.get('iou'))} ({num(v.get('iou_chance'))})")
         rows.append(cells)
     st = sal.get("settings", {})
     out = [
         "<h2>Saliency localisation</h2>",
-        f"<p>{_e(st.get('method', ''))} maps of the ensemble (target: {_e(st.get('target', ''))}, layer "
-        f"{_e(st.get('layer', ''))}); pointing-game tolerance: {_e(st.get('tolerance', ''))}. Mean [95 % CI, "
-        f"{_e(st.get('ci', 'bootstrap'))}] (chance level); * = above chance (the CI of the paired excess over chance "
+        f"<p>{esc(st.get('method', ''))} maps of the ensemble (target: {esc(st.get('target', ''))}, layer "
+        f"{esc(st.get('layer', ''))}); pointing-game tolerance: {esc(st.get('tolerance', ''))}. Mean [95 % CI, "
+        f"{esc(st.get('ci', 'bootstrap'))}] (chance level); * = above chance (the CI of the paired excess over chance "
         "excludes 0). The centre prior is a map that always peaks at the ROI centre: ROIs cropped around a lesion "
         "make it a strong baseline.</p>",
-        _table(
+        html_table(
             ["group", "n", "pointing game", "centre prior", "energy in mask", "IoU"],
             rows,
             left_cols=1,
@@ -267,7 +253,7 @@ def _localisation_section(summary: dict) -> str:
     final = (sal.get("randomisation") or {}).get("final")
     if final:
         out.append(
-            f"<p>Randomisation check (weights re-initialised, {_e(final.get('randomised', ''))}): similarity to the "
+            f"<p>Randomisation check (weights re-initialised, {esc(final.get('randomised', ''))}): similarity to the "
             f"trained maps, Spearman {num(final.get('spearman'))}, SSIM {num(final.get('ssim'))} "
             "(low values: the maps depend on the learned weights).</p>"
         )
@@ -280,8 +266,8 @@ def _gallery_section(gallery_png: str | os.PathLike | None) -> str:
         return head + "<p>No saliency maps were computed for this evaluation.</p>"
     p = Path(gallery_png)
     if not p.is_file():
-        return head + f"<p>Saliency gallery file not found ({_e(p.name)}); no maps shown.</p>"
-    return head + _img(png_uri(p.read_bytes()), "saliency gallery", p.name)
+        return head + f"<p>Saliency gallery file not found ({esc(p.name)}); no maps shown.</p>"
+    return head + html_figure(png_uri(p.read_bytes()), "saliency gallery", p.name)
 
 
 def _is_synthetic(summary: dict, dataset_summary: dict | None) -> bool:
@@ -313,12 +299,12 @@ def _network_section(summary: dict) -> str:
     net = summary.get("network")
     if not net:
         return ""
-    text = f"Network: {_e(net.get('arch', '?'))}, stage-1 initialisation: {_e(net.get('init', '?'))}"
+    text = f"Network: {esc(net.get('arch', '?'))}, stage-1 initialisation: {esc(net.get('init', '?'))}"
     w = net.get("imagenet_weights")
     if w:
-        text += f"; ImageNet weights from {_e(w.get('source'))}"
+        text += f"; ImageNet weights from {esc(w.get('source'))}"
         if w.get("sha256"):
-            text += f" (SHA-256 <code>{_e(w['sha256'])}</code>)"
+            text += f" (SHA-256 <code>{esc(w['sha256'])}</code>)"
     return f"<p>{text}.</p>"
 
 
@@ -337,28 +323,33 @@ def render_report(
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
     ]
     if _is_synthetic(summary, dataset_summary):
-        parts.append(f'<div class="banner">{_e(SYNTHETIC_BANNER)}</div>')
+        parts.append(f'<div class="banner">{esc(SYNTHETIC_BANNER)}</div>')
     names = _class_names(summary, dataset_summary)
     c = (summary.get("counts") or {}).get("test") or class_counts(test_rows, names)
     neg, pos = names[0], names[1]
     parts.append(
-        f"<p>Test set: {c['cases']} cases ({c.get(pos)} {_e(pos)}, {c.get(neg)} {_e(neg)}) from {c['patients']} "
-        f"patients. Reference standard: {_e(_reference_standard(summary, dataset_summary))}. "
+        f"<p>Test set: {c['cases']} cases ({c.get(pos)} {esc(pos)}, {c.get(neg)} {esc(neg)}) from {c['patients']} "
+        f"patients. Reference standard: {esc(_reference_standard(summary, dataset_summary))}. "
         f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"
     )
     parts.append(_network_section(summary))
-    figs = [_img(roc_figure(summary, test_rows), "ROC curves", "ROC curves on the test set")]
+    figs = [html_figure(roc_figure(summary, test_rows), "ROC curves", "ROC curves on the test set")]
     if summary.get("metrics"):
-        figs.append(_img(confusion_figure(summary["metrics"], names), "confusion matrix", "Confusion matrix (test)"))
-    figs.append(_img(calibration_figure(summary, test_rows, names), "reliability diagram", "Calibration (test)"))
+        figs.append(
+            html_figure(confusion_figure(summary["metrics"], names), "confusion matrix", "Confusion matrix (test)")
+        )
+    figs.append(html_figure(calibration_figure(summary, test_rows, names), "reliability diagram", "Calibration (test)"))
     parts.append('<div class="figs">' + "".join(figs) + "</div>")
     parts.append(_auc_section(summary))
     parts.append(_threshold_section(summary, names))
+    parts.append(calibration_section(summary))
     parts.append(_radiologist_section(summary, names))
+    parts.append(reader_section(summary, names))
+    parts.append(decision_section(summary))
     parts.append(_dataset_section(summary, test_rows, val_rows, dataset_summary))
     parts.append(_localisation_section(summary))
     parts.append(_gallery_section(gallery_png))

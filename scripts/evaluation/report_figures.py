@@ -26,6 +26,36 @@ def num(x: Any, nd: int = 3) -> str:
         return html.escape(str(x))
 
 
+def esc(x: Any) -> str:
+    """``x`` as HTML text."""
+    return html.escape(str(x))
+
+
+def ci_range(lo: Any, hi: Any, nd: int = 3) -> str:
+    """``lo–hi`` for a table cell (``n/a`` when either is missing)."""
+    if lo is None or hi is None:
+        return "n/a"
+    return f"{num(lo, nd)}&ndash;{num(hi, nd)}"
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], left_cols: int = 1) -> str:
+    """An HTML table (cells are HTML already; the first ``left_cols`` columns left-aligned)."""
+    out = ["<table><thead><tr>"]
+    out += [f'<th class="{"l" if i < left_cols else ""}">{esc(h)}</th>' for i, h in enumerate(header)]
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        out.append("<tr>" + "".join(f'<td class="{"l" if i < left_cols else ""}">{c}</td>' for i, c in enumerate(r)))
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def html_figure(uri: str, alt: str, caption: str = "") -> str:
+    """An embedded image with its caption."""
+    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="{uri}" alt="{esc(alt)}">{cap}</figure>'
+
+
 def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 

@@ -1,8 +1,12 @@
 """The evaluation's last steps, as ``configs/summarize.json`` runs them: case tables -> ``metrics.json`` -> report.
 
-``run``: the out-of-fold validation tables (one per fold, from ``configs/evaluate.json``) are joined into
-``cases_validation.csv``; the operating threshold is chosen on them; the test table gives every metric with its CI
-(:func:`scripts.evaluation.metrics.summarize`); what the network was trained from and on which data is recorded beside them.
+``operating_point``: the out-of-fold validation tables (one per fold, from ``configs/evaluate.json``) are joined into
+``cases_validation.csv``; the calibration and the decision threshold are chosen on them and saved beside the
+ensemble (:mod:`scripts.evaluation.operating_point`, ``models/operating_point.json``).
+
+``run``: the test table (scored by the calibrated ensemble) gives every metric with its CI at that operating point
+(:func:`scripts.evaluation.metrics.summarize`); what the network was trained from and on which data is recorded
+beside them.
 
 ``report``: ``report.html`` from ``metrics.json``, the case tables and, when the saliency step has run, its
 ``localisation.json`` and gallery.
@@ -19,6 +23,7 @@ from typing import Any
 from scripts.data import schema
 from scripts.engine.atomic import write_json
 from scripts.evaluation import metrics, report
+from scripts.model.calibration import read_operating_point
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -37,21 +42,6 @@ def network_info(arch: str, init: str, imagenet_weights: str | None, intermediat
     }
 
 
-def validation_cases(results_dir: PathLike, num_folds: int) -> list[dict]:
-    """Join ``cases_validation_fold<k>.csv`` (k < ``num_folds``) into ``cases_validation.csv``; returns its rows.
-
-    Each out-of-fold row was scored by one member: its probability is the case's score (the ``member_0`` column
-    is dropped)."""
-    results_dir = Path(results_dir)
-    rows = []
-    for k in range(num_folds):
-        for r in metrics.read_cases_csv(results_dir / f"cases_validation_fold{k}.csv"):
-            r.pop("member_0", None)
-            rows.append(r)
-    metrics.write_cases_csv(results_dir / "cases_validation.csv", rows)
-    return rows
-
-
 def datalist_source(path: PathLike | None) -> str | None:
     """``metadata.source`` and ``task`` of a datalist, e.g. ``"synthetic film"``; ``None`` for no datalist."""
     if path is None or not Path(path).is_file():
@@ -65,27 +55,28 @@ def write_metrics(
     datalist: PathLike,
     intermediate_datalist: PathLike | None,
     network: dict,
-    threshold_rule: str = "youden",
-    threshold_value: float | None = None,
+    model_file: PathLike,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> Path:
-    """``<results_dir>/metrics.json`` from the case tables of the ``datalist``'s folds and test split."""
+    """``<results_dir>/metrics.json`` from the test case table at the operating point saved beside ``model_file``
+    (``cases_validation.csv``, joined by the operating-point step, gives the validation AUC)."""
     results_dir = Path(results_dir)
-    val_rows = validation_cases(results_dir, schema.num_folds(datalist))
+    operating_point = read_operating_point(model_file, required=True)
+    val_rows = metrics.read_cases_csv(results_dir / "cases_validation.csv")
     test_rows = metrics.read_cases_csv(results_dir / "cases_test.csv")
     target = schema.read_datalist(datalist, check_files=False)
     source = target.get("metadata", {}).get("source", "unknown")
     summary = metrics.summarize(
         test_rows,
         val_rows,
-        threshold_rule=threshold_rule,
-        threshold_value=threshold_value,
         n_boot=n_boot,
         seed=seed,
         data_source=source,
         class_names=schema.class_names(target),
         reference_standard=schema.reference_standard(target),
+        operating_point=operating_point,
+        reader=schema.reader_label(target),
     )
     summary["network"] = network
     summary["data"] = {

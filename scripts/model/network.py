@@ -27,6 +27,7 @@ import torch.nn as nn
 import torchvision
 
 from scripts.engine.atomic import file_digest
+from scripts.model.calibration import Calibration, calibrated_probability
 
 logger = logging.getLogger(__name__)
 
@@ -152,20 +153,47 @@ class GrayClassifier(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """K members of one architecture; ``forward`` returns the mean softmax probabilities ``(B, num_classes)``."""
+    """K members of one architecture; ``forward`` returns the ensemble's class probabilities ``(B, num_classes)``.
 
-    def __init__(self, num_members: int = 3, arch: str = DEFAULT_ARCH, num_classes: int = 2) -> None:
+    Without ``calibration`` the members' softmax probabilities are averaged (the evaluation's raw ensemble score).
+    With it (binary tasks; :mod:`scripts.model.calibration`, ``models/operating_point.json``) the members' malignant
+    log-odds are averaged and Platt-scaled: ``[1 - p, p]`` with ``p = sigmoid(scale * mean logit + bias)``, the
+    probability the evaluation reports and the deployed threshold applies to.
+
+    Args:
+        num_members: K.
+        arch: the members' architecture.
+        num_classes: outputs per member.
+        calibration: ``{"scale", "bias", ...}`` (:class:`scripts.model.calibration.Calibration`), or ``None``.
+    """
+
+    def __init__(
+        self, num_members: int = 3, arch: str = DEFAULT_ARCH, num_classes: int = 2, calibration: dict | None = None
+    ) -> None:
         super().__init__()
         if num_members < 1:
             raise ValueError(f"num_members must be >= 1, got {num_members}")
+        if calibration is not None and num_classes != 2:
+            raise ValueError(f"calibration needs a binary task, got num_classes={num_classes}")
         self.members = nn.ModuleList([GrayClassifier(arch, num_classes) for _ in range(num_members)])
+        cal = Calibration.from_dict(calibration)
+        self.calibrated = calibration is not None
+        # not in the state dict: models/model.pt holds the members only, the calibration comes from its side file
+        self.register_buffer("calibration", torch.tensor([cal.scale, cal.bias], dtype=torch.float64), persistent=False)
 
     def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's softmax probabilities, ``(K, B, num_classes)``."""
         return torch.stack([torch.softmax(m(x), dim=1) for m in self.members])
 
+    def combine(self, probs: torch.Tensor) -> torch.Tensor:
+        """The ensemble's ``(B, num_classes)`` probabilities from the members' ``(K, B, num_classes)``."""
+        if not self.calibrated:
+            return probs.mean(0)
+        p = calibrated_probability(probs[:, :, 1], self.calibration[0], self.calibration[1]).to(probs.dtype)
+        return torch.stack([1.0 - p, p], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.member_probabilities(x).mean(0)
+        return self.combine(self.member_probabilities(x))
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:

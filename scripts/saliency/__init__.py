@@ -30,7 +30,7 @@ from scripts.saliency.localisation import (
 )
 from scripts.saliency.render import render_overlay, save_gallery, save_map_nifti
 from scripts.saliency.sanity import RANDOMISATION_MODES, map_similarity, randomisation_check
-from scripts.saliency.settings import SaliencySettings, none_if_off, threshold_from_metrics
+from scripts.saliency.settings import SaliencySettings, none_if_off
 from scripts.saliency.workflow import load_mask, load_weights, run_saliency
 
 __all__ = [
@@ -61,5 +61,4 @@ __all__ = [
     "save_gallery",
     "save_map_nifti",
     "target_layer",
-    "threshold_from_metrics",
 ]

@@ -77,12 +77,22 @@ def target_layer(member: nn.Module, name: str | None = None) -> nn.Module:
     return layer
 
 
-def predicted_classes(members: Sequence[nn.Module], x: torch.Tensor, threshold: float) -> list[int]:
-    """The ensemble's predicted class per image of ``x`` ``(B, 1, H, W)``: malignant when mean P(malignant) >=
-    ``threshold``."""
+def ensemble_probabilities(ensemble: nn.Module, member_probs: torch.Tensor) -> torch.Tensor:
+    """The ensemble's ``(B, C)`` probabilities from its members' ``(K, B, C)``: ``ensemble.combine`` (an
+    :class:`~scripts.model.network.Ensemble`, calibrated when it was built with a calibration), else their mean."""
+    combine = getattr(ensemble, "combine", None)
+    return combine(member_probs) if callable(combine) else member_probs.mean(0)
+
+
+def predicted_classes(
+    members: Sequence[nn.Module], x: torch.Tensor, threshold: float, ensemble: nn.Module | None = None
+) -> list[int]:
+    """The ensemble's predicted class per image of ``x`` ``(B, 1, H, W)``: malignant when its P(malignant)
+    (:func:`ensemble_probabilities`) >= ``threshold``."""
     with torch.no_grad():
         x = x.to(next(members[0].parameters()).device).float()
-        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in members]).mean(0)
+        member_probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in members])
+        probs = ensemble_probabilities(ensemble, member_probs)
     return (probs[:, MALIGNANT] >= threshold).long().tolist()
 
 
@@ -162,6 +172,7 @@ class EnsembleCAM:
 
         self.method, self.target, self.freeze, self.threshold = method, target, bool(freeze), float(threshold)
         self.amp = bool(amp)
+        self.ensemble = ensemble
         self.members = ensemble_members(ensemble)
         self.layers = [target_layer(m, layer) for m in self.members]
         names = {mod: name for name, mod in getattr(self.members[0], "module", self.members[0]).named_modules()}
@@ -207,7 +218,7 @@ class EnsembleCAM:
                     if len(classes) != x.shape[0]:
                         raise ValueError(f"{len(classes)} classes for a batch of {x.shape[0]}")
                 elif self.target == "predicted":
-                    classes = predicted_classes(self.members, x, self.threshold)
+                    classes = predicted_classes(self.members, x, self.threshold, self.ensemble)
                 else:
                     classes = [MALIGNANT] * x.shape[0]
                 targets = [ClassifierOutputTarget(int(c)) for c in classes]
@@ -221,8 +232,8 @@ class EnsembleCAM:
         if cut.feature_hw is not None:
             self.cell_px = (x.shape[-2] / cut.feature_hw[0], x.shape[-1] / cut.feature_hw[1])
         stacked = np.stack([maps for maps, _ in results])  # (K, B, H, W)
-        mean_probs = torch.stack([p for _, p in results]).mean(0)
-        return CAMResult(normalise_maps(stacked.mean(0)), stacked, mean_probs.cpu().numpy().astype(np.float32))
+        probs = ensemble_probabilities(self.ensemble, torch.stack([p for _, p in results]))
+        return CAMResult(normalise_maps(stacked.mean(0)), stacked, probs.cpu().numpy().astype(np.float32))
 
     def close(self) -> None:
         """Mark the engine closed (no hook or CAM object outlives a call; flags and modes are already restored)."""

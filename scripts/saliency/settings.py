@@ -24,19 +24,6 @@ def none_if_off(value: Any) -> Any:
     return value
 
 
-def threshold_from_metrics(metrics_file: str | Path) -> float:
-    """The operating threshold on P(malignant) chosen by the evaluation: ``json["threshold"]["threshold"]`` of
-    ``metrics_file`` (``results/metrics.json``). Raises ``FileNotFoundError`` / ``KeyError`` naming the file."""
-    path = Path(metrics_file)
-    hint = "run the evaluation first, or pass --saliency#threshold VALUE"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics file to read the saliency threshold from: {hint}")
-    try:
-        return float(json.loads(path.read_text())["threshold"]["threshold"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise KeyError(f"{path}: no threshold.threshold ({type(e).__name__}: {e}): {hint}") from None
-
-
 @dataclass
 class SaliencySettings:
     """What the saliency workflow computes and writes.
