@@ -8,6 +8,9 @@ close to the stored size.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tracemalloc
 
 import nibabel as nib
@@ -19,6 +22,7 @@ from scripts.data.prepare.dicom_writer import write_dicom
 from scripts.data.prepare.loaders import load_image
 from scripts.data.prepare.pixels import MappedImage
 from scripts.data.prepare.roi import RoiGeometry, crop_roi
+from tests.conftest import REPO
 
 SHAPE = (3000, 4000)  # 12 Mpixel, 16-bit: 22.9 MiB stored; well above the 1-Mpixel blocks
 
@@ -68,3 +72,16 @@ def test_a_crop_maps_only_its_window_and_equals_the_crop_of_the_full_image(image
     np.testing.assert_array_equal(got, expected)
     if name.endswith(".dcm"):  # the decoded pixels are a view on the file's pixel data, not a copy of them
         assert not img.mapped.stored.flags.owndata
+
+
+@pytest.mark.slow  # a subprocess per case
+def test_the_input_memory_benchmark_runs_and_measures(tmp_path):
+    """``benchmarks/input_memory.py --smoke`` (prepare only): a table, a JSON with a peak per case."""
+    out = tmp_path / "input_memory.json"
+    argv = [sys.executable, str(REPO / "benchmarks" / "input_memory.py"), "--smoke", "--modes", "prepare"]
+    proc = subprocess.run([*argv, "--out", str(out)], cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| dicom-tiny" in proc.stdout and "|---" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["mode"] == "prepare"
+    assert 20 < row["process_peak_rss_mb"] < 500 and row["growth_mb"] < row["process_peak_rss_mb"]

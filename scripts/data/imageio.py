@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from scripts.data.prepare.pixels import BLOCK_PIXELS, block_range, value_histogram
 from scripts.engine.atomic import atomic_path
 
 
@@ -111,8 +112,6 @@ def _pixels_of(im: Image.Image) -> np.ndarray:
     """The decoded pixels of a single-channel image as an array, copied out of PIL in row strips of about 1 Mpixel:
     the image is held twice at most (PIL's and ours), where exporting it whole holds it three times (PIL's buffer,
     the exported bytes and the array)."""
-    from scripts.data.prepare.pixels import BLOCK_PIXELS
-
     im.load()
     w, h = im.size
     if w * h <= BLOCK_PIXELS:
@@ -128,8 +127,6 @@ def _pixels_of(im: Image.Image) -> np.ndarray:
 
 def _gray_palette(im: Image.Image) -> np.ndarray:
     """The gray levels of a palette image whose used palette entries are all gray; colour is refused."""
-    from scripts.data.prepare.pixels import value_histogram
-
     index = _pixels_of(im)
     palette = np.asarray(im.getpalette("RGB") or [0, 0, 0], dtype=np.uint8).reshape(-1, 3)
     _, counts = value_histogram(index)
@@ -151,8 +148,6 @@ def raster_unit_map(arr: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         ImageFileError: for a conversion that would lose more than scaling: negative integer values (they would be
             clipped to 0) or NaN/inf floats.
     """
-    from scripts.data.prepare.pixels import block_range
-
     if arr.dtype == np.bool_:
         return lambda block: block.astype(np.float32)
     if arr.dtype.kind in "ui":

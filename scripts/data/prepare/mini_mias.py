@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-
 from scripts.data.prepare.errors import ErrorReport, PrepareError
 from scripts.data.prepare.loaders import load_image
 from scripts.data.prepare.pixels import MappedImage
