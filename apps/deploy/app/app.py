@@ -8,17 +8,23 @@ DICM preamble; not recursive), one ROI per file, MONOCHROME1 or MONOCHROME2. ``B
 found from this file's location (never from the current folder). Paths in the bundle's configs (``bundle_root``)
 resolve against that folder. ``--spacing-mm MM`` is the pixel pitch, in mm, of the DICOMs that state none (no
 ``PixelSpacing`` or ``ImagerPixelSpacing``); a pitch the file states is always used as stated.
-``OUTPUT`` receives one ``<case>.json`` per input file (case = file stem):
+``OUTPUT`` receives, per input file (case = file stem):
 
-- ``{"status": "ok", "probabilities": {"benign": p0, "malignant": p1}, "pred_class": k, "pred_label": name, ...}``;
-- ``{"status": "error", "error": reason, ...}`` for a file that cannot be read (the others are still classified).
+- ``<case>.json``: ``{"status": "ok", "probabilities": {"benign": p0, "malignant": p1}, "pred_class": k,
+  "pred_label": name, "decision_threshold": t, "dicom": {"sr": ..., "sc": ...}, ...}``, or
+  ``{"status": "error", "error": reason, ...}`` for a file that cannot be read (the others are still classified);
+- ``<case>.sr.dcm``: the result as a DICOM Comprehensive 3D SR (probability, call, operating point, model name and
+  version, "research use only, not for clinical use") and ``<case>.sc.dcm``: the bundle's saliency overlay (HiResCAM
+  by default, ``configs/saliency.json``) as a DICOM Secondary Capture, both in the source's study
+  (:mod:`dicom_results`).
 
 Operators: :class:`DicomRoiLoaderOperator` (one file per tick, read and cropped at the training scale by the
 bundle's own reader: photometric interpretation, rescale, VOI, pixel pitch) → the SDK's stock
 ``MonaiBundleInferenceOperator`` (the bundle's ``preprocessing``, ``inferer`` and network, unmodified) →
-:class:`ClassificationWriterOperator`. Outputs never hold DICOM attributes (no patient identifiers); the case id is
-the file stem, so do not name files after patients. Exit status: 0 when at least one file was classified, 1 when
-none could be, 2 for a bad input or bundle path.
+:class:`ClassificationWriterOperator`. The JSON and the log hold no DICOM attributes (no patient identifiers); the
+DICOM results carry the source's patient and study modules, as DICOM requires to file them in its study. The case id
+is the file stem, so do not name files after patients. Exit status: 0 when at least one file was classified, 1 when
+none could be, 2 for a bad input or bundle path or a bad ``--spacing-mm``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict
 
+import dicom_results
 import numpy as np
 import pydicom
 import torch
@@ -45,6 +52,8 @@ DEFAULT_BUNDLE = APP_DIR.parents[2]  # the repository root is the bundle
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SPACING_OPTION = "--spacing-mm"
 MODEL_NAME = "microcalcification_classification"
+MALIGNANT = 1  # the class index of "malignant" (the bundle's channel_def)
+SALIENCY_DEFAULTS = {"method": "hirescam", "target": "malignant", "layer": None, "freeze": True}
 logger = logging.getLogger("microcalcification_app")
 
 
@@ -87,13 +96,15 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
 
 
 def bundle_parser(bundle: Path) -> ConfigParser:
-    """The bundle's ``configs/inference.json`` and ``metadata.json`` with ``bundle_root`` set to ``bundle``.
+    """The bundle's ``configs/inference.json`` (with ``saliency.json``'s settings) and ``metadata.json``, with
+    ``bundle_root`` set to ``bundle``.
 
     The configs say ``"bundle_root": "."`` (the model-zoo convention: commands run from the bundle folder); the app
     runs from its own folder, so every path the configs derive from it (``model_file``, ...) is anchored here.
     """
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    configs = [bundle / "configs" / name for name in ("inference.json", "saliency.json")]
+    parser.read_config([str(c) for c in configs if c.is_file()])
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser["bundle_root"] = str(bundle)
     return parser
@@ -125,13 +136,32 @@ def read_bundle_settings(bundle: Path, parser: ConfigParser | None = None) -> di
     parser = parser or bundle_parser(bundle)
     meta = parser["_meta_"]
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    threshold = parser.get_parsed_content("decision_threshold")
+    saliency = {k: parser.get(f"saliency#{k}", v) for k, v in SALIENCY_DEFAULTS.items()}
     return {
+        "decision_threshold": None if threshold is None else float(threshold),
+        "saliency": saliency,
         "image_size": int(parser["image_size"]),
         "roi_pitch_mm": float(parser["roi_pitch_mm"]),
         "roi_size": int(parser["roi_size"]),
         "class_names": [channel_def[str(i)] for i in range(len(channel_def))],
         "model": {"name": meta.get("name", ""), "version": meta.get("version", "")},
     }
+
+
+def saliency_engine(network: torch.nn.Module, parser: ConfigParser, saliency: dict) -> Any:
+    """The bundle's saliency engine (``configs/saliency.json``'s method, target, layer; its ``amp`` rule) for the
+    eager ensemble; ``None`` for a TorchScript network (Grad-CAM cannot hook it)."""
+    from scripts.model.inferers import saliency_amp
+    from scripts.model.network import Ensemble
+    from scripts.saliency.cam import EnsembleCAM
+
+    if not isinstance(network, Ensemble):
+        logger.warning("no saliency overlays: the bundle's network is TorchScript (models/model.ts), not model.pt")
+        return None
+    amp = saliency_amp(parser["arch"], parser.get_parsed_content("amp"))
+    return EnsembleCAM(network, method=saliency["method"], target=saliency["target"], layer=saliency["layer"],
+                       freeze=saliency["freeze"], amp=amp)  # fmt: skip
 
 
 def check_spacing(value: float | None) -> float | None:
@@ -245,22 +275,33 @@ class DicomRoiLoaderOperator(Operator):
             self.tally["error"] += 1
             return
         op_output.emit(Image(roi[0].numpy()), "image")
-        op_output.emit(info, "case")
+        op_output.emit({**info, "path": path, "roi": roi[0].numpy()}, "case")  # path, roi: for the writer only
 
 
 class ClassificationWriterOperator(Operator):
-    """Write the bundle operator's ``pred`` (``{"probabilities": ...}``) as ``<case>.json``.
+    """Write the bundle operator's ``pred`` (``{"probabilities": ...}``) as ``<case>.json``, and, for a source that
+    can be filed, ``<case>.sr.dcm`` (the result as a DICOM SR) and ``<case>.sc.dcm`` (the saliency overlay as a
+    Secondary Capture), both in the source's study (:mod:`dicom_results`).
 
-    The predicted class is the argmax of the probabilities (the stock operator's own ``result`` field truncates
-    each probability with ``int()`` and is not used).
+    The call is the bundle's: the most probable class, or malignant when P(malignant) is at least the bundle's
+    ``decision_threshold`` (the stock operator's own ``result`` field truncates each probability with ``int()`` and is
+    not used). A DICOM result that cannot be made is logged and recorded under ``dicom.error``; the JSON is written.
     """
 
     def __init__(
-        self, fragment: Fragment, *args: Any, output_folder: Path, settings: dict, tally: Counter, **kwargs: Any
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_folder: Path,
+        settings: dict,
+        tally: Counter,
+        cam: Any = None,
+        **kwargs: Any,
     ) -> None:
         self.output_folder = Path(output_folder)
         self.settings = settings
         self.tally = tally
+        self.cam = cam
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -269,23 +310,60 @@ class ClassificationWriterOperator(Operator):
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         pred = op_input.receive("pred")
-        info = op_input.receive("case")
+        info = dict(op_input.receive("case"))
+        path, roi = info.pop("path"), info.pop("roi")
         probs = np.asarray(pred["probabilities"], dtype=np.float64).reshape(-1)
         names = self.settings["class_names"]
         if probs.shape != (len(names),) or not np.isfinite(probs).all():
             raise RuntimeError(f"{info['file']}: expected {len(names)} finite probabilities, got {probs.tolist()}")
-        k = int(np.argmax(probs))
+        threshold = self.settings["decision_threshold"]
+        k = int(np.argmax(probs)) if threshold is None else int(probs[MALIGNANT] >= threshold)
         record = {
             **info,
             "status": "ok",
             "probabilities": {n: float(p) for n, p in zip(names, probs)},
             "pred_class": k,
             "pred_label": names[k],
+            "decision_threshold": threshold,
             "model": self.settings["model"],
         }
+        record["dicom"] = self.write_dicom_results(path, roi, info["case"], float(probs[MALIGNANT]), names[k])
         write_json(self.output_folder, info["case"], record)
         self.tally["ok"] += 1
-        logger.info("%s: %s (p_malignant %.4f)", info["file"], names[k], probs[-1])
+        logger.info("%s: %s (p_malignant %.4f)", info["file"], names[k], probs[MALIGNANT])
+
+    def write_dicom_results(self, path: Path, roi: np.ndarray, case: str, p_malignant: float, call: str) -> dict:
+        """Write the SR and the saliency Secondary Capture of one ROI; return what the JSON records of them."""
+        from scripts.saliency.render import render_overlay
+
+        model = self.settings["model"]
+        threshold = self.settings["decision_threshold"]
+        operating_point = 0.5 if threshold is None else threshold  # argmax of two classes: P(malignant) > 0.5
+        out: dict[str, Any] = {}
+        try:
+            source = dicom_results.read_source(path)
+            sr = dicom_results.build_sr(source, p_malignant, call, operating_point, model, case)
+            out["sr"] = dicom_results.save(sr, self.output_folder / f"{case}.sr.dcm").name
+            if self.cam is None:
+                out["sc"] = None
+                out["sc_reason"] = "no saliency map: the bundle's network is TorchScript (models/model.ts)"
+                return out
+            cam_map = self.cam(torch.from_numpy(roi)[None, None]).maps[0]
+            method = self.settings["saliency"]
+            lines = [
+                f"P(malignant) {p_malignant:.3f}: {call} (operating point {operating_point:.3f})",
+                f"{method['method']} map (target: {method['target']}), model {model['version']}",
+                dicom_results.NOT_FOR_CLINICAL_USE,
+            ]
+            rgb = render_overlay(roi, cam_map, lines)
+            description = f"{method['method']} saliency map of the ensemble (target {method['target']}) over the ROI"
+            sc = dicom_results.build_overlay_sc(source, rgb, model, description)
+            out["sc"] = dicom_results.save(sc, self.output_folder / f"{case}.sc.dcm").name
+        except (dicom_results.ResultDicomError, InvalidDicomError, OSError, ValueError, AttributeError) as e:
+            reason = str(e) if isinstance(e, dicom_results.ResultDicomError) else f"{type(e).__name__}"
+            logger.error("%s: no DICOM result: %s", path.name, reason)
+            out["error"] = reason
+        return out
 
 
 class MicrocalcificationClassificationApp(Application):
@@ -314,6 +392,7 @@ class MicrocalcificationClassificationApp(Application):
         model = Model(str(bundle), name=MODEL_NAME)
         model.predictor = load_network(bundle, parser)
         app_context.models = model
+        cam = saliency_engine(model.predictor, parser, settings["saliency"])
 
         loader = DicomRoiLoaderOperator(
             self,
@@ -334,7 +413,7 @@ class MicrocalcificationClassificationApp(Application):
             name="bundle_inference",
         )
         writer = ClassificationWriterOperator(
-            self, output_folder=output, settings=settings, tally=self.tally, name="writer"
+            self, output_folder=output, settings=settings, tally=self.tally, cam=cam, name="writer"
         )
         self.add_flow(loader, infer, {("image", "image")})
         self.add_flow(infer, writer, {("pred", "pred")})
