@@ -25,8 +25,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import yaml
+from pydicom.uid import generate_uid
 
 from tests.app_bundle import TINY_SETTINGS, make_app_bundle, run_inference_workflow
 from tests.conftest import REPO, SHARED_DATA
@@ -37,7 +39,7 @@ APPS = REPO / "apps"
 LABEL_PY = APPS / "monailabel" / ".venv" / "bin" / "python"
 DEPLOY_PY = APPS / "deploy" / ".venv" / "bin" / "python"
 MODEL = "microcalcification_classification"
-PATIENT = ("DOE^JANE", "PID123")  # written into the test DICOMs; must never reach an output
+PATIENT = ("DOE^JANE", "PID123", "ACC98765")  # name, id, accession of the test DICOMs: in no JSON, log or file name
 CBIS_DICOM = SHARED_DATA / "cbis-ddsm" / "Mass-Training_P_00004_LEFT_CC_1_cropped_000001.dcm"
 CBIS_PATIENT = ("Mass-Training_P_00004", "P_00004")  # its PatientName/PatientID hold the case name
 CBIS_PITCH_MM = 0.05  # CBIS-DDSM's scans: about 50 um; its DICOMs state no pixel spacing
@@ -140,12 +142,25 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         "mono1": write_dicom(folder / "roi_mono1.dcm", 4095 - stored[1], photometric="MONOCHROME1", **dicom, **pitch),
         "nopitch": write_dicom(root / "roi_nopitch.dcm", np.kron(stored[1], np.ones((scale, scale), np.uint16)), **dicom),
     }  # fmt: skip
+    files["nouid"] = write_dicom(root / "roi_nouid.dcm", stored[0], **dicom, **pitch)  # no study/series UIDs
+    study = generate_uid()  # the test DICOMs form one study, as a PACS would send them
+    for key in ("mono2", "mono1", "nopitch"):
+        add_study(files[key], study)
     data = files["mono2"].read_bytes()
     files["corrupt"] = folder / "roi_corrupt.dcm"
     files["corrupt"].write_bytes(data[: len(data) - 3000])  # pixel data cut short
     if CBIS_DICOM.is_file():
         files["cbis"] = shutil.copyfile(CBIS_DICOM, root / "cbis_roi.dcm")  # its name holds the patient's case id
     return files
+
+
+def add_study(path: Path, study_uid: str) -> None:
+    """Give a DICOM written by the bundle's test writer the study and series attributes a PACS's DICOMs have."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.SeriesNumber, ds.InstanceNumber = "101500", "1", PATIENT[2], 1, 1
+    ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "19600101", "F", ""
+    ds.save_as(path)
 
 
 def need_cbis(inputs) -> Path:
@@ -476,7 +491,8 @@ def test_deploy_writes_one_json_per_image_matching_bundle_inference(deploy_run, 
     proc, out = deploy_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "roi_corrupt.json", "roi_mono1.json", "roi_mono2.json", "roi_nopitch.json"
+        "roi_corrupt.json", "roi_mono1.json", "roi_mono1.sc.dcm", "roi_mono1.sr.dcm", "roi_mono2.json",
+        "roi_mono2.sc.dcm", "roi_mono2.sr.dcm", "roi_nopitch.json",
     ]  # fmt: skip
     for key in ("mono2", "mono1"):
         rec = json.loads((out / f"{inputs[key].stem}.json").read_text())
@@ -496,17 +512,106 @@ def test_deploy_reports_bad_files_and_writes_no_patient_identifiers(deploy_run):
     rec = json.loads((out / "roi_nopitch.json").read_text())
     assert rec["status"] == "error" and "pixel pitch unknown" in rec["error"] and "--spacing-mm" in rec["error"], rec
     assert "2 classified, 2 error(s)" in proc.stderr
-    for p in out.iterdir():
+    for p in out.glob("*.json"):  # the DICOM results alone carry the patient module (checked below)
         no_identifiers(p.read_text(), p.name)
     no_identifiers(proc.stderr + proc.stdout, "the log")
 
 
+def sr_values(sr: pydicom.Dataset) -> dict[str, object]:
+    """What an SR's content tree says, by concept name: numbers, coded values' meanings, texts."""
+    out: dict[str, object] = {}
+
+    def walk(items) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
+            if item.ValueType == "NUM":
+                out[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "CODE":
+                out.setdefault(name, item.ConceptCodeSequence[0].CodeMeaning)
+            elif item.ValueType in ("TEXT", "UIDREF"):
+                out.setdefault(name, str(item.get("TextValue", item.get("UID", ""))))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return out
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's error lines for ``path`` (dicom3tools; skips when the validator is not installed)."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy absent: `apt-get install dicom3tools` (.ci/run installs it)")
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+def check_dicom_results(out: Path, case: str, source_path: Path) -> None:
+    """``case``'s SR and saliency Secondary Capture: valid (dciodvfy: no errors), filed in the source's study with
+    its patient module and new UIDs, and saying what the JSON says."""
+    rec = json.loads((out / f"{case}.json").read_text())
+    assert rec["dicom"] == {"sr": f"{case}.sr.dcm", "sc": f"{case}.sc.dcm"}, rec
+    source = pydicom.dcmread(source_path, stop_before_pixels=True)
+    sr, sc = (pydicom.dcmread(out / rec["dicom"][k]) for k in ("sr", "sc"))
+    for ds in (sr, sc):
+        assert dciodvfy_errors(out / rec["dicom"]["sr" if ds is sr else "sc"]) == []
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate"):
+            assert ds.get(keyword) == source.get(keyword), keyword
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SOPInstanceUID != source.SOPInstanceUID
+        assert "NOT FOR CLINICAL USE" in ds.SeriesDescription
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (IHE AI Results)
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == source.StudyInstanceUID
+    values = sr_values(sr)
+    assert values["Probability of malignancy"] == pytest.approx(rec["probabilities"]["malignant"], abs=1e-6)
+    assert values["Decision threshold on probability of malignancy"] == 0.5  # the bundle's: argmax
+    assert values["Classification at the decision threshold"] == rec["pred_label"].capitalize()
+    assert values["Intended use"] == "Research use only, not for clinical use"
+    assert rec["model"]["name"].startswith(values["Algorithm Name"]) and len(values["Algorithm Name"]) >= 30
+    assert values["Algorithm Version"] == VERSION
+    assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and sc.PhotometricInterpretation == "RGB"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_deploy_writes_a_valid_sr_and_saliency_capture_in_the_source_study(deploy_run, inputs):
+    _, out = deploy_run
+    for key in ("mono2", "mono1"):
+        check_dicom_results(out, inputs[key].stem, inputs[key])
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in out.glob("*.dcm")}) == 4  # a new series for each
+
+
+def test_deploy_saliency_capture_shows_the_bundles_saliency_map(deploy_run, app_bundle, inputs):
+    """The Secondary Capture's image is the bundle's own HiResCAM overlay of the ROI (below its text band)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.data.inputs import LoadInputd
+    from scripts.saliency.cam import EnsembleCAM
+    from scripts.saliency.render import render_overlay
+
+    _, out = deploy_run
+    parser = ConfigParser()
+    parser.read_config([str(app_bundle / "configs" / n) for n in ("inference.json", "saliency.json")])
+    parser.update({"bundle_root": str(app_bundle), "device": "cpu"})
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(app_bundle / "models" / "model.pt", weights_only=True))
+    load = LoadInputd(image_size=64, pitch_mm=TINY_SETTINGS["roi_pitch_mm"], roi_size=64, on_error="raise")
+    roi = load({"image": str(inputs["mono2"])})["image"]
+    cam = EnsembleCAM(network.eval(), method=parser["saliency"]["method"], target=parser["saliency"]["target"])
+    expected = render_overlay(roi[0].numpy(), cam(roi[None]).maps[0], ["", "", ""])
+    shown = pydicom.dcmread(out / "roi_mono2.sc.dcm").pixel_array
+    assert shown.shape == expected.shape
+    band = 3 * 18 + 6  # render_overlay's text band for three lines
+    diff = np.abs(shown[band:].astype(int) - expected[band:].astype(int))
+    assert diff.max() <= 2, diff.max()
+    assert np.abs(shown[band:, 256 + 4 :].astype(int) - shown[band:, :256].astype(int)).mean() > 5  # a map is drawn
+
+
 def test_deploy_spacing_option_gives_the_pitch_of_dicoms_without_one(app_bundle, inputs, reference, tmp_path):
     """``--spacing-mm`` on the test's DICOM without a pitch, the real CBIS-DDSM DICOM (when present; both 0.05 mm)
-    and a DICOM that states its own pitch (0.2 mm, kept)."""
+    and a DICOM that states its own pitch (0.2 mm, kept); and a DICOM without study/series UIDs (classified, no DICOM
+    result)."""
     assert NO_PITCH_MM == CBIS_PITCH_MM
     (tmp_path / "in").mkdir()
     keys = [k for k in ("nopitch", "cbis", "mono1") if k in inputs]
+    shutil.copyfile(inputs["nouid"], tmp_path / "in" / inputs["nouid"].name)
     for key in keys:
         shutil.copyfile(inputs[key], tmp_path / "in" / inputs[key].name)
     proc = run_deploy(app_bundle, tmp_path / "in", tmp_path / "out", "--spacing-mm", str(NO_PITCH_MM))
@@ -517,6 +622,11 @@ def test_deploy_spacing_option_gives_the_pitch_of_dicoms_without_one(app_bundle,
         np.testing.assert_allclose(probabilities(rec), reference[key], atol=TOL, err_msg=key)
         assert ("spacing_mm" in rec) == (key != "mono1"), rec  # recorded where the option gave the pitch
         no_identifiers(json.dumps(rec), rec["file"])
+        check_dicom_results(tmp_path / "out", inputs[key].stem, inputs[key])
+    rec = json.loads((tmp_path / "out" / "roi_nouid.json").read_text())  # classified; no DICOM result can be filed
+    np.testing.assert_allclose(probabilities(rec), reference["mono2"], atol=TOL)
+    assert "StudyInstanceUID" in rec["dicom"]["error"] and "roi_nouid.dcm: no DICOM result" in proc.stderr, rec
+    assert not list((tmp_path / "out").glob("roi_nouid.s*.dcm"))
     no_identifiers(proc.stderr + proc.stdout, "the log")
     if "cbis" not in inputs:
         need_cbis(inputs)  # reported as a skip: the real DICOM was not tested
