@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pydicom
@@ -118,7 +119,7 @@ def test_app_bundle_is_what_the_main_job_leaves(app_bundle):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
+def inputs(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """Two synthetic test ROIs as a 16-bit PNG, a MONOCHROME2 and a MONOCHROME1 DICOM, a truncated DICOM, a DICOM
     that states no pixel pitch (the first ROI at 4x the resolution), and the real CBIS-DDSM DICOM under a neutral name
     when ../shared/data has it."""
@@ -151,7 +152,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     files["corrupt"].write_bytes(data[: len(data) - 3000])  # pixel data cut short
     if CBIS_DICOM.is_file():
         files["cbis"] = shutil.copyfile(CBIS_DICOM, root / "cbis_roi.dcm")  # its name holds the patient's case id
-    return files
+    yield files
+    shutil.rmtree(root)  # DICOMs with patient attributes leave no copy behind (pytest keeps its temporary folders)
 
 
 def add_study(path: Path, study_uid: str) -> None:
@@ -182,9 +184,12 @@ def reference(app_bundle, inputs, tmp_path_factory) -> dict[str, np.ndarray]:
             rows.append(f"{inputs[key].name},{spacing},{key}")
     (folder / "inputs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path_factory.mktemp("reference_out")
-    table = run_inference_workflow(
-        app_bundle / "configs", out, bundle_root=str(app_bundle), input_csv=str(folder / "inputs.csv")
-    )
+    try:
+        table = run_inference_workflow(
+            app_bundle / "configs", out, bundle_root=str(app_bundle), input_csv=str(folder / "inputs.csv")
+        )
+    finally:
+        shutil.rmtree(folder)
     rows = {r["case"]: r for r in table}
     assert all(r["status"] == "ok" for r in rows.values()), rows
     return {key: np.array([float(rows[key]["prob_benign"]), float(rows[key]["prob_malignant"])]) for key in rows}
@@ -478,13 +483,14 @@ def run_deploy(bundle: Path, dicoms: Path, out: Path, *options: str) -> subproce
 
 
 @pytest.fixture(scope="module")
-def deploy_run(app_bundle, inputs, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def deploy_run(app_bundle, inputs, tmp_path_factory) -> Iterator[tuple[subprocess.CompletedProcess, Path]]:
     """The documented command (no ``-m``: the bundle is the clone the app lives in) on a folder with a MONOCHROME2,
     a MONOCHROME1, a corrupt DICOM and one without a pixel pitch."""
     folder = inputs["mono1"].parent
     shutil.copyfile(inputs["nopitch"], folder / inputs["nopitch"].name)
     out = tmp_path_factory.mktemp("deploy_out")
-    return run_deploy(app_bundle, folder, out), out
+    yield run_deploy(app_bundle, folder, out), out
+    shutil.rmtree(out)  # its SRs and captures carry the test DICOMs' patient attributes
 
 
 def test_deploy_writes_one_json_per_image_matching_bundle_inference(deploy_run, inputs, reference):
@@ -608,6 +614,15 @@ def test_deploy_spacing_option_gives_the_pitch_of_dicoms_without_one(app_bundle,
     """``--spacing-mm`` on the test's DICOM without a pitch, the real CBIS-DDSM DICOM (when present; both 0.05 mm)
     and a DICOM that states its own pitch (0.2 mm, kept); and a DICOM without study/series UIDs (classified, no DICOM
     result)."""
+    try:
+        check_spacing_option(app_bundle, inputs, reference, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)  # copies of the real DICOM and results with its patient attributes
+    if "cbis" not in inputs:
+        need_cbis(inputs)  # reported as a skip: the real DICOM was not tested
+
+
+def check_spacing_option(app_bundle: Path, inputs: dict[str, Path], reference: dict, tmp_path: Path) -> None:
     assert NO_PITCH_MM == CBIS_PITCH_MM
     (tmp_path / "in").mkdir()
     keys = [k for k in ("nopitch", "cbis", "mono1") if k in inputs]
@@ -628,14 +643,15 @@ def test_deploy_spacing_option_gives_the_pitch_of_dicoms_without_one(app_bundle,
     assert "StudyInstanceUID" in rec["dicom"]["error"] and "roi_nouid.dcm: no DICOM result" in proc.stderr, rec
     assert not list((tmp_path / "out").glob("roi_nouid.s*.dcm"))
     no_identifiers(proc.stderr + proc.stdout, "the log")
-    if "cbis" not in inputs:
-        need_cbis(inputs)  # reported as a skip: the real DICOM was not tested
 
 
 def test_deploy_exits_1_when_no_file_can_be_classified(app_bundle, inputs, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "only.dcm").write_bytes(inputs["corrupt"].read_bytes())
-    proc = run_deploy(app_bundle, tmp_path / "in", tmp_path / "out", "-m", str(app_bundle))
+    try:
+        proc = run_deploy(app_bundle, tmp_path / "in", tmp_path / "out", "-m", str(app_bundle))
+    finally:
+        shutil.rmtree(tmp_path / "in")  # a copy with the test's patient attributes
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "0 classified, 1 error(s)" in proc.stderr
     assert json.loads((tmp_path / "out" / "only.json").read_text())["status"] == "error"
