@@ -296,12 +296,13 @@ def probabilities(body: dict) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def label_server(app_bundle, tmp_path_factory):
+def label_server(app_bundle, inputs, tmp_path_factory):
     """The documented ``start_server`` command, run from the bundle folder (as documented) on a free port, with a
     fresh temporary folder (TMPDIR) and studies folder; yields (base URL, /info/ answer, work folder); stopped after."""
     need_env(LABEL_PY, "monailabel")
     work = tmp_path_factory.mktemp("monailabel")
     (work / "studies").mkdir()
+    shutil.copyfile(inputs["png"], work / "studies" / "study_roi.png")  # a datastore image, inferred by its id
     (work / "tmp").mkdir()
     port = free_port()
     cmd = fill(commands("label_server")[0], studies=work / "studies", port=port)
@@ -358,6 +359,13 @@ def test_monailabel_infer_matches_bundle_inference(label_server, inputs, referen
     assert [p["label"] for p in body["prediction"]] == ["benign", "malignant"]
     assert body["model"]["version"] == VERSION
     no_identifiers(json.dumps(body), "the answer")
+
+
+def test_monailabel_infers_a_datastore_image_by_its_id(label_server, reference):
+    base, _, _ = label_server
+    status, body = post(f"{base}/infer/{MODEL}?image=study_roi&output=json")
+    assert status == 200, body
+    np.testing.assert_allclose(probabilities(body), reference["png"], atol=TOL)
 
 
 def test_monailabel_documented_curl_commands(label_server, app_bundle, inputs, reference):
