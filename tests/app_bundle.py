@@ -2,9 +2,13 @@
 
     python -m tests.app_bundle /tmp/apps/microcalcification_classification
 
-writes a bundle folder (``configs/`` with the tiny settings written into ``inference.json``, ``scripts/``,
-``models/model.pt``, ``LICENSE``) whose network is a one-member resnet18 ensemble at 64 px trained for one epoch on
-a few synthetic ROIs: seconds on a 2-core CPU. The folder name must contain "classification" for MONAI Label.
+writes a bundle folder laid out like a fresh clone after the main job: ``configs/`` (the tiny network's settings
+written into ``inference.json``), ``scripts/``, ``apps/`` (the apps' code, without their environments), ``LICENSE``,
+``README.md``, ``docs/`` and ``models/model.pt`` only (no ``model.ts``). Its network is a one-member resnet18 ensemble
+at 64 px trained for one epoch on a few synthetic ROIs: seconds on a 2-core CPU. As after the main job, the member
+count is not written into any config: ``configs/inference.json`` reads it from ``models/model.pt`` relative to
+``bundle_root``, so an app that resolved the bundle against the current directory fails on this bundle.
+The folder name must contain "classification" for MONAI Label.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: values written into the tiny bundle's configs/inference.json (fp32 so that every tool computes the same numbers)
+#: values written into the tiny bundle's configs/inference.json (fp32 so that every tool computes the same numbers);
+#: deliberately not ``num_members``, which the bundle reads from its weights file as after the main job
 TINY_SETTINGS: dict[str, Any] = {
     "arch": "resnet18",
-    "num_members": 1,
     "image_size": 64,
     "roi_size": 64,
     "roi_pitch_mm": 0.2,
@@ -86,15 +90,22 @@ def run_inference_workflow(config_dir: str | Path, output_dir: str | Path, **set
     return read_predictions(output_dir)
 
 
+#: what of the repository the tiny bundle copies (the apps without their environments, logs and caches)
+COPIED = ("configs", "scripts", "apps", "docs", "LICENSE", "README.md")
+NOT_COPIED = shutil.ignore_patterns("__pycache__", ".venv", "logs", "*.pyc", ".monai_workdir")
+
+
 def make_app_bundle(dest: str | Path, data_root: str | Path | None = None) -> Path:
     """Write the tiny bundle to ``dest`` (created; must not exist) and return it."""
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} exists")
     (dest / "models").mkdir(parents=True)
-    shutil.copytree(REPO / "configs", dest / "configs")
-    shutil.copytree(REPO / "scripts", dest / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO / "LICENSE", dest / "LICENSE")
+    for name in COPIED:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name, ignore=NOT_COPIED)
+        else:
+            shutil.copy2(REPO / name, dest / name)
     config_path = dest / "configs" / "inference.json"
     config = json.loads(config_path.read_text())
     config.update(TINY_SETTINGS)

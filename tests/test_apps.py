@@ -1,29 +1,38 @@
 """The MONAI Label app and the MONAI Deploy application, run for real in their own environments.
 
 Each app has its own virtualenv (``bash apps/monailabel/setup.sh``, ``bash apps/deploy/setup.sh``); without it the
-app's tests are skipped with the command that creates it. Both serve a tiny trained bundle
-(:func:`tests.app_bundle.make_app_bundle`) and must return the probabilities of the bundle's own
-``configs/inference.json`` on the same files to 1e-4.
+app's tests are skipped with the command that creates it. Both serve a tiny trained bundle laid out like a fresh clone
+after the main job (:func:`tests.app_bundle.make_app_bundle`: the apps' code, and ``models/model.pt`` only), started
+with the commands README.md and docs/deployment.md give, from the folder they name, and must return the probabilities
+of the bundle's own ``configs/inference.json`` on the same files to 1e-4.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pydicom
 import pytest
+import yaml
+from pydicom.uid import generate_uid
 
 from tests.app_bundle import TINY_SETTINGS, make_app_bundle, run_inference_workflow
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_DATA
 
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
 
@@ -31,8 +40,13 @@ APPS = REPO / "apps"
 LABEL_PY = APPS / "monailabel" / ".venv" / "bin" / "python"
 DEPLOY_PY = APPS / "deploy" / ".venv" / "bin" / "python"
 MODEL = "microcalcification_classification"
-PATIENT = ("DOE^JANE", "PID123")  # written into the test DICOMs; must never reach an output
+PATIENT = ("DOE^JANE", "PID123", "ACC98765")  # name, id, accession of the test DICOMs: in no JSON, log or file name
+CBIS_DICOM = SHARED_DATA / "cbis-ddsm" / "Mass-Training_P_00004_LEFT_CC_1_cropped_000001.dcm"
+CBIS_PATIENT = ("Mass-Training_P_00004", "P_00004")  # its PatientName/PatientID hold the case name
+CBIS_PITCH_MM = 0.05  # CBIS-DDSM's scans: about 50 um; its DICOMs state no pixel spacing
+NO_PITCH_MM = 0.05  # the pitch of the test's own DICOM that states none
 TOL = 1e-4
+VERSION = json.loads((REPO / "configs" / "metadata.json").read_text())["version"]
 
 
 def need_env(python: Path, app: str) -> None:
@@ -40,15 +54,75 @@ def need_env(python: Path, app: str) -> None:
         pytest.skip(f"{python.relative_to(REPO)} absent: run `bash apps/{app}/setup.sh` to test the {app} app")
 
 
+# -- the commands the docs give ------------------------------------------------------------------------------------
+
+
+def documented_commands(doc: Path) -> dict[str, list[str]]:
+    """The app commands in ``doc``'s bash blocks (continuation lines joined, ``[optional]`` parts dropped):
+    ``label_server``, ``label_curl`` and ``deploy``."""
+    found: dict[str, list[str]] = {"label_server": [], "label_curl": [], "deploy": []}
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s*\[[^\]]*\]", "", " ".join(line.split()))
+            if "monailabel.main start_server" in line:
+                found["label_server"].append(line)
+            elif line.startswith("curl ") and "/infer/" in line:
+                found["label_curl"].append(line)
+            elif ".venv/bin/python app " in line:
+                found["deploy"].append(line)
+    return found
+
+
+DOCS = {name: documented_commands(REPO / name) for name in ("README.md", "docs/deployment.md")}
+
+
+def commands(kind: str) -> list[str]:
+    """Every distinct documented command of ``kind``, README's first."""
+    return list(dict.fromkeys(c for doc in DOCS.values() for c in doc[kind]))
+
+
+def fill(command: str, **values: str) -> str:
+    """``command`` with its placeholders (``/path/to/studies``, port ``8000``, ...) replaced by ``values``."""
+    for key, value in values.items():
+        placeholder = {"port": "8000"}.get(key, f"/path/to/{key}")
+        command = command.replace(placeholder, shlex.quote(str(value)) if key != "port" else str(value))
+    return command
+
+
+def test_docs_give_each_app_command():
+    for doc, found in DOCS.items():
+        for kind, lines in found.items():
+            assert lines, f"{doc}: no {kind} command found"
+    assert any(c.startswith("cd apps/deploy && ") for c in commands("deploy")), commands("deploy")
+    assert all(c.startswith("apps/monailabel/.venv/bin/python ") for c in commands("label_server"))
+
+
+# -- the tiny bundle and its inputs -----------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def app_bundle(tmp_path_factory) -> Path:
-    """The tiny trained bundle, in a folder whose name contains "classification"."""
-    return make_app_bundle(tmp_path_factory.mktemp("apps") / MODEL)
+    """The tiny trained bundle laid out like a fresh clone after the main job (no model.ts, no member count in the
+    configs), in a folder whose name contains "classification"; the apps' environments are linked into it."""
+    bundle = make_app_bundle(tmp_path_factory.mktemp("apps") / MODEL)
+    for app in ("monailabel", "deploy"):
+        if (APPS / app / ".venv").is_dir():
+            (bundle / "apps" / app / ".venv").symlink_to(APPS / app / ".venv")
+    return bundle
+
+
+def test_app_bundle_is_what_the_main_job_leaves(app_bundle):
+    assert sorted(p.name for p in (app_bundle / "models").iterdir()) == ["model.pt"]
+    config = json.loads((app_bundle / "configs" / "inference.json").read_text())
+    assert config["num_members"] == "$scripts.model.network.count_members(@model_file)"  # read from the weights
+    assert config["bundle_root"] == "."
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, Path]:
-    """Two synthetic test ROIs as a 16-bit PNG, a MONOCHROME2 and a MONOCHROME1 DICOM, and a truncated DICOM."""
+def inputs(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """Two synthetic test ROIs as a 16-bit PNG, a MONOCHROME2 and a MONOCHROME1 DICOM, a truncated DICOM, a DICOM
+    that states no pixel pitch (the first ROI at 4x the resolution), and the real CBIS-DDSM DICOM under a neutral name
+    when ../shared/data has it."""
     from scripts.data.imageio import read_roi_png, write_roi_png
     from scripts.data.prepare.dicom_writer import write_dicom
     from scripts.data.schema import load_split
@@ -60,45 +134,78 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     folder = root / "dicoms"
     folder.mkdir()
     stored = [np.round(r * 4095).astype(np.uint16) for r in rois]
-    dicom = dict(
-        bits_stored=12,
-        window=(2048, 4096),
-        pixel_spacing=(TINY_SETTINGS["roi_pitch_mm"],) * 2,
-        patient_name=PATIENT[0],
-        patient_id=PATIENT[1],
-    )  # the window maps stored 0..4095 to [0, 1]
+    dicom = dict(bits_stored=12, window=(2048, 4096), patient_name=PATIENT[0], patient_id=PATIENT[1])
+    pitch = {"pixel_spacing": (TINY_SETTINGS["roi_pitch_mm"],) * 2}  # the window maps stored 0..4095 to [0, 1]
+    scale = round(TINY_SETTINGS["roi_pitch_mm"] / NO_PITCH_MM)
     files = {
         "png": write_roi_png(root / "roi_png.png", rois[0]),
-        "mono2": write_dicom(folder / "roi_mono2.dcm", stored[0], **dicom),
-        "mono1": write_dicom(folder / "roi_mono1.dcm", 4095 - stored[1], photometric="MONOCHROME1", **dicom),
+        "mono2": write_dicom(folder / "roi_mono2.dcm", stored[0], **dicom, **pitch),
+        "mono1": write_dicom(folder / "roi_mono1.dcm", 4095 - stored[1], photometric="MONOCHROME1", **dicom, **pitch),
+        "nopitch": write_dicom(root / "roi_nopitch.dcm", np.kron(stored[1], np.ones((scale, scale), np.uint16)), **dicom),
     }  # fmt: skip
+    files["nouid"] = write_dicom(root / "roi_nouid.dcm", stored[0], **dicom, **pitch)  # no study/series UIDs
+    study = generate_uid()  # the test DICOMs form one study, as a PACS would send them
+    for key in ("mono2", "mono1", "nopitch"):
+        add_study(files[key], study)
     data = files["mono2"].read_bytes()
     files["corrupt"] = folder / "roi_corrupt.dcm"
     files["corrupt"].write_bytes(data[: len(data) - 3000])  # pixel data cut short
-    return files
+    if CBIS_DICOM.is_file():
+        files["cbis"] = shutil.copyfile(CBIS_DICOM, root / "cbis_roi.dcm")  # its name holds the patient's case id
+    yield files
+    shutil.rmtree(root)  # DICOMs with patient attributes leave no copy behind (pytest keeps its temporary folders)
+
+
+def add_study(path: Path, study_uid: str) -> None:
+    """Give a DICOM written by the bundle's test writer the study and series attributes a PACS's DICOMs have."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.SeriesNumber, ds.InstanceNumber = "101500", "1", PATIENT[2], 1, 1
+    ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "19600101", "F", ""
+    ds.save_as(path)
+
+
+def need_cbis(inputs) -> Path:
+    if "cbis" not in inputs:
+        pytest.skip(f"{CBIS_DICOM} absent (the real CBIS-DDSM DICOM of ../shared/data)")
+    return inputs["cbis"]
 
 
 @pytest.fixture(scope="module")
 def reference(app_bundle, inputs, tmp_path_factory) -> dict[str, np.ndarray]:
-    """The bundle's own inference (its configs/inference.json, in this environment) on the readable inputs."""
+    """The bundle's own inference (its configs/inference.json, in this environment) on the readable inputs; the
+    DICOMs without a pixel pitch get it from the CSV's spacing_mm column."""
     folder = tmp_path_factory.mktemp("reference_inputs")
-    for key in ("png", "mono2", "mono1"):
-        (folder / inputs[key].name).symlink_to(inputs[key])
+    pitch = {"png": "", "mono2": "", "mono1": "", "nopitch": NO_PITCH_MM, "cbis": CBIS_PITCH_MM}
+    rows = ["image,spacing_mm,case"]
+    for key, spacing in pitch.items():
+        if key in inputs:
+            (folder / inputs[key].name).symlink_to(inputs[key])
+            rows.append(f"{inputs[key].name},{spacing},{key}")
+    (folder / "inputs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path_factory.mktemp("reference_out")
-    table = run_inference_workflow(app_bundle / "configs", out, bundle_root=str(app_bundle), input_dir=str(folder))
+    try:
+        table = run_inference_workflow(
+            app_bundle / "configs", out, bundle_root=str(app_bundle), input_csv=str(folder / "inputs.csv")
+        )
+    finally:
+        shutil.rmtree(folder)
     rows = {r["case"]: r for r in table}
     assert all(r["status"] == "ok" for r in rows.values()), rows
-    return {
-        key: np.array([float(rows[inputs[key].stem]["prob_benign"]), float(rows[inputs[key].stem]["prob_malignant"])])
-        for key in ("png", "mono2", "mono1")
-    }
+    return {key: np.array([float(rows[key]["prob_benign"]), float(rows[key]["prob_malignant"])]) for key in rows}
 
 
 def test_reference_probabilities_are_not_degenerate(reference):
-    """The comparisons below mean something only if the tiny model's outputs vary and are not saturated."""
-    p = np.array([v[1] for v in reference.values()])
+    """The comparisons below mean something only if the tiny model's outputs vary and are not saturated (on the
+    synthetic inputs; the real CBIS-DDSM mass ROI is far from its training data)."""
+    p = np.array([v[1] for k, v in reference.items() if k != "cbis"])
     assert np.all((p > 0.01) & (p < 0.99)), p
     assert np.allclose([v.sum() for v in reference.values()], 1.0, atol=1e-5)
+
+
+def no_identifiers(text: str, what: str) -> None:
+    for s in (*PATIENT, *CBIS_PATIENT):
+        assert s not in text, f"{what} holds the patient identifier {s!r}"
 
 
 # -- the inference config's contract with both tools' stock operators (runs without the apps' environments) ---------
@@ -152,46 +259,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post_file(url: str, path: Path, timeout: float = 120) -> tuple[int, dict]:
-    """POST ``path`` as the multipart form field ``file``; return (HTTP status, JSON body)."""
+def post(
+    url: str,
+    files: dict[str, tuple[str, bytes]] | None = None,
+    fields: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> tuple[int, dict]:
+    """POST a multipart form (``files``: field -> (file name, bytes); ``fields``: field -> text); return (HTTP
+    status, JSON body)."""  # fmt: skip
     boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + path.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+    parts = []
+    for field, (name, data) in (files or {}).items():
+        head = f'Content-Disposition: form-data; name="{field}"; filename="{name}"\r\nContent-Type: application/octet-stream'
+        parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + data + b"\r\n")
+    for field, text in (fields or {}).items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{text}\r\n'.encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        text = e.read()
+        try:
+            return e.code, json.loads(text or b"{}")
+        except json.JSONDecodeError:
+            return e.code, {"text": text.decode(errors="replace")}
+
+
+def post_file(url: str, path: Path, **fields: str) -> tuple[int, dict]:
+    return post(url, {"file": (path.name, path.read_bytes())}, fields)
+
+
+def probabilities(body: dict) -> np.ndarray:
+    return np.array([body["probabilities"]["benign"], body["probabilities"]["malignant"]])
 
 
 @pytest.fixture(scope="module")
-def label_server(app_bundle, tmp_path_factory):
-    """``monailabel start_server`` on 127.0.0.1 at a free port, serving the tiny bundle; stopped afterwards."""
+def label_server(app_bundle, inputs, tmp_path_factory):
+    """The documented ``start_server`` command, run from the bundle folder (as documented) on a free port, with a
+    fresh temporary folder (TMPDIR) and studies folder; yields (base URL, /info/ answer, work folder); stopped after."""
     need_env(LABEL_PY, "monailabel")
     work = tmp_path_factory.mktemp("monailabel")
     (work / "studies").mkdir()
+    shutil.copyfile(inputs["png"], work / "studies" / "study_roi.png")  # a datastore image, inferred by its id
+    (work / "tmp").mkdir()
     port = free_port()
-    cmd = [
-        str(LABEL_PY), "-m", "monailabel.main", "start_server", "--app", str(APPS / "monailabel"),
-        "--studies", str(work / "studies"), "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "bundle", str(app_bundle), "--conf", "model", MODEL,
-    ]  # fmt: skip
-    env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(work / "sessions")}
+    cmd = fill(commands("label_server")[0], studies=work / "studies", port=port)
+    env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(work / "sessions"), "TMPDIR": str(work / "tmp")}
     log = open(work / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", f"exec {cmd}"], cwd=app_bundle, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"monailabel exited with {proc.returncode}:\n{(work / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"{cmd} exited with {proc.returncode}:\n{(work / 'server.log').read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{base}/info/", timeout=5) as r:
                     info = json.loads(r.read())
@@ -200,7 +326,7 @@ def label_server(app_bundle, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"monailabel did not answer in 180 s:\n{(work / 'server.log').read_text()[-3000:]}")
                 time.sleep(1)
-        yield base, info
+        yield base, info, work
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -213,34 +339,128 @@ def label_server(app_bundle, tmp_path_factory):
         urllib.request.urlopen(f"{base}/info/", timeout=5)
 
 
-def test_monailabel_lists_the_classification_model(label_server):
-    _, info = label_server
+def test_monailabel_lists_the_classification_model_with_the_bundle_version(label_server, app_bundle):
+    _, info, _ = label_server
     model = info["models"][MODEL]
     assert model["type"] == "classification"
     assert model["labels"] == {"benign": 0, "malignant": 1}
+    assert info["version"] == model["version"] == VERSION
+    assert "bundle " + str(app_bundle) in (label_server[2] / "server.log").read_text()  # the clone, found from the app
 
 
 @pytest.mark.parametrize("key", ["png", "mono2", "mono1"])
 def test_monailabel_infer_matches_bundle_inference(label_server, inputs, reference, key):
-    base, _ = label_server
+    base, _, _ = label_server
     status, body = post_file(f"{base}/infer/{MODEL}?output=json", inputs[key])
     assert status == 200, body
-    probs = np.array([body["probabilities"]["benign"], body["probabilities"]["malignant"]])
-    np.testing.assert_allclose(probs, reference[key], atol=TOL)
+    np.testing.assert_allclose(probabilities(body), reference[key], atol=TOL)
     assert body["pred_class"] == int(np.argmax(reference[key]))
     assert body["pred_label"] == ("benign", "malignant")[body["pred_class"]]
     assert [p["label"] for p in body["prediction"]] == ["benign", "malignant"]
-    assert not any(s in json.dumps(body) for s in PATIENT)
+    assert body["model"]["version"] == VERSION
+    no_identifiers(json.dumps(body), "the answer")
 
 
-def test_monailabel_rejects_a_corrupt_upload_and_keeps_serving(label_server, inputs, reference):
-    base, _ = label_server
-    status, body = post_file(f"{base}/infer/{MODEL}?output=json", inputs["corrupt"])
-    assert status == 422, body
-    assert "cannot use the uploaded image" in body["detail"] and "pixel data" in body["detail"], body
-    status, body = post_file(f"{base}/infer/{MODEL}?output=json", inputs["png"])
+def test_monailabel_infers_a_datastore_image_by_its_id(label_server, reference):
+    base, _, _ = label_server
+    status, body = post(f"{base}/infer/{MODEL}?image=study_roi&output=json")
     assert status == 200, body
-    np.testing.assert_allclose(list(body["probabilities"].values()), reference["png"], atol=TOL)
+    np.testing.assert_allclose(probabilities(body), reference["png"], atol=TOL)
+
+
+def test_monailabel_documented_curl_commands(label_server, app_bundle, inputs, reference):
+    """Each documented ``curl`` command, run as written from the bundle folder, with ``roi.dcm`` there."""
+    base, _, _ = label_server
+    shutil.copyfile(inputs["mono2"], app_bundle / "roi.dcm")
+    port = urllib.parse.urlsplit(base).port
+    try:
+        for cmd in commands("label_curl"):
+            proc = subprocess.run(
+                ["bash", "-c", fill(cmd, port=port)], cwd=app_bundle, capture_output=True, text=True, timeout=300
+            )
+            assert proc.returncode == 0, (cmd, proc.stderr)
+            body = json.loads(proc.stdout)
+            np.testing.assert_allclose(probabilities(body), reference["mono2"], atol=TOL, err_msg=cmd)
+    finally:
+        (app_bundle / "roi.dcm").unlink()
+
+
+def test_monailabel_takes_the_pitch_of_a_dicom_without_one_from_params(label_server, inputs, reference):
+    base, _, _ = label_server
+    url = f"{base}/infer/{MODEL}?output=json"
+    status, body = post_file(url, inputs["nopitch"])
+    assert status == 422, body
+    assert body["detail"].startswith("roi_nopitch.dcm: ") and "params.spacing_mm" in body["detail"], body
+    status, body = post_file(url, inputs["nopitch"], params=json.dumps({"spacing_mm": NO_PITCH_MM}))
+    assert status == 200, body
+    np.testing.assert_allclose(probabilities(body), reference["nopitch"], atol=TOL)
+    # a pitch the file states wins over the parameter
+    status, body = post_file(url, inputs["mono2"], params=json.dumps({"spacing_mm": NO_PITCH_MM}))
+    assert status == 200, body
+    np.testing.assert_allclose(probabilities(body), reference["mono2"], atol=TOL)
+
+
+def test_monailabel_classifies_the_real_cbis_ddsm_dicom_given_its_pitch(label_server, inputs, reference):
+    cbis = need_cbis(inputs)
+    base, _, _ = label_server
+    status, body = post_file(f"{base}/infer/{MODEL}?output=json", cbis)
+    assert status == 422 and "params.spacing_mm" in body["detail"], body
+    status, body = post_file(
+        f"{base}/infer/{MODEL}?output=json", cbis, params=json.dumps({"spacing_mm": CBIS_PITCH_MM})
+    )
+    assert status == 200, body
+    np.testing.assert_allclose(probabilities(body), reference["cbis"], atol=TOL)
+    no_identifiers(json.dumps(body), "the answer")
+
+
+def bad_requests(inputs: dict[str, Path]) -> list[tuple[str, str, dict, dict, int, str]]:
+    """(what, URL suffix, files, fields, expected status, text the reason must hold) for users' mistakes."""
+    dcm = ("roi.dcm", inputs["mono2"].read_bytes())
+    return [
+        ("corrupt upload", f"/infer/{MODEL}", {"file": (inputs["corrupt"].name, inputs["corrupt"].read_bytes())}, {},
+         422, "roi_corrupt.dcm: cannot use the image: pixel data"),
+        ("empty upload", f"/infer/{MODEL}", {"file": ("empty.dcm", b"")}, {}, 422, "empty.dcm: the uploaded file is empty"),
+        ("not an image", f"/infer/{MODEL}", {"file": ("notes.dcm", b"DOE^JANE PID123 " * 64)}, {}, 422, "notes.dcm:"),
+        ("unknown model", "/infer/no_such_model", {"file": dcm}, {}, 404, "no model 'no_such_model'"),
+        ("unknown image id", f"/infer/{MODEL}?image=no_such_image", {}, {}, 404, "no image 'no_such_image'"),
+        ("no file, no image", f"/infer/{MODEL}", {}, {}, 400, "no image given"),
+        ("output=image", f"/infer/{MODEL}?output=image", {"file": dcm}, {}, 400, "output=image is not offered"),
+        ("output=all", f"/infer/{MODEL}?output=all", {"file": dcm}, {}, 400, "output=all is not offered"),
+        ("output=dicom_seg", f"/infer/{MODEL}?output=dicom_seg", {"file": dcm}, {}, 400, "output=dicom_seg"),
+        ("output=bogus", f"/infer/{MODEL}?output=bogus", {"file": dcm}, {}, 422, "output"),
+        ("params not JSON", f"/infer/{MODEL}", {"file": dcm}, {"params": "{spacing"}, 400, "params is not valid JSON"),
+        ("pitch out of range", f"/infer/{MODEL}", {"file": dcm}, {"params": '{"spacing_mm": 7}'}, 400,
+         "params.spacing_mm must be a pixel pitch in mm between 0.01 and 1, got 7"),
+        ("label upload", f"/infer/{MODEL}", {"file": dcm, "label": ("label.nii.gz", b"x")}, {}, 400, "label upload"),
+        ("no pitch", f"/infer/{MODEL}", {"file": ("nopitch.dcm", inputs["nopitch"].read_bytes())}, {}, 422,
+         "nopitch.dcm: cannot use the image: pixel pitch unknown"),
+    ]  # fmt: skip
+
+
+def test_monailabel_answers_mistakes_with_a_4xx_and_leaves_no_upload_behind(
+    label_server, app_bundle, inputs, reference
+):
+    """Every mistake gets its 4xx and reason (never a 500); afterwards the server's temporary folder holds no upload
+    and no patient identifier, and the server still answers a good upload."""
+    base, _, work = label_server
+
+    def temporary_files() -> set[str]:
+        return {str(p.relative_to(work / "tmp")) for p in (work / "tmp").rglob("*")}
+
+    before = temporary_files()  # the server's own (its logging configuration)
+    for what, suffix, files, fields, code, reason in bad_requests(inputs):
+        status, body = post(base + suffix, files, fields)
+        assert status == code, (what, status, body)
+        assert reason in json.dumps(body), (what, body)
+    status, body = post_file(f"{base}/infer/{MODEL}?output=json", inputs["mono1"])
+    assert status == 200, body
+    np.testing.assert_allclose(probabilities(body), reference["mono1"], atol=TOL)
+    time.sleep(1)  # background tasks run after the answer is sent
+    left = sorted(temporary_files() - before)
+    assert left == [], f"files left in the server's temporary folder: {left}"
+    for path in [work / "server.log", *(work / "tmp").rglob("*"), *(app_bundle / "apps" / "monailabel").rglob("*.log")]:
+        if path.is_file():
+            no_identifiers(path.read_text(errors="replace"), str(path))
 
 
 def test_bundle_dicom_reader_gives_the_same_hints_under_the_apps_pydicom_2():
@@ -263,47 +483,200 @@ def test_bundle_dicom_reader_gives_the_same_hints_under_the_apps_pydicom_2():
 # -- MONAI Deploy --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def deploy_run(app_bundle, inputs, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """``python app -i DICOMS -o OUT -m BUNDLE`` on a folder with a MONOCHROME2, a MONOCHROME1 and a corrupt DICOM."""
+def run_deploy(bundle: Path, dicoms: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """The documented Deploy command, run from the bundle folder, on ``dicoms`` into ``out``, plus ``options``."""
     need_env(DEPLOY_PY, "deploy")
+    cmd = " ".join([fill(commands("deploy")[0], dicoms=dicoms, output=out), *map(shlex.quote, options)])
+    return subprocess.run(["bash", "-c", cmd], cwd=bundle, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def deploy_run(app_bundle, inputs, tmp_path_factory) -> Iterator[tuple[subprocess.CompletedProcess, Path]]:
+    """The documented command (no ``-m``: the bundle is the clone the app lives in) on a folder with a MONOCHROME2,
+    a MONOCHROME1, a corrupt DICOM and one without a pixel pitch."""
+    folder = inputs["mono1"].parent
+    shutil.copyfile(inputs["nopitch"], folder / inputs["nopitch"].name)
     out = tmp_path_factory.mktemp("deploy_out")
-    cmd = f'ulimit -s 32768 && exec "{DEPLOY_PY}" app -i "{inputs["mono1"].parent}" -o "{out}" -m "{app_bundle}"'
-    proc = subprocess.run(["bash", "-c", cmd], cwd=APPS / "deploy", capture_output=True, text=True, timeout=600)
-    return proc, out
+    yield run_deploy(app_bundle, folder, out), out
+    shutil.rmtree(out)  # its SRs and captures carry the test DICOMs' patient attributes
 
 
 def test_deploy_writes_one_json_per_image_matching_bundle_inference(deploy_run, inputs, reference):
     proc, out = deploy_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["roi_corrupt.json", "roi_mono1.json", "roi_mono2.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "roi_corrupt.json", "roi_mono1.json", "roi_mono1.sc.dcm", "roi_mono1.sr.dcm", "roi_mono2.json",
+        "roi_mono2.sc.dcm", "roi_mono2.sr.dcm", "roi_nopitch.json",
+    ]  # fmt: skip
     for key in ("mono2", "mono1"):
         rec = json.loads((out / f"{inputs[key].stem}.json").read_text())
         assert rec["status"] == "ok" and rec["file"] == inputs[key].name, rec
-        probs = np.array([rec["probabilities"]["benign"], rec["probabilities"]["malignant"]])
-        np.testing.assert_allclose(probs, reference[key], atol=TOL)
+        np.testing.assert_allclose(probabilities(rec), reference[key], atol=TOL)
         assert rec["pred_class"] == int(np.argmax(reference[key]))
         assert rec["pred_label"] == ("benign", "malignant")[rec["pred_class"]]
-        assert rec["model"]["version"] == json.loads((REPO / "configs" / "metadata.json").read_text())["version"]
+        assert rec["model"]["version"] == VERSION
 
 
-def test_deploy_reports_the_corrupt_file_and_writes_no_patient_identifiers(deploy_run):
+def test_deploy_reports_bad_files_and_writes_no_patient_identifiers(deploy_run):
     proc, out = deploy_run
     rec = json.loads((out / "roi_corrupt.json").read_text())
     assert rec["status"] == "error" and "probabilities" not in rec
     assert "pixel data" in rec["error"], rec
     assert f"roi_corrupt.dcm: {rec['error']}" in proc.stderr
-    assert "2 classified, 1 error(s)" in proc.stderr
-    for p in out.iterdir():
-        assert not any(s in p.read_text() for s in PATIENT), p.name
+    rec = json.loads((out / "roi_nopitch.json").read_text())
+    assert rec["status"] == "error" and "pixel pitch unknown" in rec["error"] and "--spacing-mm" in rec["error"], rec
+    assert "2 classified, 2 error(s)" in proc.stderr
+    for p in out.glob("*.json"):  # the DICOM results alone carry the patient module (checked below)
+        no_identifiers(p.read_text(), p.name)
+    no_identifiers(proc.stderr + proc.stdout, "the log")
+
+
+def sr_values(sr: pydicom.Dataset) -> dict[str, object]:
+    """What an SR's content tree says, by concept name: numbers, coded values' meanings, texts."""
+    out: dict[str, object] = {}
+
+    def walk(items) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
+            if item.ValueType == "NUM":
+                out[name] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "CODE":
+                out.setdefault(name, item.ConceptCodeSequence[0].CodeMeaning)
+            elif item.ValueType in ("TEXT", "UIDREF"):
+                out.setdefault(name, str(item.get("TextValue", item.get("UID", ""))))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return out
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's error lines for ``path`` (dicom3tools; skips when the validator is not installed)."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy absent: `apt-get install dicom3tools` (.ci/run installs it)")
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+def check_dicom_results(out: Path, case: str, source_path: Path) -> None:
+    """``case``'s SR and saliency Secondary Capture: valid (dciodvfy: no errors), filed in the source's study with
+    its patient module and new UIDs, and saying what the JSON says."""
+    rec = json.loads((out / f"{case}.json").read_text())
+    assert rec["dicom"] == {"sr": f"{case}.sr.dcm", "sc": f"{case}.sc.dcm"}, rec
+    source = pydicom.dcmread(source_path, stop_before_pixels=True)
+    sr, sc = (pydicom.dcmread(out / rec["dicom"][k]) for k in ("sr", "sc"))
+    for ds in (sr, sc):
+        assert dciodvfy_errors(out / rec["dicom"]["sr" if ds is sr else "sc"]) == []
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate"):
+            assert ds.get(keyword) == source.get(keyword), keyword
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SOPInstanceUID != source.SOPInstanceUID
+        assert "NOT FOR CLINICAL USE" in ds.SeriesDescription
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (IHE AI Results)
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == source.StudyInstanceUID
+    values = sr_values(sr)
+    assert values["Probability of malignancy"] == pytest.approx(rec["probabilities"]["malignant"], abs=1e-6)
+    assert values["Decision threshold on probability of malignancy"] == 0.5  # the bundle's: argmax
+    assert values["Classification at the decision threshold"] == rec["pred_label"].capitalize()
+    assert values["Intended use"] == "Research use only, not for clinical use"
+    assert rec["model"]["name"].startswith(values["Algorithm Name"]) and len(values["Algorithm Name"]) >= 30
+    assert values["Algorithm Version"] == VERSION
+    assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and sc.PhotometricInterpretation == "RGB"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_deploy_writes_a_valid_sr_and_saliency_capture_in_the_source_study(deploy_run, inputs):
+    _, out = deploy_run
+    for key in ("mono2", "mono1"):
+        check_dicom_results(out, inputs[key].stem, inputs[key])
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in out.glob("*.dcm")}) == 4  # a new series for each
+
+
+def test_deploy_saliency_capture_shows_the_bundles_saliency_map(deploy_run, app_bundle, inputs):
+    """The Secondary Capture's image is the bundle's own HiResCAM overlay of the ROI (below its text band)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.data.inputs import LoadInputd
+    from scripts.saliency.cam import EnsembleCAM
+    from scripts.saliency.render import render_overlay
+
+    _, out = deploy_run
+    parser = ConfigParser()
+    parser.read_config([str(app_bundle / "configs" / n) for n in ("inference.json", "saliency.json")])
+    parser.update({"bundle_root": str(app_bundle), "device": "cpu"})
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(app_bundle / "models" / "model.pt", weights_only=True))
+    load = LoadInputd(image_size=64, pitch_mm=TINY_SETTINGS["roi_pitch_mm"], roi_size=64, on_error="raise")
+    roi = load({"image": str(inputs["mono2"])})["image"]
+    cam = EnsembleCAM(network.eval(), method=parser["saliency"]["method"], target=parser["saliency"]["target"])
+    expected = render_overlay(roi[0].numpy(), cam(roi[None]).maps[0], ["", "", ""])
+    shown = pydicom.dcmread(out / "roi_mono2.sc.dcm").pixel_array
+    assert shown.shape == expected.shape
+    band = 3 * 18 + 6  # render_overlay's text band for three lines
+    diff = np.abs(shown[band:].astype(int) - expected[band:].astype(int))
+    assert diff.max() <= 2, diff.max()
+    assert np.abs(shown[band:, 256 + 4 :].astype(int) - shown[band:, :256].astype(int)).mean() > 5  # a map is drawn
+
+
+def test_deploy_spacing_option_gives_the_pitch_of_dicoms_without_one(app_bundle, inputs, reference, tmp_path):
+    """``--spacing-mm`` on the test's DICOM without a pitch, the real CBIS-DDSM DICOM (when present; both 0.05 mm)
+    and a DICOM that states its own pitch (0.2 mm, kept); and a DICOM without study/series UIDs (classified, no DICOM
+    result)."""
+    try:
+        check_spacing_option(app_bundle, inputs, reference, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)  # copies of the real DICOM and results with its patient attributes
+    if "cbis" not in inputs:
+        need_cbis(inputs)  # reported as a skip: the real DICOM was not tested
+
+
+def check_spacing_option(app_bundle: Path, inputs: dict[str, Path], reference: dict, tmp_path: Path) -> None:
+    assert NO_PITCH_MM == CBIS_PITCH_MM
+    (tmp_path / "in").mkdir()
+    keys = [k for k in ("nopitch", "cbis", "mono1") if k in inputs]
+    shutil.copyfile(inputs["nouid"], tmp_path / "in" / inputs["nouid"].name)
+    for key in keys:
+        shutil.copyfile(inputs[key], tmp_path / "in" / inputs[key].name)
+    proc = run_deploy(app_bundle, tmp_path / "in", tmp_path / "out", "--spacing-mm", str(NO_PITCH_MM))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in keys:
+        rec = json.loads((tmp_path / "out" / f"{inputs[key].stem}.json").read_text())
+        assert rec["status"] == "ok", rec
+        np.testing.assert_allclose(probabilities(rec), reference[key], atol=TOL, err_msg=key)
+        assert ("spacing_mm" in rec) == (key != "mono1"), rec  # recorded where the option gave the pitch
+        no_identifiers(json.dumps(rec), rec["file"])
+        check_dicom_results(tmp_path / "out", inputs[key].stem, inputs[key])
+    rec = json.loads((tmp_path / "out" / "roi_nouid.json").read_text())  # classified; no DICOM result can be filed
+    np.testing.assert_allclose(probabilities(rec), reference["mono2"], atol=TOL)
+    assert "StudyInstanceUID" in rec["dicom"]["error"] and "roi_nouid.dcm: no DICOM result" in proc.stderr, rec
+    assert not list((tmp_path / "out").glob("roi_nouid.s*.dcm"))
+    no_identifiers(proc.stderr + proc.stdout, "the log")
 
 
 def test_deploy_exits_1_when_no_file_can_be_classified(app_bundle, inputs, tmp_path):
-    need_env(DEPLOY_PY, "deploy")
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "only.dcm").write_bytes(inputs["corrupt"].read_bytes())
-    cmd = f'ulimit -s 32768 && exec "{DEPLOY_PY}" app -i "{tmp_path / "in"}" -o "{tmp_path / "out"}" -m "{app_bundle}"'
-    proc = subprocess.run(["bash", "-c", cmd], cwd=APPS / "deploy", capture_output=True, text=True, timeout=600)
+    try:
+        proc = run_deploy(app_bundle, tmp_path / "in", tmp_path / "out", "-m", str(app_bundle))
+    finally:
+        shutil.rmtree(tmp_path / "in")  # a copy with the test's patient attributes
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "0 classified, 1 error(s)" in proc.stderr
     assert json.loads((tmp_path / "out" / "only.json").read_text())["status"] == "error"
+
+
+def test_deploy_refuses_a_spacing_option_out_of_range(app_bundle, inputs, tmp_path):
+    proc = run_deploy(app_bundle, inputs["mono1"].parent, tmp_path / "out", "--spacing-mm", "7")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--spacing-mm must be a pixel pitch in mm between 0.01 and 1, got 7" in proc.stderr, proc.stderr[-1000:]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# -- one version -------------------------------------------------------------------------------------------------
+
+
+def test_app_manifest_and_docs_state_the_bundle_version():
+    manifest = yaml.safe_load((APPS / "deploy" / "app.yaml").read_text())
+    assert str(manifest["application"]["version"]) == VERSION
+    shown = re.findall(r'"version":\s*"([^"]+)"', (REPO / "docs" / "deployment.md").read_text())
+    assert shown and set(shown) == {VERSION}, shown

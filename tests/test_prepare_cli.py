@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import scripts.data.prepare.cbis_ddsm as cbis
+import scripts.data.prepare.mini_mias as mias
 from scripts.data.prepare.__main__ import main
 
 
@@ -17,9 +19,6 @@ def _refused(capsys, argv: list[str]) -> str:
 
 
 def _no_decoding(monkeypatch) -> None:
-    import scripts.data.prepare.cbis_ddsm as cbis
-    import scripts.data.prepare.mini_mias as mias
-
     def fail(*args, **kwargs):
         raise AssertionError("an image was decoded before the arguments were checked")
 

@@ -2,12 +2,15 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import scripts.data.prepare.csv_source as csv_source
+import scripts.data.prepare.loaders as loaders
 from scripts.data.imageio import read_mask_png, read_roi_png
 from scripts.data.prepare.__main__ import main
 from scripts.data.prepare.csv_source import prepare_csv
@@ -309,8 +312,6 @@ def test_the_shared_csv_reader_checks_columns_units_and_resolves_paths_from_the_
 
 def _canonical(text: str) -> str:
     """Datalist text with every pseudonym (pt_, case_, lesion_ + hex) replaced by its order of first appearance."""
-    import re
-
     names: dict[str, str] = {}
     return re.sub(
         r"\b(pt|case|lesion)_[0-9a-f]{10,12}\b", lambda m: names.setdefault(m.group(0), f"<{len(names)}>"), text
@@ -386,9 +387,6 @@ def test_split_and_folds_do_not_depend_on_the_output_folder_or_the_salt(tmp_path
 def test_every_argument_is_checked_before_any_image_is_decoded(dataset, tmp_path, capsys, monkeypatch, extra, flag,
                                                                  message):  # fmt: skip
     """One argparse-style line naming the argument, exit status 2, no traceback, nothing decoded or written."""
-    import scripts.data.prepare.csv_source as cs
-    import scripts.data.prepare.loaders as loaders
-
     src, rows = dataset
     _write_csv(src / "rois.csv", rows)
     (src / "no_patient.csv").write_text("image,label\na.dcm,0\n")
@@ -396,7 +394,7 @@ def test_every_argument_is_checked_before_any_image_is_decoded(dataset, tmp_path
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded before the arguments were checked")
 
-    monkeypatch.setattr(cs, "load_image", no_decoding)
+    monkeypatch.setattr(csv_source, "load_image", no_decoding)
     monkeypatch.setattr(loaders, "load_image", no_decoding)
     argv = {"--in": str(src / "rois.csv"), "--out": str(tmp_path / "out")}
     extra = [a.replace("{src}", str(src)) for a in extra]

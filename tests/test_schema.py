@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 
 import numpy as np
@@ -90,8 +91,6 @@ def test_select_and_load_split_resolve_paths(tmp_path):
 
 def test_split_and_folds_follow_the_patient_key_not_the_pseudonym():
     """Two salts give two sets of pseudonyms; with the original ids as key, split and folds are the same."""
-    import hashlib
-
     items = _items(120, per_patient=2)
 
     def pseudonymised(salt: str) -> tuple[list[dict], dict[str, str]]:

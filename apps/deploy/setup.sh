@@ -3,5 +3,8 @@
 # Python 3.11 ($PYTHON, default python3). Re-running it on an existing environment only checks the pins.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-exec bash "$here/../venv_setup.sh" "$here" \
+bash "$here/../venv_setup.sh" "$here" \
     "import sys, holoscan, monai.deploy; print('MONAI Deploy App SDK', monai.deploy.__version__, '(holoscan', holoscan.__version__ + ')', 'in', sys.prefix)"
+# dciodvfy validates the app's DICOM results in tests/test_apps.py (a system package: installed by .ci/run)
+command -v dciodvfy >/dev/null ||
+    echo "note: dciodvfy absent (Debian package dicom3tools, e.g. sudo apt-get install dicom3tools): the tests that validate the app's DICOM results will skip"

@@ -3,14 +3,19 @@
     monailabel start_server --app apps/monailabel --studies STUDIES [--conf bundle PATH] [--conf model NAME]
 
 ``--conf bundle`` is the bundle folder (``configs/``, ``scripts/``, ``models/model.pt`` or ``models/model.ts``);
-by default the repository this app lives in. ``--conf model`` names the model in the REST API
-(default ``microcalcification_classification``). Inference:
+by default the repository this app lives in (found from this file's location, never from the current folder).
+``--conf model`` names the model in the REST API (default ``microcalcification_classification``). Inference:
 
     curl -F "file=@roi.dcm" "http://127.0.0.1:8000/infer/microcalcification_classification?output=json"
 
 answers ``{"prediction": [{"idx", "label", "score"}, ...], "probabilities": {"benign": p0, "malignant": p1},
 "pred_class": k, "pred_label": name, "model": {...}}`` for a ROI PNG or a DICOM (cropped at the training scale
-by the bundle's own reader). An upload the bundle cannot read gets HTTP 422 with the reason.
+by the bundle's own reader). ``params`` (a JSON form field) may give ``spacing_mm``, the pixel pitch of an image that
+states none (a DICOM without ``PixelSpacing``/``ImagerPixelSpacing``): ``-F 'params={"spacing_mm": 0.05}'``.
+
+The app answers its own ``POST /infer/{model}`` (in place of the stock endpoint, same parameters): an upload is
+written to a private temporary folder that is deleted whatever the outcome, and a user's mistake is a 4xx naming the
+file and what is wrong (400 bad request, 404 unknown model or image, 422 unusable image), never a 500.
 """
 
 from __future__ import annotations
@@ -18,40 +23,72 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
-from fastapi import HTTPException
+import pydicom
+from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+from fastapi.routing import APIRoute
+from monailabel.app import app as server
+from monailabel.config import settings
+from monailabel.endpoints.infer import ResultType
+from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.utils.app import app_instance
 from monailabel.tasks.infer.bundle import BundleInferTask
+from pydicom.errors import InvalidDicomError
 
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE = APP_DIR.parents[1]  # the repository root is the bundle
 DEFAULT_MODEL = "microcalcification_classification"
+SPACING_PARAM = "params.spacing_mm"
+#: suffixes an upload keeps (the bundle's reader picks the format by suffix or DICM preamble); others are dropped
+UPLOAD_SUFFIXES = (".dcm", ".dicom", ".png", ".nii", ".nii.gz", ".tif", ".tiff", ".pgm")
+OUTPUTS = ("json",)
 
 
-def _input_error(e: BaseException) -> BaseException | None:
-    """The bundle's ``InferenceInputError`` in ``e``'s cause/context chain (transform wrappers re-raise), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if type(e).__name__ == "InferenceInputError":
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+def read_version(bundle: Path) -> str:
+    """The bundle's version, from ``configs/metadata.json`` (the one place it is kept)."""
+    return str(json.loads((bundle / "configs" / "metadata.json").read_text())["version"])
+
+
+def stated_pitch(path: str) -> bool | None:
+    """Whether the DICOM at ``path`` states a pixel pitch (``PixelSpacing``/``ImagerPixelSpacing``); ``None`` when it
+    is not a DICOM, its header cannot be read or its pitch is invalid (the bundle's reader then says why)."""
+    from scripts.data.prepare.dicom_io import is_dicom, quiet_pydicom, spacing_from_dataset
+    from scripts.data.prepare.errors import PrepareError
+
+    if not is_dicom(path):
+        return None
+    try:
+        with quiet_pydicom(path):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return spacing_from_dataset(ds)[0] is not None
+    except (InvalidDicomError, PrepareError, OSError, EOFError, ValueError, TypeError, KeyError):
+        return None
+
+
+def missing_pitch_reason(kind: str = "the DICOM states no PixelSpacing or ImagerPixelSpacing") -> str:
+    """Why an image without a pixel pitch cannot be cropped, naming this app's option."""
+    return f"pixel pitch unknown ({kind}): give it as {SPACING_PARAM} in mm, e.g. -F 'params={{\"spacing_mm\": 0.05}}'"
 
 
 class MicrocalcificationInferTask(BundleInferTask):
     """``BundleInferTask`` for the bundle's ``configs/inference.json`` as a classification task.
 
     - type classification and no ``Restored`` post-transform (it expects an image-shaped prediction);
-    - strict weight loading; the bundle's ``on_input_error`` set to ``raise`` so that an unreadable upload is an
-      HTTP 422 with the reason, not a prediction on a blank image;
+    - strict weight loading; an image the bundle's loader cannot use (it records the reason under ``error`` and
+      passes a blank image on) is an HTTP 422 with that reason, never a prediction on the blank image;
+    - ``spacing_mm`` (request parameter): the pixel pitch of an image that states none; a DICOM's own pitch wins;
     - the result JSON adds ``probabilities``, ``pred_class`` (argmax) and ``pred_label`` to the stock
       ``prediction`` list.
     """
@@ -60,29 +97,53 @@ class MicrocalcificationInferTask(BundleInferTask):
         super().__init__(path, conf, type=InferType.CLASSIFICATION, add_post_restore=False, load_strict=True)
         if not self.is_valid():
             raise RuntimeError(f"{path}: not a usable bundle (configs/inference.json and models/model.pt needed)")
-        self.bundle_config["on_input_error"] = "raise"
+        self.bundle_config["on_input_error"] = "record"  # the loader's reason is under "error": see run_pre_transforms
         meta = json.loads((Path(path) / "configs" / "metadata.json").read_text())
-        self.model_info = {"name": meta.get("name", ""), "version": meta.get("version", "")}
+        self.model_info = {"name": meta.get("name", ""), "version": read_version(Path(path))}
         self.class_names = [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
+
+    def check_pitch(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """``request`` with ``spacing_mm`` checked, and dropped for a DICOM that states its own pitch; a DICOM
+        without one and without ``spacing_mm`` is an HTTP 422 naming the parameter."""
+        from scripts.data.prepare.bounds import PITCH_RANGE_MM, check_pitch
+        from scripts.data.prepare.errors import PrepareError
+
+        request = dict(request)
+        spacing = request.pop("spacing_mm", None)
+        if spacing is not None:
+            try:
+                spacing = check_pitch([spacing, spacing], SPACING_PARAM)[0]
+            except PrepareError:
+                lo, hi = PITCH_RANGE_MM
+                raise HTTPException(
+                    status_code=400,
+                    detail=f"{SPACING_PARAM} must be a pixel pitch in mm between {lo:g} and {hi:g}, got {spacing!r}",
+                ) from None
+        image = request.get("image")
+        stated = stated_pitch(image) if isinstance(image, str) else None
+        if stated is False and spacing is None:
+            raise HTTPException(status_code=422, detail=f"cannot use the image: {missing_pitch_reason()}")
+        if spacing is not None and not stated:
+            request["spacing_mm"] = spacing
+        return request
 
     def __call__(self, request: Dict[str, Any], callbacks: Any = None) -> Any:
         # The stock task puts the bundle on sys.path only while it builds transforms; the bundle's transforms import
         # their helpers (scripts.data.prepare...) when they run, so keep it there for the whole request.
         sys.path.insert(0, self.bundle_path)
         try:
-            return super().__call__(request, callbacks)
-        except Exception as e:
-            err = _input_error(e)
-            if err is None:
-                raise
-            reason = str(err).split(": ", 1)[-1] if str(err).startswith("case ") else str(err)
-            raise HTTPException(status_code=422, detail=f"cannot use the uploaded image: {reason}") from None
+            return super().__call__(self.check_pitch(request), callbacks)
         finally:
             sys.path.remove(self.bundle_path)
 
     def run_pre_transforms(self, data: Dict[str, Any], transforms: Any) -> Dict[str, Any]:
         # the bundle's loader returns only image/case/error; keep the request's keys (model_filename, device, ...)
         out = super().run_pre_transforms(data, transforms)
+        reason = out.get("error")
+        if reason:  # an image the loader could not use (it passes a blank image on): no prediction, an HTTP 422
+            # the bundle's own advice names its CSV column; here the pitch is a request parameter
+            reason = str(reason).replace("give spacing_mm for it in an input CSV", f"give it as {SPACING_PARAM} in mm")
+            raise HTTPException(status_code=422, detail=f"cannot use the image: {reason}")
         return {**{k: v for k, v in data.items() if k not in out}, **out}
 
     def writer(self, data: Dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[None, Dict[str, Any]]:
@@ -108,6 +169,8 @@ class MicrocalcificationApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
         self.bundle = Path(conf.get("bundle") or DEFAULT_BUNDLE).resolve()
         self.model_name = conf.get("model") or DEFAULT_MODEL
+        self.infer_tasks: Dict[str, InferTask] = {}
+        self.infer_lock = threading.Lock()  # one inference at a time (the bundle's config parser is not thread-safe)
         if not (self.bundle / "configs" / "inference.json").is_file():
             raise RuntimeError(f"--conf bundle {self.bundle}: no configs/inference.json there")
         super().__init__(
@@ -116,12 +179,111 @@ class MicrocalcificationApp(MONAILabelApp):
             conf=conf,
             name="Mammographic microcalcification classification",
             description="Benign/malignant probabilities for a microcalcification ROI (PNG or DICOM)",
-            version=json.loads((self.bundle / "configs" / "metadata.json").read_text()).get("version", ""),
+            version=read_version(self.bundle),
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
         logger.info("model %s: bundle %s", self.model_name, self.bundle)
-        return {self.model_name: MicrocalcificationInferTask(os.fspath(self.bundle), self.conf)}
+        self.infer_tasks = {self.model_name: MicrocalcificationInferTask(os.fspath(self.bundle), self.conf)}
+        return dict(self.infer_tasks)
 
     def init_trainers(self) -> Dict[str, Any]:
         return {}
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        install_infer_endpoint()
+
+
+# -- POST /infer/{model}: the stock endpoint's parameters, with uploads that never outlive the request --------------
+
+
+def upload_suffix(filename: str | None) -> str:
+    """The suffix an upload is stored with: its own when the bundle reads that format, else none (DICOM preamble)."""
+    name = (filename or "").lower()
+    return next((s for s in sorted(UPLOAD_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+
+
+def shown_name(filename: str | None) -> str:
+    """The uploaded file's name as an error message shows it (no folders, printable, at most 80 characters)."""
+    name = Path((filename or "").replace("\\", "/")).name
+    name = "".join(c if c.isprintable() else "?" for c in name)[:80]
+    return name or "the upload"
+
+
+def infer_request(
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: Optional[ResultType] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+) -> Dict[str, Any]:
+    """Run ``model`` on an uploaded ``file``, a datastore ``image`` id or a session's image; answer its JSON."""
+    instance = app_instance()
+    if not isinstance(instance, MicrocalcificationApp) or model not in instance.infer_tasks:
+        known = ", ".join(getattr(instance, "infer_tasks", {})) or "none"
+        raise HTTPException(status_code=404, detail=f"no model {model!r} on this server (models: {known})")
+    if output is not None and output.value not in OUTPUTS:
+        raise HTTPException(
+            status_code=400,
+            detail=f"output={output.value} is not offered by this classification model: use output=json",
+        )
+    if label is not None and label.filename:
+        raise HTTPException(status_code=400, detail="a label upload is not used by this classification model")
+    try:
+        extra = json.loads(params) if params else {}
+    except json.JSONDecodeError as e:
+        raise HTTPException(status_code=400, detail=f"params is not valid JSON ({e.msg} at character {e.pos})")
+    if not isinstance(extra, dict):
+        raise HTTPException(status_code=400, detail='params must be a JSON object, e.g. {"spacing_mm": 0.05}')
+    uploaded = file is not None and bool(file.filename)
+    if not uploaded and not image and not session_id:
+        raise HTTPException(
+            status_code=400,
+            detail="no image given: upload one as the multipart field 'file', or name a datastore image with ?image=ID",
+        )
+    work = tempfile.mkdtemp(prefix="upload-") if uploaded else None
+    try:
+        if uploaded:
+            name = shown_name(file.filename)
+            path = os.path.join(work, "image" + upload_suffix(file.filename))
+            with open(path, "wb") as f:
+                shutil.copyfileobj(file.file, f)
+            if os.path.getsize(path) == 0:
+                raise HTTPException(status_code=422, detail=f"{name}: the uploaded file is empty")
+        elif session_id:
+            session = instance.sessions().get_session(session_id) if instance.sessions() else None
+            if session is None:
+                raise HTTPException(status_code=404, detail=f"no session {session_id!r} on this server")
+            name, path = f"session {session_id!r}", session.image
+        else:
+            name, path = f"image {image!r}", instance.datastore().get_image_uri(image)
+            if not path or not os.path.isfile(path):
+                raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+        request = {**instance.info().get("config", {}).get("infer", {}), **extra, "model": model, "image": path}
+        try:
+            with instance.infer_lock:
+                result = instance.infer(request)
+        except HTTPException as e:
+            raise HTTPException(status_code=e.status_code, detail=f"{name}: {e.detail}") from None
+        except MONAILabelException as e:
+            raise HTTPException(status_code=400, detail=f"{name}: {e.msg}") from None
+        return result["params"]
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def install_infer_endpoint() -> None:
+    """Put :func:`infer_request` in place of the stock ``POST /infer/{model}`` of the running server."""
+    router = APIRouter(prefix=settings.MONAI_LABEL_API_STR)
+    router.add_api_route("/infer/{model}", infer_request, methods=["POST"], summary="Run Inference for a model")
+    ours = router.routes[0]
+    for i, route in enumerate(server.router.routes):
+        if isinstance(route, APIRoute) and route.path == ours.path and "POST" in route.methods:
+            server.router.routes[i] = ours
+            return
+    server.router.routes.insert(0, ours)

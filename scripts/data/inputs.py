@@ -213,7 +213,8 @@ class LoadInputd(MapTransform):
       field of view of ``roi_size * pitch_mm`` mm is cropped around the centre (``x``, ``y`` in ``unit``; the image
       centre by default) and resampled to ``pitch_mm`` by :func:`scripts.data.prepare.roi.crop_roi`;
     - an array or tensor (MONAI Deploy / Label hand over loaded images) is taken as a ROI in [0, 1] (integers are
-      scaled by their type's maximum).
+      scaled by their type's maximum); what could only be taken with loss is an error: complex values, negative
+      integers, floats outside [0, 1], more than one channel.
 
     The ROI is resized to ``image_size`` (area interpolation, as in training). With ``on_error="record"`` a failure
     is stored as text under ``error`` and a blank image is returned; ``"raise"`` raises
@@ -276,7 +277,7 @@ class LoadInputd(MapTransform):
             raise InferenceInputError(
                 f"pixel pitch unknown ({img.kind} file states none): give spacing_mm for it in an input CSV"
             )
-        h, w = img.pixels.shape
+        h, w = img.mapped.shape
         if item.get("x") is not None:
             unit = item.get("unit", "px")
             x, y = float(item["x"]), float(item["y"])
@@ -284,7 +285,7 @@ class LoadInputd(MapTransform):
         else:
             centre = ((h - 1) / 2.0, (w - 1) / 2.0)
         try:
-            roi, outside = crop_roi(img.pixels, img.spacing_mm, centre, self.geom)
+            roi, outside = crop_roi(img.mapped, img.spacing_mm, centre, self.geom)
         except PrepareError as e:
             raise InferenceInputError(str(e)) from None
         if outside > self.max_outside_fraction:
@@ -298,13 +299,35 @@ class LoadInputd(MapTransform):
 
     @staticmethod
     def _array(value: Any) -> np.ndarray:
+        """A ROI handed over as an array: taken as is, never converted with loss (complex values, negative integers
+        and floats outside [0, 1] are errors, not clipped)."""
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         arr = np.squeeze(arr)
         if arr.ndim != 2:
-            raise InferenceInputError(f"expected a 2-D grayscale ROI, got shape {tuple(np.shape(value))}")
+            raise InferenceInputError(
+                f"expected a 2-D grayscale ROI, got shape {tuple(np.shape(value))} (channels are not converted)"
+            )
+        if arr.dtype.kind == "c":
+            raise InferenceInputError(f"ROI array holds complex values ({arr.dtype}): a real-valued ROI is expected")
+        if arr.dtype.kind == "b":
+            return arr.astype(np.float32)
         if arr.dtype.kind in "ui":
-            arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-        return arr.astype(np.float32)
+            if arr.dtype.kind == "i" and arr.size and int(arr.min()) < 0:
+                raise InferenceInputError(
+                    f"ROI array of {arr.dtype} holds negative values (down to {int(arr.min())}): they would be clipped "
+                    "to 0; give unsigned integers or floats in [0, 1]"
+                )
+            return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+        if arr.dtype.kind != "f":
+            raise InferenceInputError(f"ROI array of type {arr.dtype}: numbers are expected")
+        arr = arr.astype(np.float32)
+        finite = arr[np.isfinite(arr)]
+        if finite.size and (float(finite.min()) < 0.0 or float(finite.max()) > 1.0):
+            raise InferenceInputError(
+                f"float ROI values {float(finite.min()):g}..{float(finite.max()):g} outside [0, 1]: they would be "
+                "clipped; scale the ROI to [0, 1] first"
+            )
+        return arr
 
     def _load(self, item: Mapping) -> np.ndarray:
         value = item.get(self.key)

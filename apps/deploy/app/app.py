@@ -1,21 +1,30 @@
 """MONAI Deploy application: classify each mammography DICOM ROI in a folder as benign or malignant.
 
-    python app -i INPUT -o OUTPUT [-m BUNDLE]
+    python app -i INPUT -o OUTPUT [-m BUNDLE] [--spacing-mm MM]
 
 ``INPUT`` is a DICOM file or a folder of them (``*.dcm``, ``*.dicom``, files without a suffix, or files with the
 DICM preamble; not recursive), one ROI per file, MONOCHROME1 or MONOCHROME2. ``BUNDLE`` is the bundle folder
-(``configs/``, ``scripts/``, ``models/model.ts`` or ``models/model.pt``); by default the repository this app lives in.
-``OUTPUT`` receives one ``<case>.json`` per input file (case = file stem):
+(``configs/``, ``scripts/``, ``models/model.pt`` or ``models/model.ts``); by default the repository this app lives in,
+found from this file's location (never from the current folder). Paths in the bundle's configs (``bundle_root``)
+resolve against that folder. ``--spacing-mm MM`` is the pixel pitch, in mm, of the DICOMs that state none (no
+``PixelSpacing`` or ``ImagerPixelSpacing``); a pitch the file states is always used as stated.
+``OUTPUT`` receives, per input file (case = file stem):
 
-- ``{"status": "ok", "probabilities": {"benign": p0, "malignant": p1}, "pred_class": k, "pred_label": name, ...}``;
-- ``{"status": "error", "error": reason, ...}`` for a file that cannot be read (the others are still classified).
+- ``<case>.json``: ``{"status": "ok", "probabilities": {"benign": p0, "malignant": p1}, "pred_class": k,
+  "pred_label": name, "decision_threshold": t, "dicom": {"sr": ..., "sc": ...}, ...}``, or
+  ``{"status": "error", "error": reason, ...}`` for a file that cannot be read (the others are still classified);
+- ``<case>.sr.dcm``: the result as a DICOM Comprehensive 3D SR (probability, call, operating point, model name and
+  version, "research use only, not for clinical use") and ``<case>.sc.dcm``: the bundle's saliency overlay (HiResCAM
+  by default, ``configs/saliency.json``) as a DICOM Secondary Capture, both in the source's study
+  (:mod:`dicom_results`).
 
 Operators: :class:`DicomRoiLoaderOperator` (one file per tick, read and cropped at the training scale by the
 bundle's own reader: photometric interpretation, rescale, VOI, pixel pitch) → the SDK's stock
 ``MonaiBundleInferenceOperator`` (the bundle's ``preprocessing``, ``inferer`` and network, unmodified) →
-:class:`ClassificationWriterOperator`. Outputs never hold DICOM attributes (no patient identifiers); the case id is
-the file stem, so do not name files after patients. Exit status: 0 when at least one file was classified, 1 when
-none could be, 2 for a bad input or bundle path.
+:class:`ClassificationWriterOperator`. The JSON and the log hold no DICOM attributes (no patient identifiers); the
+DICOM results carry the source's patient and study modules, as DICOM requires to file them in its study. The case id
+is the file stem, so do not name files after patients. Exit status: 0 when at least one file was classified, 1 when
+none could be, 2 for a bad input or bundle path or a bad ``--spacing-mm``.
 """
 
 from __future__ import annotations
@@ -28,19 +37,28 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict
 
+import dicom_results
 import numpy as np
+import pydicom
+import torch
+from monai.bundle import ConfigParser
 from monai.deploy.conditions import CountCondition
-from monai.deploy.core import AppContext, Application, Fragment, Image, IOType, Operator, OperatorSpec
+from monai.deploy.core import AppContext, Application, Fragment, Image, IOType, Model, Operator, OperatorSpec
 from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator
+from pydicom.errors import InvalidDicomError
 
 APP_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE = APP_DIR.parents[2]  # the repository root is the bundle
 DICOM_SUFFIXES = (".dcm", ".dicom")
+SPACING_OPTION = "--spacing-mm"
+MODEL_NAME = "microcalcification_classification"
+MALIGNANT = 1  # the class index of "malignant" (the bundle's channel_def)
+SALIENCY_DEFAULTS = {"method": "hirescam", "target": "malignant", "layer": None, "freeze": True}
 logger = logging.getLogger("microcalcification_app")
 
 
 class AppInputError(ValueError):
-    """A bad input folder or bundle folder (not a per-file error)."""
+    """A bad input folder, bundle folder or option (not a per-file error)."""
 
 
 def find_bundle(path: str | os.PathLike | None) -> Path:
@@ -77,22 +95,105 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_bundle_settings(bundle: Path) -> dict[str, Any]:
-    """The ROI geometry, class names and model name/version the bundle's configs state."""
-    from monai.bundle import ConfigParser
+def bundle_parser(bundle: Path) -> ConfigParser:
+    """The bundle's ``configs/inference.json`` (with ``saliency.json``'s settings) and ``metadata.json``, with
+    ``bundle_root`` set to ``bundle``.
 
+    The configs say ``"bundle_root": "."`` (the model-zoo convention: commands run from the bundle folder); the app
+    runs from its own folder, so every path the configs derive from it (``model_file``, ...) is anchored here.
+    """
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    configs = [bundle / "configs" / name for name in ("inference.json", "saliency.json")]
+    parser.read_config([str(c) for c in configs if c.is_file()])
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(bundle)
+    return parser
+
+
+def load_network(bundle: Path, parser: ConfigParser) -> torch.nn.Module:
+    """The bundle's network in eval mode: ``network`` with the weights of ``model_file`` (``models/model.pt``,
+    loaded strictly), or ``models/model.ts`` when the bundle has no ``model.pt``."""
+    from scripts.model.network import WeightsError, load_state_dict_file
+
+    weights = Path(parser.get_parsed_content("model_file"))
+    torchscript = bundle / "models" / "model.ts"
+    device = torch.device(parser.get_parsed_content("device"))
+    try:
+        if weights.is_file():
+            network = parser.get_parsed_content("network")
+            network.load_state_dict(load_state_dict_file(weights))
+        elif torchscript.is_file():
+            network = torch.jit.load(str(torchscript), map_location=device)
+        else:
+            raise AppInputError(f"bundle {bundle}: neither {weights} nor {torchscript} exists (train or export first)")
+    except (WeightsError, RuntimeError) as e:
+        raise AppInputError(f"bundle {bundle}: cannot load its network: {e}") from None
+    return network.eval()
+
+
+def read_bundle_settings(bundle: Path, parser: ConfigParser | None = None) -> dict[str, Any]:
+    """The ROI geometry, class names and model name/version the bundle's configs state."""
+    parser = parser or bundle_parser(bundle)
     meta = parser["_meta_"]
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    threshold = parser.get_parsed_content("decision_threshold")
+    saliency = {k: parser.get(f"saliency#{k}", v) for k, v in SALIENCY_DEFAULTS.items()}
     return {
+        "decision_threshold": None if threshold is None else float(threshold),
+        "saliency": saliency,
         "image_size": int(parser["image_size"]),
         "roi_pitch_mm": float(parser["roi_pitch_mm"]),
         "roi_size": int(parser["roi_size"]),
         "class_names": [channel_def[str(i)] for i in range(len(channel_def))],
         "model": {"name": meta.get("name", ""), "version": meta.get("version", "")},
     }
+
+
+def saliency_engine(network: torch.nn.Module, parser: ConfigParser, saliency: dict) -> Any:
+    """The bundle's saliency engine (``configs/saliency.json``'s method, target, layer; its ``amp`` rule) for the
+    eager ensemble; ``None`` for a TorchScript network (Grad-CAM cannot hook it)."""
+    from scripts.model.inferers import saliency_amp
+    from scripts.model.network import Ensemble
+    from scripts.saliency.cam import EnsembleCAM
+
+    if not isinstance(network, Ensemble):
+        logger.warning("no saliency overlays: the bundle's network is TorchScript (models/model.ts), not model.pt")
+        return None
+    amp = saliency_amp(parser["arch"], parser.get_parsed_content("amp"))
+    return EnsembleCAM(network, method=saliency["method"], target=saliency["target"], layer=saliency["layer"],
+                       freeze=saliency["freeze"], amp=amp)  # fmt: skip
+
+
+def check_spacing(value: float | None) -> float | None:
+    """``--spacing-mm``: a pixel pitch in mm within the bundle's plausible range (the bundle must be importable)."""
+    from scripts.data.prepare.bounds import PITCH_RANGE_MM, check_pitch
+    from scripts.data.prepare.errors import PrepareError
+
+    if value is None:
+        return None
+    try:
+        return check_pitch([value, value], SPACING_OPTION)[0]
+    except PrepareError:
+        lo, hi = PITCH_RANGE_MM
+        raise AppInputError(f"{SPACING_OPTION} must be a pixel pitch in mm between {lo:g} and {hi:g}, got {value:g}")
+
+
+def stated_pitch(path: Path) -> bool | None:
+    """Whether the DICOM at ``path`` states a pixel pitch (``PixelSpacing``/``ImagerPixelSpacing``); ``None`` when
+    its header cannot be read or its pitch is invalid (the bundle's reader then reports why)."""
+    from scripts.data.prepare.dicom_io import spacing_from_dataset
+    from scripts.data.prepare.errors import PrepareError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return spacing_from_dataset(ds)[0] is not None
+    except (InvalidDicomError, PrepareError, OSError, EOFError, ValueError, TypeError, KeyError):
+        return None
+
+
+def missing_pitch_reason() -> str:
+    """Why a DICOM without a pixel pitch cannot be cropped, naming this app's option."""
+    return f"pixel pitch unknown (the DICOM states no PixelSpacing or ImagerPixelSpacing): give it with {SPACING_OPTION} MM"
 
 
 def write_json(out_dir: Path, case: str, record: dict) -> Path:
@@ -120,12 +221,14 @@ class DicomRoiLoaderOperator(Operator):
         output_folder: Path,
         settings: dict,
         tally: Counter,
+        spacing_mm: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.files = list(files)
         self.output_folder = Path(output_folder)
         self.settings = settings
         self.tally = tally
+        self.spacing_mm = spacing_mm
         self._next = 0
         self._used: set[str] = set()
         super().__init__(fragment, *args, **kwargs)
@@ -154,8 +257,15 @@ class DicomRoiLoaderOperator(Operator):
         self._next += 1
         case = unique_case(path.stem, self._used)
         info = {"case": case, "file": path.name}
+        item = {"image": str(path), "case": case}
+        stated = stated_pitch(path)
+        if stated is False and self.spacing_mm is not None:
+            item["spacing_mm"] = self.spacing_mm
+            info["spacing_mm"] = {"value": self.spacing_mm, "source": SPACING_OPTION}
         try:
-            roi = self.loader({"image": str(path), "case": case})["image"]
+            if stated is False and self.spacing_mm is None:
+                raise InferenceInputError(missing_pitch_reason())
+            roi = self.loader(item)["image"]
         except InferenceInputError as e:
             reason = str(e).removeprefix(f"case {case}: ")
             logger.error("%s: %s", path.name, reason)
@@ -165,22 +275,33 @@ class DicomRoiLoaderOperator(Operator):
             self.tally["error"] += 1
             return
         op_output.emit(Image(roi[0].numpy()), "image")
-        op_output.emit(info, "case")
+        op_output.emit({**info, "path": path, "roi": roi[0].numpy()}, "case")  # path, roi: for the writer only
 
 
 class ClassificationWriterOperator(Operator):
-    """Write the bundle operator's ``pred`` (``{"probabilities": ...}``) as ``<case>.json``.
+    """Write the bundle operator's ``pred`` (``{"probabilities": ...}``) as ``<case>.json``, and, for a source that
+    can be filed, ``<case>.sr.dcm`` (the result as a DICOM SR) and ``<case>.sc.dcm`` (the saliency overlay as a
+    Secondary Capture), both in the source's study (:mod:`dicom_results`).
 
-    The predicted class is the argmax of the probabilities (the stock operator's own ``result`` field truncates
-    each probability with ``int()`` and is not used).
+    The call is the bundle's: the most probable class, or malignant when P(malignant) is at least the bundle's
+    ``decision_threshold`` (the stock operator's own ``result`` field truncates each probability with ``int()`` and is
+    not used). A DICOM result that cannot be made is logged and recorded under ``dicom.error``; the JSON is written.
     """
 
     def __init__(
-        self, fragment: Fragment, *args: Any, output_folder: Path, settings: dict, tally: Counter, **kwargs: Any
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_folder: Path,
+        settings: dict,
+        tally: Counter,
+        cam: Any = None,
+        **kwargs: Any,
     ) -> None:
         self.output_folder = Path(output_folder)
         self.settings = settings
         self.tally = tally
+        self.cam = cam
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -189,30 +310,68 @@ class ClassificationWriterOperator(Operator):
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         pred = op_input.receive("pred")
-        info = op_input.receive("case")
+        info = dict(op_input.receive("case"))
+        path, roi = info.pop("path"), info.pop("roi")
         probs = np.asarray(pred["probabilities"], dtype=np.float64).reshape(-1)
         names = self.settings["class_names"]
         if probs.shape != (len(names),) or not np.isfinite(probs).all():
             raise RuntimeError(f"{info['file']}: expected {len(names)} finite probabilities, got {probs.tolist()}")
-        k = int(np.argmax(probs))
+        threshold = self.settings["decision_threshold"]
+        k = int(np.argmax(probs)) if threshold is None else int(probs[MALIGNANT] >= threshold)
         record = {
             **info,
             "status": "ok",
             "probabilities": {n: float(p) for n, p in zip(names, probs)},
             "pred_class": k,
             "pred_label": names[k],
+            "decision_threshold": threshold,
             "model": self.settings["model"],
         }
+        record["dicom"] = self.write_dicom_results(path, roi, info["case"], float(probs[MALIGNANT]), names[k])
         write_json(self.output_folder, info["case"], record)
         self.tally["ok"] += 1
-        logger.info("%s: %s (p_malignant %.4f)", info["file"], names[k], probs[-1])
+        logger.info("%s: %s (p_malignant %.4f)", info["file"], names[k], probs[MALIGNANT])
+
+    def write_dicom_results(self, path: Path, roi: np.ndarray, case: str, p_malignant: float, call: str) -> dict:
+        """Write the SR and the saliency Secondary Capture of one ROI; return what the JSON records of them."""
+        from scripts.saliency.render import render_overlay
+
+        model = self.settings["model"]
+        threshold = self.settings["decision_threshold"]
+        operating_point = 0.5 if threshold is None else threshold  # argmax of two classes: P(malignant) > 0.5
+        out: dict[str, Any] = {}
+        try:
+            source = dicom_results.read_source(path)
+            sr = dicom_results.build_sr(source, p_malignant, call, operating_point, model, case)
+            out["sr"] = dicom_results.save(sr, self.output_folder / f"{case}.sr.dcm").name
+            if self.cam is None:
+                out["sc"] = None
+                out["sc_reason"] = "no saliency map: the bundle's network is TorchScript (models/model.ts)"
+                return out
+            cam_map = self.cam(torch.from_numpy(roi)[None, None]).maps[0]
+            method = self.settings["saliency"]
+            lines = [
+                f"P(malignant) {p_malignant:.3f}: {call} (operating point {operating_point:.3f})",
+                f"{method['method']} map (target: {method['target']}), model {model['version']}",
+                dicom_results.NOT_FOR_CLINICAL_USE,
+            ]
+            rgb = render_overlay(roi, cam_map, lines)
+            description = f"{method['method']} saliency map of the ensemble (target {method['target']}) over the ROI"
+            sc = dicom_results.build_overlay_sc(source, rgb, model, description)
+            out["sc"] = dicom_results.save(sc, self.output_folder / f"{case}.sc.dcm").name
+        except (dicom_results.ResultDicomError, InvalidDicomError, OSError, ValueError, AttributeError) as e:
+            reason = str(e) if isinstance(e, dicom_results.ResultDicomError) else f"{type(e).__name__}"
+            logger.error("%s: no DICOM result: %s", path.name, reason)
+            out["error"] = reason
+        return out
 
 
 class MicrocalcificationClassificationApp(Application):
     """DICOM ROIs → bundle inference → one JSON per image; ``tally`` counts the results written."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, spacing_mm: float | None = None, **kwargs: Any) -> None:
         self.tally: Counter = Counter()
+        self.spacing_mm = spacing_mm
         super().__init__(*args, **kwargs)
 
     def compose(self) -> None:
@@ -220,13 +379,20 @@ class MicrocalcificationClassificationApp(Application):
         files = list_inputs(app_context.input_path)
         output = Path(app_context.output_path)
         bundle = find_bundle(app_context.model_path if app_context.args.get("model") else None)
-        settings = read_bundle_settings(bundle)
         if str(bundle) not in sys.path:
             sys.path.insert(0, str(bundle))  # the bundle's scripts package (its readers, transforms, network)
+        spacing_mm = check_spacing(self.spacing_mm)
+        parser = bundle_parser(bundle)
+        settings = read_bundle_settings(bundle, parser)
         logger.info("bundle %s (%s %s), %d input file(s)", bundle, *settings["model"].values(), len(files))
-        # The SDK's model factory wraps a folder given with -m as a generic Model without a predictor, which the
-        # bundle operator would then call; with no models in the context it loads the bundle from bundle_path.
-        app_context.models = None
+        # The network is loaded here, once, from the bundle's own configs with bundle_root anchored at the bundle,
+        # and handed to the stock operator as the context's model (the SDK's documented way to give a loaded model:
+        # set its predictor). Left to itself the operator would resolve the configs' bundle_root "." against the
+        # current folder, and reload the weights for every image.
+        model = Model(str(bundle), name=MODEL_NAME)
+        model.predictor = load_network(bundle, parser)
+        app_context.models = model
+        cam = saliency_engine(model.predictor, parser, settings["saliency"])
 
         loader = DicomRoiLoaderOperator(
             self,
@@ -235,6 +401,7 @@ class MicrocalcificationClassificationApp(Application):
             output_folder=output,
             settings=settings,
             tally=self.tally,
+            spacing_mm=spacing_mm,
             name="loader",
         )
         infer = MonaiBundleInferenceOperator(
@@ -246,18 +413,43 @@ class MicrocalcificationClassificationApp(Application):
             name="bundle_inference",
         )
         writer = ClassificationWriterOperator(
-            self, output_folder=output, settings=settings, tally=self.tally, name="writer"
+            self, output_folder=output, settings=settings, tally=self.tally, cam=cam, name="writer"
         )
         self.add_flow(loader, infer, {("image", "image")})
         self.add_flow(infer, writer, {("pred", "pred")})
         self.add_flow(loader, writer, {("case", "case")})
 
 
+def parse_app_options(argv: list[str]) -> tuple[float | None, list[str]]:
+    """This app's own option, ``--spacing-mm MM`` (or ``--spacing-mm=MM``), and the rest of ``argv`` (program name
+    first, order kept) for the SDK's parser; :class:`AppInputError` when its value is missing or not a number."""
+    rest, spacing = [argv[0]], None
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == SPACING_OPTION or arg.startswith(SPACING_OPTION + "="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, None)
+            try:
+                spacing = float(value)
+            except (TypeError, ValueError):
+                raise AppInputError(f"{SPACING_OPTION} needs a pixel pitch in mm, got {value!r}") from None
+        else:
+            rest.append(arg)
+    return spacing, rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the application (``argv``: as ``sys.argv``, program name first); return the exit status."""
+    """Run the application (``argv``: program arguments, without the program name; default ``sys.argv[1:]``);
+    return the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    app = MicrocalcificationClassificationApp([sys.executable, *argv] if argv is not None else None)
+    args = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    if {"-h", "--help"} & set(args[1:]):
+        print(__doc__)
     try:
+        spacing_mm, sdk_args = parse_app_options(args)
+        # Holoscan keeps sys.argv as the application's argv (program name first) when given none, and drops the
+        # first item of an argv it is given: hand the SDK its arguments as the process's own command line
+        sys.argv = sdk_args
+        app = MicrocalcificationClassificationApp(spacing_mm=spacing_mm)
         app.run()
     except AppInputError as e:
         logger.error("%s", e)

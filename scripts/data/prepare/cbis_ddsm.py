@@ -42,6 +42,7 @@ from scripts.data.prepare.cbis_tables import (
 )
 from scripts.data.prepare.dicom_io import read_dicom
 from scripts.data.prepare.errors import ErrorReport, PrepareError
+from scripts.data.prepare.pixels import MappedImage
 from scripts.data.prepare.roi import RoiGeometry, box_centre, crop_mask, crop_roi, mask_box
 from scripts.data.prepare.staging import CaseSpec
 from scripts.data.schema import read_datalist, write_datalist
@@ -85,14 +86,15 @@ class DicomTree:
         return sorted(p for p in folder.rglob("*.dcm") if p.is_file())
 
 
-def _is_binary(pixels: np.ndarray) -> bool:
-    top = pixels.max()
-    return bool(top > 0 and not np.any((pixels != 0) & (pixels != top)))
+def _is_binary(pixels: MappedImage) -> bool:
+    """True when the image holds two values, 0 and its maximum (checked block by block)."""
+    top = pixels.value_range()[1]
+    return bool(top > 0 and not any(np.any((block != 0) & (block != top)) for _, block in pixels.blocks()))
 
 
-def _raw_dicom(path: Path) -> np.ndarray:
+def _raw_dicom(path: Path) -> MappedImage:
     """Stored pixel values (no windowing), for telling a binary mask from a cropped image."""
-    return read_dicom(path, apply_voi=False).pixels
+    return read_dicom(path, apply_voi=False).mapped
 
 
 def find_full_image(tree: DicomTree, row: dict) -> Path:
@@ -130,7 +132,7 @@ def find_mask(tree: DicomTree, row: dict, full_shape: tuple[int, int]) -> tuple[
             continue
         mismatch = abs(px.shape[0] - full_shape[0]) + abs(px.shape[1] - full_shape[1])
         if best is None or mismatch < best[0]:
-            best = (mismatch, p, px > 0)
+            best = (mismatch, p, px.above(0.0))
     if best is None:
         extra = f" ({'; '.join(problems)})" if problems else ""
         raise PrepareError(f"no binary ROI mask among {[p.name for p in candidates]}{extra}")
@@ -156,20 +158,20 @@ def _render(tree: DicomTree, row: dict, cache: _FullCache, geom: RoiGeometry, pi
         full_path = find_full_image(tree, row)
         full = cache.get(full_path)
         spacing = full.spacing_mm or (pitch, pitch)
-        mask_path, mask, swapped = find_mask(tree, row, full.pixels.shape)
+        mask_path, mask, swapped = find_mask(tree, row, full.mapped.shape)
         box = mask_box(mask)
         info = {"source_spacing_mm": [round(s, 6) for s in spacing], "paths_swapped": swapped}
-        if mask.shape != full.pixels.shape:
+        if mask.shape != full.mapped.shape:
             # a known quirk: some masks are a few pixels off the full image; map by proportion
-            ratio = (full.pixels.shape[0] / mask.shape[0], full.pixels.shape[1] / mask.shape[1])
+            ratio = (full.mapped.shape[0] / mask.shape[0], full.mapped.shape[1] / mask.shape[1])
             if max(abs(r - 1.0) for r in ratio) > 0.05:
-                raise PrepareError(f"mask shape {mask.shape} does not match the full image {full.pixels.shape}")
+                raise PrepareError(f"mask shape {mask.shape} does not match the full image {full.mapped.shape}")
             info["mask_shape_mismatch"] = True
         else:
             ratio = (1.0, 1.0)
         mc = box_centre(box)
         centre = ((mc[0] + 0.5) * ratio[0] - 0.5, (mc[1] + 0.5) * ratio[1] - 0.5)
-        roi, outside = crop_roi(full.pixels, spacing, centre, geom)
+        roi, outside = crop_roi(full.mapped, spacing, centre, geom)
         mspacing = (spacing[0] * ratio[0], spacing[1] * ratio[1])
         roi_mask = crop_mask(mask, mspacing, mc, geom)
         extent = ((box[2] - box[0] + 1) * mspacing[0], (box[3] - box[1] + 1) * mspacing[1])

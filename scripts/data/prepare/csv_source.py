@@ -175,11 +175,11 @@ def _render(row: dict, path: Path, csv_path: Path, cache: _ImageCache, geom: Roi
         mask_cell = (row.get("mask") or "").strip()
         if mask_cell:
             full_mask = load_mask(csv_cell_path(csv_path, mask_cell))
-            if full_mask.shape != img.pixels.shape:
-                raise PrepareError(f"mask shape {full_mask.shape} differs from image shape {img.pixels.shape}")
+            if full_mask.shape != img.mapped.shape:
+                raise PrepareError(f"mask shape {full_mask.shape} differs from image shape {img.mapped.shape}")
             b = mask_box(full_mask)
             centre = box_centre(b)
-            roi, outside = crop_roi(img.pixels, spacing, centre, geom)
+            roi, outside = crop_roi(img.mapped, spacing, centre, geom)
             mask = crop_mask(full_mask, spacing, centre, geom)
             extent = ((b[2] - b[0] + 1) * spacing[0], (b[3] - b[1] + 1) * spacing[1])
         elif all(v is not None for v in box):
@@ -187,7 +187,7 @@ def _render(row: dict, path: Path, csv_path: Path, cache: _ImageCache, geom: Roi
             if x1 < x0 or y1 < y0:
                 raise PrepareError(f"empty bounding box x0={x0}, y0={y0}, x1={x1}, y1={y1}")
             centre = ((to_px(y0, 0) + to_px(y1, 0)) / 2, (to_px(x0, 1) + to_px(x1, 1)) / 2)
-            roi, outside = crop_roi(img.pixels, spacing, centre, geom)
+            roi, outside = crop_roi(img.mapped, spacing, centre, geom)
             extent = (
                 to_mm(y1 - y0, 0) + (spacing[0] if unit == "px" else 0),
                 to_mm(x1 - x0, 1) + (spacing[1] if unit == "px" else 0),
@@ -195,7 +195,7 @@ def _render(row: dict, path: Path, csv_path: Path, cache: _ImageCache, geom: Roi
             mask = box_mask(geom, (extent[0] / 2, extent[1] / 2))
         elif x is not None and y is not None:
             centre = (to_px(y, 0), to_px(x, 1))
-            roi, outside = crop_roi(img.pixels, spacing, centre, geom)
+            roi, outside = crop_roi(img.mapped, spacing, centre, geom)
             size = cell_float(row, "size")
             if size is not None:
                 if size <= 0:

@@ -26,6 +26,7 @@ from scripts.data.prepare.bounds import (
     scrub,
 )
 from scripts.data.prepare.errors import PrepareError
+from scripts.data.prepare.pixels import MappedImage, table_image, unused_bits_fix, value_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +63,22 @@ class DicomReadError(PrepareError):
 class DicomImage:
     """Pixels and geometry of one DICOM image (no patient identifiers).
 
-    ``pixels``: float32 ``(H, W)`` in [0, 1], brighter = denser; ``spacing_mm``: ``(row, col)`` pitch in mm or
-    ``None``; ``spacing_source``: the attribute it came from; ``voi``: how intensities were mapped to [0, 1].
+    ``mapped``: the image as float32 ``(H, W)`` in [0, 1], brighter = denser, mapped from the stored values where
+    read (:class:`~scripts.data.prepare.pixels.MappedImage`: crop it, do not copy it); ``pixels``: the same as one
+    array; ``spacing_mm``: ``(row, col)`` pitch in mm or ``None``; ``spacing_source``: the attribute it came from;
+    ``voi``: how intensities were mapped to [0, 1].
     """
 
-    pixels: np.ndarray
+    mapped: MappedImage
     spacing_mm: tuple[float, float] | None
     spacing_source: str | None
     photometric: str
     voi: str
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The whole image as one float32 array (a full-size copy: prefer ``mapped`` for crops)."""
+        return np.asarray(self.mapped)
 
 
 def missing_decoder_message(transfer_syntax_uid: str) -> str | None:
@@ -250,13 +258,6 @@ def check_header(ds, limit: int | None = None) -> dict:
     return out
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(x)), float(np.max(x))
-    if hi <= lo:
-        return np.zeros_like(x, dtype=np.float32)
-    return (x - lo) / (hi - lo)
-
-
 def check_pixels(x: np.ndarray, what: str = "image") -> None:
     """Refuse an image with NaN/inf values or one that holds a single value (blank): no such image is a result."""
     finite = np.isfinite(x)
@@ -266,11 +267,24 @@ def check_pixels(x: np.ndarray, what: str = "image") -> None:
         raise DicomReadError(f"{what}: every pixel has the same value {float(x.flat[0]):g} (blank image)")
 
 
-def dataset_to_pixels(ds, apply_voi: bool = True, limit: int | None = None) -> tuple[np.ndarray, str]:
-    """Turn a dataset into float32 ``(H, W)`` in [0, 1], brighter = denser; returns (pixels, voi note).
+def _stored_values(ds) -> np.ndarray:
+    """The decoded stored values, before the unused-bits correction (see ``pixels.unused_bits_fix``).
 
-    The header is checked (:func:`check_header`) before the pixel data are decoded; a decoded image with
-    non-finite values, or one that is constant (before or after the VOI mapping), is refused."""
+    Native (uncompressed) pixel data come back as a read-only view on the dataset's own pixel data bytes, so the
+    image is held once, not twice; compressed pixel data are decoded into a new array (their bytes are smaller)."""
+    try:
+        ds.pixel_array_options(view_only=True, correct_unused_bits=False)
+    except (AttributeError, TypeError):  # pydicom 2 (the MONAI Label app's environment): a decoded copy
+        pass
+    return ds.pixel_array
+
+
+def _intensities(ds, hdr: dict, values: np.ndarray, present: np.ndarray | None, apply_voi: bool) -> tuple:
+    """Modality LUT, VOI (LUT, window or min-max), clip to [0, 1], MONOCHROME1 inversion of ``values``.
+
+    ``values`` are stored values: every value of a lookup table's domain (``present`` marks those in the image) or
+    the whole image (``present`` None). The checks (NaN/inf, blank before and after the VOI) look at the values in
+    the image only. Returns ``(float32 intensities of values, voi note)``."""
     try:
         from pydicom.pixels import apply_modality_lut
         from pydicom.pixels import apply_voi as voi_lookup
@@ -278,23 +292,18 @@ def dataset_to_pixels(ds, apply_voi: bool = True, limit: int | None = None) -> t
         from pydicom.pixel_data_handlers.util import apply_modality_lut
         from pydicom.pixel_data_handlers.util import apply_voi as voi_lookup
 
-    hdr = check_header(ds, limit)
-    photometric = hdr["photometric"]
-    arr = ds.pixel_array
-    if arr.ndim != 2:
-        raise DicomReadError(f"expected a 2-D image, got pixel array shape {arr.shape}")
-    bits_stored = _int_attr(ds, "BitsStored", arr.dtype.itemsize * 8)
-    if arr.dtype.kind == "u" and 0 < bits_stored < arr.dtype.itemsize * 8:
-        arr = arr & np.asarray((1 << bits_stored) - 1, dtype=arr.dtype)  # drop overlay / junk in unused high bits
-    x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    check_pixels(x, "decoded pixel values")
+    def seen(a: np.ndarray) -> np.ndarray:
+        return a if present is None else a[present]
+
+    x = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    check_pixels(seen(x), "decoded pixel values")
     voi = "minmax"
     if apply_voi and "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         lut = ds.VOILUTSequence[0]
         out_bits = int(lut.LUTDescriptor[2]) if "LUTDescriptor" in lut else 16
         if not 1 <= out_bits <= 16:
             raise DicomReadError("VOI LUTDescriptor bits out of range: 1-16 expected")
-        xin = x.astype(np.int64) if np.all(np.mod(x, 1.0) == 0) else x  # LUT lookups need integer input
+        xin = x.astype(np.int64) if np.all(np.mod(seen(x), 1.0) == 0) else x  # LUT lookups need integer input
         x = np.asarray(voi_lookup(xin, ds, index=0), dtype=np.float64) / float((1 << out_bits) - 1)
         voi = "VOILUTSequence[0]"
     elif apply_voi and "window" in hdr:
@@ -302,13 +311,46 @@ def dataset_to_pixels(ds, apply_voi: bool = True, limit: int | None = None) -> t
         x = _window(x, center, width, function)
         voi = f"window {center:g}/{width:g} {function.lower()}"
     else:
-        x = _minmax(x)
+        lo, hi = float(np.min(seen(x))), float(np.max(seen(x)))
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     x = np.clip(x, 0.0, 1.0).astype(np.float32)
     if voi != "minmax":
-        check_pixels(x, f"image after the VOI mapping ({voi.split(' ')[0]})")
-    if photometric == "MONOCHROME1":
+        check_pixels(seen(x), f"image after the VOI mapping ({voi.split(' ')[0]})")
+    if hdr["photometric"] == "MONOCHROME1":
         x = 1.0 - x
     return x, voi
+
+
+def dataset_to_mapped(ds, apply_voi: bool = True, limit: int | None = None) -> tuple[MappedImage, str]:
+    """Turn a dataset into a :class:`~scripts.data.prepare.pixels.MappedImage` (float32 ``(H, W)`` in [0, 1],
+    brighter = denser, mapped where read); returns (image, voi note).
+
+    The header is checked (:func:`check_header`) before the pixel data are decoded; a decoded image with
+    non-finite values, or one that is constant (before or after the VOI mapping), is refused. The stored values
+    are kept once (a view on the pixel data where pydicom allows it); the intensity pipeline (:func:`_intensities`)
+    runs once per distinct stored value, over a lookup table, and gives the same numbers as per pixel. Only data
+    without a small value range (32-bit integers spanning more than 2**20 values) are mapped per pixel, into one
+    float32 copy."""
+    hdr = check_header(ds, limit)
+    arr = _stored_values(ds)
+    if arr.ndim != 2:
+        raise DicomReadError(f"expected a 2-D image, got pixel array shape {arr.shape}")
+    bits_stored = _int_attr(ds, "BitsStored", arr.dtype.itemsize * 8)
+    fix = unused_bits_fix(arr.dtype, bits_stored)  # drop overlay / junk in unused high bits, sign-extend
+    hist = value_histogram(arr, fix)
+    if hist is None:
+        full, voi = _intensities(ds, hdr, fix(arr), None, apply_voi)
+        return MappedImage(full, lambda block: block), voi
+    offset, counts = hist
+    present = counts > 0
+    table, voi = _intensities(ds, hdr, np.arange(offset, offset + counts.size, dtype=np.int64), present, apply_voi)
+    return table_image(arr, table, offset, present, fix), voi
+
+
+def dataset_to_pixels(ds, apply_voi: bool = True, limit: int | None = None) -> tuple[np.ndarray, str]:
+    """As :func:`dataset_to_mapped`, with the whole image as one float32 ``(H, W)`` array."""
+    image, voi = dataset_to_mapped(ds, apply_voi=apply_voi, limit=limit)
+    return np.asarray(image), voi
 
 
 class _Capture(logging.Handler):
@@ -457,7 +499,7 @@ def _read_dicom(path: str | os.PathLike, apply_voi: bool, limit: int | None, rea
                 raise DicomReadError(hint)
         spacing, source = spacing_from_dataset(ds) if read_spacing else (None, None)  # bounds before decoding
         try:
-            pixels, voi = dataset_to_pixels(ds, apply_voi=apply_voi, limit=limit)
+            mapped, voi = dataset_to_mapped(ds, apply_voi=apply_voi, limit=limit)
         except DicomReadError:
             raise
         except MemoryError:
@@ -469,7 +511,7 @@ def _read_dicom(path: str | os.PathLike, apply_voi: bool, limit: int | None, rea
         raise
     except Exception as e:  # an attribute that pydicom cannot convert, or a layout we did not foresee
         raise DicomReadError(f"malformed DICOM header ({type(e).__name__}: {_safe(e)})") from None
-    return DicomImage(pixels, spacing, source, photometric, voi)
+    return DicomImage(mapped, spacing, source, photometric, voi)
 
 
 def _safe(e: Exception, limit: int = 200) -> str:

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-
 from scripts.data.prepare.errors import ErrorReport, PrepareError
 from scripts.data.prepare.loaders import load_image
+from scripts.data.prepare.pixels import MappedImage
 from scripts.data.prepare.roi import RoiGeometry, crop_roi, disc_mask
 from scripts.data.prepare.staging import CaseSpec
 from scripts.engine.atomic import file_digest
@@ -106,12 +105,12 @@ class _FilmCache:
 
     def __init__(self) -> None:
         self.path: Path | None = None
-        self.pixels: np.ndarray | None = None
+        self.pixels: MappedImage | None = None
 
-    def get(self, path: Path) -> np.ndarray:
+    def get(self, path: Path) -> MappedImage:
         if path != self.path:
             self.path, self.pixels = None, None
-            self.pixels = load_image(path).pixels
+            self.pixels = load_image(path).mapped
             self.path = path
         return self.pixels
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from scripts.data.prepare.bounds import check_pitch
 from scripts.data.prepare.errors import PrepareError
+from scripts.data.prepare.pixels import MappedImage
 
 PAD_CHOICES = ("edge", "zero")
 MAX_SIGMA_PX = 64.0  # anti-alias Gaussian: beyond this the output pitch is > 100x the input pitch
@@ -81,7 +82,12 @@ def _check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float]:
 
 
 def _sample(
-    image: np.ndarray, rows: np.ndarray, cols: np.ndarray, sigma: tuple[float, float], mode: str, order: int = 1
+    image: np.ndarray | MappedImage,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    sigma: tuple[float, float],
+    mode: str,
+    order: int = 1,
 ) -> np.ndarray:
     """Sample ``image`` at the outer product of ``rows`` x ``cols`` after an anti-alias Gaussian (local window)."""
     from scipy import ndimage
@@ -120,19 +126,22 @@ def outside_fraction(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray)
 
 
 def crop_roi(
-    image: np.ndarray,
+    image: np.ndarray | MappedImage,
     spacing_mm: tuple[float, float] | None,
     centre_px: tuple[float, float],
     geom: RoiGeometry,
 ) -> tuple[np.ndarray, float]:
     """Crop ``geom.fov_mm`` around ``centre_px`` (row, col; continuous pixel coordinates) and resample.
 
-    ``image``: ``(H, W)`` float in [0, 1] with pitch ``spacing_mm`` (row, col). Returns the ``(size, size)``
+    ``image``: ``(H, W)`` float in [0, 1] with pitch ``spacing_mm`` (row, col), an array or a
+    :class:`~scripts.data.prepare.pixels.MappedImage` (only the window around the ROI is then mapped to float, so a
+    crop of a 100-Mpixel image costs megabytes, not a full-size copy). Returns the ``(size, size)``
     float32 ROI and the fraction of it that lies outside the image (padded). Raises :class:`PrepareError` when the
     centre lies outside the image, the image is empty, or the ROI is blank (one value everywhere).
     """
     spacing = _check_spacing(spacing_mm)
-    image = np.asarray(image)
+    if not isinstance(image, MappedImage):
+        image = np.asarray(image)
     if image.ndim != 2 or image.size == 0:
         raise PrepareError(f"image must be 2-D and non-empty, got shape {image.shape}")
     r, c = float(centre_px[0]), float(centre_px[1])
@@ -161,7 +170,7 @@ def crop_mask(
     spacing = _check_spacing(spacing_mm)
     rows, cols = _grid(geom, (float(centre_px[0]), float(centre_px[1])), spacing)
     sigma = tuple(max(0.0, (geom.pitch_mm / s - 1.0) / 2.0) for s in spacing)
-    return _sample(np.asarray(mask, dtype=np.float32), rows, cols, sigma, "zero") >= 0.5
+    return _sample(np.asarray(mask), rows, cols, sigma, "zero") >= 0.5  # the window alone becomes float32
 
 
 def disc_mask(geom: RoiGeometry, radius_mm: float, offset_mm: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:

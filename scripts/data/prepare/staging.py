@@ -420,6 +420,8 @@ def prepare_source(
         "patient_order": f"{patient_order}, sorted, then shuffled by numpy.random.default_rng(seed)",
         "official_split": "kept where the input gives one for every case of a task",
         "independent_of": ["the output folder", "the pseudonym salt", "the machine"],
+        # NumPy keeps Generator streams stable in practice but does not promise it across versions
+        "generator": f"numpy {np.__version__} default_rng (PCG64)",
     }
     out = OutputFolder(Path(out_dir), settings, overwrite=overwrite, split=split)
     report = ErrorReport(on_error=on_error)
