@@ -192,3 +192,71 @@ def test_summary_with_an_operating_point_reports_calibration_decisions_and_the_r
     assert s["reader_matched"]["threshold"] == op["reader_matched"]["threshold"]
     assert s["reader_matched"]["biopsies"]["n"] == sum(r["birads"] is not None for r in test)
     assert len(s["decision_curve"]["model"]) == 99 and s["referral"]["rows"][0]["fraction"] == 0.0
+
+
+@pytest.mark.slow
+def test_evaluation_inference_and_the_network_give_the_same_probability_and_call(tiny_data, tmp_path):
+    """The same ROI through the test evaluation's case table (configs/evaluate.json), configs/inference.json's
+    predictions.csv and the exported network definition: one calibrated probability (<= 1e-4) and one call."""
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.model.calibration import write_operating_point
+    from tests.app_bundle import run_inference_workflow
+    from tests.conftest import REPO
+
+    root = tmp_path / "bundle"
+    torch.manual_seed(0)
+    ens = Ensemble(3, "resnet18").eval()
+    for k, member in enumerate(ens.members):
+        (root / "models" / f"target_fold{k}").mkdir(parents=True)
+        torch.save(member.state_dict(), root / "models" / f"target_fold{k}" / "model.pt")
+    torch.save(ens.state_dict(), root / "models" / "model.pt")
+    # a threshold near the median of the calibrated test probabilities, so that both calls occur
+    op = {"threshold": 0.5, "rule": "fixed", "rule_description": "test", "calibration": {"scale": 0.7, "bias": 0.2}}
+    write_operating_point(root / "models" / "model.pt", op)
+    common = dict(bundle_root=str(root), dataset_dir=str(tiny_data), arch="resnet18", image_size=64, amp=False)
+    wf = ConfigWorkflow(
+        config_file=[str(REPO / "configs" / "train.json"), str(REPO / "configs" / "evaluate.json")],
+        meta_file=str(REPO / "configs" / "metadata.json"),
+        logging_file=False,
+        **common,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    cases = {r["case"]: r for r in M.read_cases_csv(root / "results" / "cases_test.csv")}
+    median = float(np.median([r["prob"] for r in cases.values()]))
+    op["threshold"] = median
+    write_operating_point(root / "models" / "model.pt", op)
+    wf = ConfigWorkflow(
+        config_file=[str(REPO / "configs" / "train.json"), str(REPO / "configs" / "evaluate.json")],
+        meta_file=str(REPO / "configs" / "metadata.json"),
+        logging_file=False,
+        **common,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    cases = {r["case"]: r for r in M.read_cases_csv(root / "results" / "cases_test.csv")}
+    rows = run_inference_workflow(REPO / "configs", tmp_path / "eval", **common, roi_size=64, batch_size=4)
+    assert len(rows) == len(cases) > 4
+    assert {r["call"] for r in cases.values()} == {"benign", "malignant"}
+    calibrated = Ensemble(3, "resnet18", calibration=op["calibration"]).eval()
+    calibrated.load_state_dict(ens.state_dict())
+    scripted = torch.jit.script(calibrated)
+    from scripts.data.schema import load_split
+    from scripts.data.transforms import LoadROId
+
+    items = {it["case"]: it for it in load_split(tiny_data / "target" / "datalist.json", "test")}
+    load = LoadROId("image", image_size=64)
+    for r in rows:
+        case = cases[r["case"]]
+        x = load({"image": items[r["case"]]["image"]})["image"].as_tensor()[None]
+        with torch.no_grad():
+            p_net = float(calibrated(x)[0, 1])
+            p_ts = float(scripted(x)[0, 1])
+        assert float(r["prob_malignant"]) == pytest.approx(case["prob"], abs=1e-4)
+        assert p_net == pytest.approx(case["prob"], abs=1e-4) and p_ts == pytest.approx(case["prob"], abs=1e-4)
+        assert r["pred_label"] == case["call"]
+        assert float(r["uncertainty"]) == pytest.approx(case["uncertainty"], abs=1e-4)
+        assert float(r["threshold"]) == pytest.approx(median, rel=1e-5) and "test" in r["operating_point"]

@@ -65,7 +65,11 @@ def test_datalist_split_matches_the_eager_ensemble(bundle, tiny_data, tmp_path):
     rows = run_inference(bundle, tmp_path, dataset_dir=str(tiny_data))
     items = load_split(tiny_data / "target" / "datalist.json", "test")
     assert [r["case"] for r in rows] == [it["case"] for it in items]
-    assert list(rows[0]) == ["case", "status", "prob_benign", "prob_malignant", "pred_class", "pred_label", "error"]
+    assert list(rows[0]) == [
+        "case", "status", "prob_benign", "prob_malignant", "pred_class", "pred_label", "uncertainty", "threshold",
+        "operating_point", "error",
+    ]  # fmt: skip
+    assert {r["operating_point"] for r in rows} == {"uncalibrated, threshold 0.5 (no operating point saved with the model)"}
     load = LoadROId("image", image_size=SIZE)
     x = torch.stack([load({"image": it["image"]})["image"].as_tensor() for it in items])
     with torch.no_grad():
@@ -250,22 +254,22 @@ def test_odd_file_names_and_left_out_entries(bundle, tmp_path, caplog):
 
 
 def test_a_failing_run_still_writes_the_rows_it_has(bundle, tmp_path, monkeypatch):
-    from scripts.model.network import Ensemble
+    from scripts.model.network import GrayClassifier
 
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(6):
         write_roi_png(folder / f"roi{i}.png", _roi(i))
     calls = []
-    real = Ensemble.forward
+    real = GrayClassifier.forward
 
     def failing_forward(self, x):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # the first member on the second batch (the evaluator runs each of the 2 members)
             raise RuntimeError("device lost")
         return real(self, x)
 
-    monkeypatch.setattr(Ensemble, "forward", failing_forward)
+    monkeypatch.setattr(GrayClassifier, "forward", failing_forward)
     with pytest.raises(Exception):
         run_inference(bundle, tmp_path / "out", input_dir=str(folder), batch_size=3)
     rows = read_predictions(tmp_path / "out")

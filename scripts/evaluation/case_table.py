@@ -47,7 +47,8 @@ def _parse_optional_float(v: Any) -> float | None:
 
 
 def read_cases_csv(path: str | os.PathLike) -> list[dict]:
-    """Read a per-case CSV into rows with typed ``label`` (int), ``prob``/``member_k`` (float), ``birads`` (int|None)."""
+    """Read a per-case CSV into rows with typed ``label`` (int), ``prob``/``member_k``/``uncertainty`` (float),
+    ``birads`` (int|None); other columns (``call``, ...) stay strings."""
     rows: list[dict] = []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -61,6 +62,8 @@ def read_cases_csv(path: str | os.PathLike) -> list[dict]:
                 row["prob"] = float(raw["prob"])
                 if "birads" in raw:
                     row["birads"] = _parse_optional_int(raw["birads"])
+                if "uncertainty" in raw:
+                    row["uncertainty"] = _parse_optional_float(raw["uncertainty"])
                 for k in raw:
                     if _MEMBER_RE.match(k):
                         row[k] = _parse_optional_float(raw[k])
