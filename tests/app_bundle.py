@@ -1,12 +1,14 @@
 """A tiny trained bundle for the MONAI Label and MONAI Deploy apps' tests (and for trying the apps by hand).
 
-    python -m tests.app_bundle /tmp/apps/microcalcification_classification
+    python -m tests.app_bundle /tmp/apps/microcalcification_classification [--threshold 0.6]
 
 writes a bundle folder laid out like a fresh clone after the main job: ``configs/`` (the tiny network's settings
 written into ``inference.json``), ``scripts/``, ``apps/`` (the apps' code, without their environments), ``LICENSE``,
-``README.md``, ``docs/`` and ``models/model.pt`` only (no ``model.ts``). Its network is a one-member resnet18 ensemble
-at 64 px trained for one epoch on a few synthetic ROIs: seconds on a 2-core CPU. As after the main job, the member
-count is not written into any config: ``configs/inference.json`` reads it from ``models/model.pt`` relative to
+``README.md``, ``docs/`` and ``models/model.pt`` (no ``model.ts``); ``--threshold`` (and
+:func:`write_tiny_operating_point`) adds the ``models/operating_point.json`` the main job writes beside it. Its network
+is a two-member resnet18 ensemble at 64 px, each member trained for one epoch on a few synthetic ROIs from its own
+initialisation (so that the members disagree): seconds on a 2-core CPU. As after the main job, the member count is
+not written into any config: ``configs/inference.json`` reads it from ``models/model.pt`` relative to
 ``bundle_root``, so an app that resolved the bundle against the current directory fails on this bundle.
 The folder name must contain "classification" for MONAI Label.
 """
@@ -36,8 +38,15 @@ TINY_SETTINGS: dict[str, Any] = {
 }
 
 
+#: the tiny bundle's calibration (``models/operating_point.json``): far enough from the identity that the calibrated
+#: probability differs from the mean of the members' probabilities
+TINY_CALIBRATION: dict[str, Any] = {"scale": 0.7, "bias": 0.2, "method": "test"}
+NUM_MEMBERS = 2
+
+
 def train_tiny_ensemble(data_root: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One epoch of a one-member resnet18 ensemble on 16 synthetic 64-px target ROIs; returns its state dict."""
+    """One epoch of each member of a two-member resnet18 ensemble on 16 synthetic 64-px target ROIs; returns its
+    state dict."""
     from scripts.data.schema import load_split
     from scripts.data.synthetic import generate_dataset
     from scripts.data.transforms import LoadROId
@@ -49,15 +58,25 @@ def train_tiny_ensemble(data_root: Path, seed: int = 0) -> dict[str, torch.Tenso
     x = torch.stack([torch.as_tensor(load(dict(it))["image"]).float() for it in items])
     y = torch.tensor([int(it["label"]) for it in items])
     torch.manual_seed(seed)
-    ens = Ensemble(1, "resnet18")
-    net = ens.members[0].train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for i in range(0, len(items), 8):  # one epoch, batch 8
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(x[i : i + 8]), y[i : i + 8])
-        loss.backward()
-        opt.step()
+    ens = Ensemble(NUM_MEMBERS, "resnet18")
+    for net in ens.members:
+        net.train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for i in range(0, len(items), 8):  # one epoch, batch 8
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x[i : i + 8]), y[i : i + 8])
+            loss.backward()
+            opt.step()
     return ens.eval().state_dict()
+
+
+def write_tiny_operating_point(bundle: str | Path, threshold: float) -> Path:
+    """Write ``models/operating_point.json`` into ``bundle`` (as the main job's operating point step does): the
+    decision ``threshold`` on the probability calibrated by :data:`TINY_CALIBRATION`."""
+    from scripts.model.calibration import write_operating_point
+
+    op = {"threshold": float(threshold), "rule": "fixed", "rule_description": "test", "calibration": TINY_CALIBRATION}
+    return write_operating_point(Path(bundle) / "models" / "model.pt", op)
 
 
 def read_predictions(output_dir: str | Path) -> list[dict]:
@@ -122,8 +141,16 @@ def make_app_bundle(dest: str | Path, data_root: str | Path | None = None) -> Pa
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.app_bundle", description=__doc__.splitlines()[0])
     p.add_argument("dest", help="bundle folder to create (its name must contain 'classification' for MONAI Label)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="also write models/operating_point.json: the test calibration and this decision threshold",
+    )
     a = p.parse_args(argv)
-    print(make_app_bundle(a.dest))
+    bundle = make_app_bundle(a.dest)
+    if a.threshold is not None:
+        write_tiny_operating_point(bundle, a.threshold)
+    print(bundle)
     return 0
 
 

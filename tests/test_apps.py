@@ -2,13 +2,17 @@
 
 Each app has its own virtualenv (``bash apps/monailabel/setup.sh``, ``bash apps/deploy/setup.sh``); without it the
 app's tests are skipped with the command that creates it. Both serve a tiny trained bundle laid out like a fresh clone
-after the main job (:func:`tests.app_bundle.make_app_bundle`: the apps' code, and ``models/model.pt`` only), started
-with the commands README.md and docs/deployment.md give, from the folder they name, and must return the probabilities
-of the bundle's own ``configs/inference.json`` on the same files to 1e-4.
+after the main job (:func:`tests.app_bundle.make_app_bundle`: the apps' code, ``models/model.pt`` and the operating
+point beside it, ``models/operating_point.json``), started with the commands README.md and docs/deployment.md give,
+from the folder they name, and must return what the bundle's own ``configs/inference.json`` writes for the same files:
+the calibrated probability and the members' disagreement to 1e-4, the call at the saved operating point and its
+description. A copy of the bundle without the operating point file (as before the calibration) checks the apps'
+uncalibrated fallback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,7 +35,14 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from tests.app_bundle import TINY_SETTINGS, make_app_bundle, run_inference_workflow
+from tests.app_bundle import (
+    NUM_MEMBERS,
+    TINY_CALIBRATION,
+    TINY_SETTINGS,
+    make_app_bundle,
+    run_inference_workflow,
+    write_tiny_operating_point,
+)
 from tests.conftest import REPO, SHARED_DATA
 
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
@@ -46,6 +57,8 @@ CBIS_PATIENT = ("Mass-Training_P_00004", "P_00004")  # its PatientName/PatientID
 CBIS_PITCH_MM = 0.05  # CBIS-DDSM's scans: about 50 um; its DICOMs state no pixel spacing
 NO_PITCH_MM = 0.05  # the pitch of the test's own DICOM that states none
 TOL = 1e-4
+SYNTHETIC = ("png", "mono2", "mono1", "nopitch")  # the test's own ROIs (two distinct ones, read four ways)
+UNCALIBRATED = "uncalibrated, threshold 0.5 (no operating point saved with the model)"
 VERSION = json.loads((REPO / "configs" / "metadata.json").read_text())["version"]
 
 
@@ -100,19 +113,76 @@ def test_docs_give_each_app_command():
 # -- the tiny bundle and its inputs -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def app_bundle(tmp_path_factory) -> Path:
-    """The tiny trained bundle laid out like a fresh clone after the main job (no model.ts, no member count in the
-    configs), in a folder whose name contains "classification"; the apps' environments are linked into it."""
-    bundle = make_app_bundle(tmp_path_factory.mktemp("apps") / MODEL)
+def link_app_environments(bundle: Path) -> Path:
     for app in ("monailabel", "deploy"):
         if (APPS / app / ".venv").is_dir():
             (bundle / "apps" / app / ".venv").symlink_to(APPS / app / ".venv")
     return bundle
 
 
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory) -> Path:
+    """The tiny trained bundle (weights only: no operating point yet), in a folder whose name contains
+    "classification"; the apps' environments are linked into it."""
+    return link_app_environments(make_app_bundle(tmp_path_factory.mktemp("apps") / MODEL))
+
+
+@pytest.fixture(scope="module")
+def plain_bundle(trained_bundle, tmp_path_factory) -> Path:
+    """A copy of the tiny bundle without ``models/operating_point.json``: a bundle trained before the calibration."""
+    bundle = tmp_path_factory.mktemp("apps_uncalibrated") / MODEL
+    shutil.copytree(trained_bundle, bundle, symlinks=True)
+    return bundle
+
+
+def read_reference(bundle: Path, inputs: dict[str, Path], work: Path) -> dict[str, dict]:
+    """The bundle's own inference (its configs/inference.json, in this environment) on the readable inputs, as
+    predictions.csv rows by input key; the DICOMs without a pixel pitch get it from the CSV's spacing_mm column."""
+    folder = work / "inputs"
+    folder.mkdir(parents=True)
+    pitch = {"png": "", "mono2": "", "mono1": "", "nopitch": NO_PITCH_MM, "cbis": CBIS_PITCH_MM}
+    rows = ["image,spacing_mm,case"]
+    for key, spacing in pitch.items():
+        if key in inputs:
+            (folder / inputs[key].name).symlink_to(inputs[key])
+            rows.append(f"{inputs[key].name},{spacing},{key}")
+    (folder / "inputs.csv").write_text("\n".join(rows) + "\n")
+    try:
+        table = run_inference_workflow(
+            bundle / "configs", work / "out", bundle_root=str(bundle), input_csv=str(folder / "inputs.csv")
+        )
+    finally:
+        shutil.rmtree(folder)
+    rows = {r["case"]: r for r in table}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    return rows
+
+
+def splitting_threshold(p: dict[str, float]) -> float:
+    """A threshold that calls the ROIs of ``mono2`` and ``mono1`` (two different ROIs) differently: the middle of the
+    widest gap between the probabilities ``p`` (of every input) that lie between theirs."""
+    lo, hi = sorted((p["mono2"], p["mono1"]))
+    values = sorted(v for v in p.values() if lo <= v <= hi)
+    gap, threshold = max((b - a, (a + b) / 2) for a, b in zip(values, values[1:]))
+    assert gap > 10 * TOL, f"the tiny model's probabilities are too close to split: {p}"
+    return threshold
+
+
+@pytest.fixture(scope="module")
+def app_bundle(trained_bundle, plain_bundle, inputs, tmp_path_factory) -> Path:
+    """The tiny bundle as the main job leaves it: the weights and, beside them, an operating point
+    (``models/operating_point.json``: :data:`TINY_CALIBRATION` and a threshold that splits the test's two ROIs, chosen
+    on their calibrated probabilities)."""
+    write_tiny_operating_point(trained_bundle, 0.5)
+    calibrated = read_reference(trained_bundle, inputs, tmp_path_factory.mktemp("threshold"))
+    write_tiny_operating_point(
+        trained_bundle, splitting_threshold({k: float(r["prob_malignant"]) for k, r in calibrated.items()})
+    )
+    return trained_bundle
+
+
 def test_app_bundle_is_what_the_main_job_leaves(app_bundle):
-    assert sorted(p.name for p in (app_bundle / "models").iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in (app_bundle / "models").iterdir()) == ["model.pt", "operating_point.json"]
     config = json.loads((app_bundle / "configs" / "inference.json").read_text())
     assert config["num_members"] == "$scripts.model.network.count_members(@model_file)"  # read from the weights
     assert config["bundle_root"] == "."
@@ -172,35 +242,60 @@ def need_cbis(inputs) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(app_bundle, inputs, tmp_path_factory) -> dict[str, np.ndarray]:
-    """The bundle's own inference (its configs/inference.json, in this environment) on the readable inputs; the
-    DICOMs without a pixel pitch get it from the CSV's spacing_mm column."""
-    folder = tmp_path_factory.mktemp("reference_inputs")
-    pitch = {"png": "", "mono2": "", "mono1": "", "nopitch": NO_PITCH_MM, "cbis": CBIS_PITCH_MM}
-    rows = ["image,spacing_mm,case"]
-    for key, spacing in pitch.items():
-        if key in inputs:
-            (folder / inputs[key].name).symlink_to(inputs[key])
-            rows.append(f"{inputs[key].name},{spacing},{key}")
-    (folder / "inputs.csv").write_text("\n".join(rows) + "\n")
-    out = tmp_path_factory.mktemp("reference_out")
-    try:
-        table = run_inference_workflow(
-            app_bundle / "configs", out, bundle_root=str(app_bundle), input_csv=str(folder / "inputs.csv")
-        )
-    finally:
-        shutil.rmtree(folder)
-    rows = {r["case"]: r for r in table}
-    assert all(r["status"] == "ok" for r in rows.values()), rows
-    return {key: np.array([float(rows[key]["prob_benign"]), float(rows[key]["prob_malignant"])]) for key in rows}
+def reference_rows(app_bundle, inputs, tmp_path_factory) -> dict[str, dict]:
+    """The calibrated bundle's own inference (configs/inference.json's predictions.csv rows) by input key."""
+    return read_reference(app_bundle, inputs, tmp_path_factory.mktemp("reference"))
 
 
-def test_reference_probabilities_are_not_degenerate(reference):
+@pytest.fixture(scope="module")
+def reference(reference_rows) -> dict[str, np.ndarray]:
+    """The calibrated bundle's own (benign, malignant) probabilities by input key."""
+    return {k: np.array([float(r["prob_benign"]), float(r["prob_malignant"])]) for k, r in reference_rows.items()}
+
+
+@pytest.fixture(scope="module")
+def member_probabilities(trained_bundle, inputs) -> dict[str, np.ndarray]:
+    """Each member's probability of malignancy on each synthetic input, computed here with the bundle's classes (the
+    uncalibrated network of the weights file on the bundle's reader's ROI); the DICOM without a pitch at its pitch."""
+    import torch
+
+    from scripts.data.inputs import LoadInputd
+    from scripts.model.network import Ensemble
+
+    network = Ensemble(NUM_MEMBERS, TINY_SETTINGS["arch"]).eval()
+    network.load_state_dict(torch.load(trained_bundle / "models" / "model.pt", weights_only=True))
+    load = LoadInputd(image_size=64, pitch_mm=TINY_SETTINGS["roi_pitch_mm"], roi_size=64, on_error="raise")
+    out = {}
+    for key in SYNTHETIC:
+        item = {"image": str(inputs[key]), **({"spacing_mm": NO_PITCH_MM} if key == "nopitch" else {})}
+        with torch.no_grad():
+            out[key] = network.member_probabilities(load(item)["image"][None])[:, 0, 1].double().numpy()
+    return out
+
+
+def test_reference_probabilities_are_not_degenerate(reference, reference_rows):
     """The comparisons below mean something only if the tiny model's outputs vary and are not saturated (on the
-    synthetic inputs; the real CBIS-DDSM mass ROI is far from its training data)."""
-    p = np.array([v[1] for k, v in reference.items() if k != "cbis"])
+    synthetic inputs; the real CBIS-DDSM mass ROI is far from its training data), if its members disagree, and if the
+    operating point calls the test's two ROIs differently."""
+    p = np.array([reference[k][1] for k in SYNTHETIC])
     assert np.all((p > 0.01) & (p < 0.99)), p
     assert np.allclose([v.sum() for v in reference.values()], 1.0, atol=1e-5)
+    assert all(float(reference_rows[k]["uncertainty"]) > 1e-3 for k in SYNTHETIC), reference_rows
+    assert {reference_rows[k]["pred_class"] for k in ("mono2", "mono1")} == {"0", "1"}, reference_rows
+
+
+def test_reference_probability_is_the_calibrated_one(reference_rows, member_probabilities):
+    """configs/inference.json's probability is the calibration of the members' mean log-odds (sigmoid(0.7 z + 0.2)),
+    not the mean of their probabilities; its uncertainty is the members' population standard deviation."""
+    for key in SYNTHETIC:
+        m = member_probabilities[key]
+        z = np.mean(np.log(m) - np.log1p(-m))
+        calibrated = 1 / (1 + np.exp(-(TINY_CALIBRATION["scale"] * z + TINY_CALIBRATION["bias"])))
+        row = reference_rows[key]
+        assert float(row["prob_malignant"]) == pytest.approx(calibrated, abs=TOL), key
+        assert abs(float(row["prob_malignant"]) - m.mean()) > 10 * TOL, key
+        assert float(row["uncertainty"]) == pytest.approx(m.std(), abs=TOL), key
+        assert row["operating_point"].startswith("test; calibrated probability >= "), row
 
 
 def no_identifiers(text: str, what: str) -> None:
@@ -242,8 +337,8 @@ def test_inference_config_fits_the_stock_operators(tmp_path):
     for image in (str(tmp_path / "a.png"), roi):  # a file (Label), an array (Deploy)
         out = pre({"image": image})
         assert isinstance(out["image"], MetaTensor) and out["image"].shape == (1, 128, 128)  # Deploy reads .meta
-    post = parser.get_parsed_content("postprocessing")
-    assert isinstance(post, Compose) and "saliency" not in str(parser["postprocessing"]).lower()
+    # the apps apply no postprocessing (the network returns the final probabilities); saliency stays out of it
+    assert "saliency" not in str(parser["postprocessing"]).lower()
     net = parser.get_parsed_content("network_def").eval()
     with torch.no_grad():
         probs = parser.get_parsed_content("inferer")(out["image"][None], net)
@@ -295,13 +390,13 @@ def probabilities(body: dict) -> np.ndarray:
     return np.array([body["probabilities"]["benign"], body["probabilities"]["malignant"]])
 
 
-@pytest.fixture(scope="module")
-def label_server(app_bundle, inputs, tmp_path_factory):
-    """The documented ``start_server`` command, run from the bundle folder (as documented) on a free port, with a
-    fresh temporary folder (TMPDIR) and studies folder; yields (base URL, /info/ answer, work folder); stopped after."""
+@contextlib.contextmanager
+def running_label_server(bundle: Path, inputs: dict[str, Path], work: Path) -> Iterator[tuple[str, dict, Path]]:
+    """The documented ``start_server`` command, run from ``bundle`` (as documented) on a free port, with a fresh
+    temporary folder (TMPDIR) and studies folder under ``work``; yields (base URL, /info/ answer, ``work``); stopped
+    after."""
     need_env(LABEL_PY, "monailabel")
-    work = tmp_path_factory.mktemp("monailabel")
-    (work / "studies").mkdir()
+    (work / "studies").mkdir(parents=True)
     shutil.copyfile(inputs["png"], work / "studies" / "study_roi.png")  # a datastore image, inferred by its id
     (work / "tmp").mkdir()
     port = free_port()
@@ -309,7 +404,7 @@ def label_server(app_bundle, inputs, tmp_path_factory):
     env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(work / "sessions"), "TMPDIR": str(work / "tmp")}
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(
-        ["bash", "-c", f"exec {cmd}"], cwd=app_bundle, env=env, stdout=log, stderr=subprocess.STDOUT,
+        ["bash", "-c", f"exec {cmd}"], cwd=bundle, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -339,6 +434,13 @@ def label_server(app_bundle, inputs, tmp_path_factory):
         urllib.request.urlopen(f"{base}/info/", timeout=5)
 
 
+@pytest.fixture(scope="module")
+def label_server(app_bundle, inputs, tmp_path_factory) -> Iterator[tuple[str, dict, Path]]:
+    """The Label server on the tiny bundle with its operating point: (base URL, /info/ answer, work folder)."""
+    with running_label_server(app_bundle, inputs, tmp_path_factory.mktemp("monailabel")) as server:
+        yield server
+
+
 def test_monailabel_lists_the_classification_model_with_the_bundle_version(label_server, app_bundle):
     _, info, _ = label_server
     model = info["models"][MODEL]
@@ -348,14 +450,25 @@ def test_monailabel_lists_the_classification_model_with_the_bundle_version(label
     assert "bundle " + str(app_bundle) in (label_server[2] / "server.log").read_text()  # the clone, found from the app
 
 
+def check_result(body: dict, row: dict, what: str) -> None:
+    """An app's answer for one ROI says what the bundle's predictions.csv ``row`` says: the probabilities and the
+    members' disagreement to 1e-4, the call, the threshold and the operating point's description."""
+    np.testing.assert_allclose(
+        probabilities(body), [float(row["prob_benign"]), float(row["prob_malignant"])], atol=TOL, err_msg=what
+    )
+    assert body["pred_class"] == int(row["pred_class"]), (what, body, row)
+    assert body["pred_label"] == row["pred_label"] == ("benign", "malignant")[body["pred_class"]], what
+    assert body["decision_threshold"] == pytest.approx(float(row["threshold"]), rel=1e-5), what
+    assert body["operating_point"] == row["operating_point"], what
+    assert body["uncertainty"] == pytest.approx(float(row["uncertainty"]), abs=TOL), (what, body, row)
+
+
 @pytest.mark.parametrize("key", ["png", "mono2", "mono1"])
-def test_monailabel_infer_matches_bundle_inference(label_server, inputs, reference, key):
+def test_monailabel_infer_matches_bundle_inference(label_server, inputs, reference_rows, key):
     base, _, _ = label_server
     status, body = post_file(f"{base}/infer/{MODEL}?output=json", inputs[key])
     assert status == 200, body
-    np.testing.assert_allclose(probabilities(body), reference[key], atol=TOL)
-    assert body["pred_class"] == int(np.argmax(reference[key]))
-    assert body["pred_label"] == ("benign", "malignant")[body["pred_class"]]
+    check_result(body, reference_rows[key], key)
     assert [p["label"] for p in body["prediction"]] == ["benign", "malignant"]
     assert body["model"]["version"] == VERSION
     no_identifiers(json.dumps(body), "the answer")
@@ -385,7 +498,7 @@ def test_monailabel_documented_curl_commands(label_server, app_bundle, inputs, r
         (app_bundle / "roi.dcm").unlink()
 
 
-def test_monailabel_takes_the_pitch_of_a_dicom_without_one_from_params(label_server, inputs, reference):
+def test_monailabel_takes_the_pitch_of_a_dicom_without_one_from_params(label_server, inputs, reference, reference_rows):
     base, _, _ = label_server
     url = f"{base}/infer/{MODEL}?output=json"
     status, body = post_file(url, inputs["nopitch"])
@@ -393,14 +506,14 @@ def test_monailabel_takes_the_pitch_of_a_dicom_without_one_from_params(label_ser
     assert body["detail"].startswith("roi_nopitch.dcm: ") and "params.spacing_mm" in body["detail"], body
     status, body = post_file(url, inputs["nopitch"], params=json.dumps({"spacing_mm": NO_PITCH_MM}))
     assert status == 200, body
-    np.testing.assert_allclose(probabilities(body), reference["nopitch"], atol=TOL)
+    check_result(body, reference_rows["nopitch"], "nopitch")
     # a pitch the file states wins over the parameter
     status, body = post_file(url, inputs["mono2"], params=json.dumps({"spacing_mm": NO_PITCH_MM}))
     assert status == 200, body
     np.testing.assert_allclose(probabilities(body), reference["mono2"], atol=TOL)
 
 
-def test_monailabel_classifies_the_real_cbis_ddsm_dicom_given_its_pitch(label_server, inputs, reference):
+def test_monailabel_classifies_the_real_cbis_ddsm_dicom_given_its_pitch(label_server, inputs, reference_rows):
     cbis = need_cbis(inputs)
     base, _, _ = label_server
     status, body = post_file(f"{base}/infer/{MODEL}?output=json", cbis)
@@ -409,7 +522,7 @@ def test_monailabel_classifies_the_real_cbis_ddsm_dicom_given_its_pitch(label_se
         f"{base}/infer/{MODEL}?output=json", cbis, params=json.dumps({"spacing_mm": CBIS_PITCH_MM})
     )
     assert status == 200, body
-    np.testing.assert_allclose(probabilities(body), reference["cbis"], atol=TOL)
+    check_result(body, reference_rows["cbis"], "cbis")
     no_identifiers(json.dumps(body), "the answer")
 
 
@@ -501,7 +614,7 @@ def deploy_run(app_bundle, inputs, tmp_path_factory) -> Iterator[tuple[subproces
     shutil.rmtree(out)  # its SRs and captures carry the test DICOMs' patient attributes
 
 
-def test_deploy_writes_one_json_per_image_matching_bundle_inference(deploy_run, inputs, reference):
+def test_deploy_writes_one_json_per_image_matching_bundle_inference(deploy_run, inputs, reference_rows):
     proc, out = deploy_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
@@ -511,10 +624,37 @@ def test_deploy_writes_one_json_per_image_matching_bundle_inference(deploy_run, 
     for key in ("mono2", "mono1"):
         rec = json.loads((out / f"{inputs[key].stem}.json").read_text())
         assert rec["status"] == "ok" and rec["file"] == inputs[key].name, rec
-        np.testing.assert_allclose(probabilities(rec), reference[key], atol=TOL)
-        assert rec["pred_class"] == int(np.argmax(reference[key]))
-        assert rec["pred_label"] == ("benign", "malignant")[rec["pred_class"]]
+        check_result(rec, reference_rows[key], key)
         assert rec["model"]["version"] == VERSION
+    assert "decision rule: test; calibrated probability >= " in proc.stderr
+
+
+def test_both_apps_give_the_calibrated_probability_call_and_uncertainty_of_bundle_inference(
+    label_server, deploy_run, inputs, reference_rows, member_probabilities, app_bundle
+):
+    """For the same ROI the Label app, the Deploy app and configs/inference.json give one calibrated probability and
+    one members' disagreement (to 1e-4) and one call at the saved operating point, which they name alike; the test's
+    two ROIs fall on either side of it, and the probability is not the mean of the members' probabilities."""
+    base, _, _ = label_server
+    _, out = deploy_run
+    saved = json.loads((app_bundle / "models" / "operating_point.json").read_text())
+    calls = set()
+    for key in ("mono2", "mono1"):
+        status, label = post_file(f"{base}/infer/{MODEL}?output=json", inputs[key])
+        assert status == 200, label
+        deploy = json.loads((out / f"{inputs[key].stem}.json").read_text())
+        for body in (label, deploy):
+            check_result(body, reference_rows[key], key)
+            assert body["decision_threshold"] == saved["threshold"]
+            assert body["operating_point"] == f"test; calibrated probability >= {saved['threshold']:.4g}"
+            p = body["probabilities"]["malignant"]
+            assert abs(p - member_probabilities[key].mean()) > 10 * TOL, (key, p, member_probabilities[key])
+            assert body["pred_class"] == int(p >= saved["threshold"])
+        assert abs(label["probabilities"]["malignant"] - deploy["probabilities"]["malignant"]) <= TOL
+        assert abs(label["uncertainty"] - deploy["uncertainty"]) <= TOL
+        assert label["pred_class"] == deploy["pred_class"]
+        calls.add(label["pred_label"])
+    assert calls == {"benign", "malignant"}
 
 
 def test_deploy_reports_bad_files_and_writes_no_patient_identifiers(deploy_run):
@@ -575,8 +715,11 @@ def check_dicom_results(out: Path, case: str, source_path: Path) -> None:
     assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == source.StudyInstanceUID
     values = sr_values(sr)
     assert values["Probability of malignancy"] == pytest.approx(rec["probabilities"]["malignant"], abs=1e-6)
-    assert values["Decision threshold on probability of malignancy"] == 0.5  # the bundle's: argmax
+    assert values["Decision threshold on probability of malignancy"] == pytest.approx(rec["decision_threshold"])
     assert values["Classification at the decision threshold"] == rec["pred_label"].capitalize()
+    assert values["Algorithm Parameters"] == f"Operating point: {rec['operating_point']}"
+    disagreement = values["Ensemble members' disagreement on probability of malignancy"]
+    assert disagreement == pytest.approx(rec["uncertainty"], abs=1e-6)
     assert values["Intended use"] == "Research use only, not for clinical use"
     assert rec["model"]["name"].startswith(values["Algorithm Name"]) and len(values["Algorithm Name"]) >= 30
     assert values["Algorithm Version"] == VERSION
@@ -618,19 +761,19 @@ def test_deploy_saliency_capture_shows_the_bundles_saliency_map(deploy_run, app_
     assert np.abs(shown[band:, 256 + 4 :].astype(int) - shown[band:, :256].astype(int)).mean() > 5  # a map is drawn
 
 
-def test_deploy_spacing_option_gives_the_pitch_of_dicoms_without_one(app_bundle, inputs, reference, tmp_path):
+def test_deploy_spacing_option_gives_the_pitch_of_dicoms_without_one(app_bundle, inputs, reference_rows, tmp_path):
     """``--spacing-mm`` on the test's DICOM without a pitch, the real CBIS-DDSM DICOM (when present; both 0.05 mm)
     and a DICOM that states its own pitch (0.2 mm, kept); and a DICOM without study/series UIDs (classified, no DICOM
     result)."""
     try:
-        check_spacing_option(app_bundle, inputs, reference, tmp_path)
+        check_spacing_option(app_bundle, inputs, reference_rows, tmp_path)
     finally:
         shutil.rmtree(tmp_path)  # copies of the real DICOM and results with its patient attributes
     if "cbis" not in inputs:
         need_cbis(inputs)  # reported as a skip: the real DICOM was not tested
 
 
-def check_spacing_option(app_bundle: Path, inputs: dict[str, Path], reference: dict, tmp_path: Path) -> None:
+def check_spacing_option(app_bundle: Path, inputs: dict[str, Path], reference_rows: dict, tmp_path: Path) -> None:
     assert NO_PITCH_MM == CBIS_PITCH_MM
     (tmp_path / "in").mkdir()
     keys = [k for k in ("nopitch", "cbis", "mono1") if k in inputs]
@@ -642,12 +785,12 @@ def check_spacing_option(app_bundle: Path, inputs: dict[str, Path], reference: d
     for key in keys:
         rec = json.loads((tmp_path / "out" / f"{inputs[key].stem}.json").read_text())
         assert rec["status"] == "ok", rec
-        np.testing.assert_allclose(probabilities(rec), reference[key], atol=TOL, err_msg=key)
+        check_result(rec, reference_rows[key], key)
         assert ("spacing_mm" in rec) == (key != "mono1"), rec  # recorded where the option gave the pitch
         no_identifiers(json.dumps(rec), rec["file"])
         check_dicom_results(tmp_path / "out", inputs[key].stem, inputs[key])
     rec = json.loads((tmp_path / "out" / "roi_nouid.json").read_text())  # classified; no DICOM result can be filed
-    np.testing.assert_allclose(probabilities(rec), reference["mono2"], atol=TOL)
+    check_result(rec, reference_rows["mono2"], "nouid")
     assert "StudyInstanceUID" in rec["dicom"]["error"] and "roi_nouid.dcm: no DICOM result" in proc.stderr, rec
     assert not list((tmp_path / "out").glob("roi_nouid.s*.dcm"))
     no_identifiers(proc.stderr + proc.stdout, "the log")
@@ -670,6 +813,48 @@ def test_deploy_refuses_a_spacing_option_out_of_range(app_bundle, inputs, tmp_pa
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--spacing-mm must be a pixel pitch in mm between 0.01 and 1, got 7" in proc.stderr, proc.stderr[-1000:]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# -- a bundle without an operating point ---------------------------------------------------------------------------
+
+
+def test_apps_without_an_operating_point_give_the_members_mean_and_call_at_one_half(
+    plain_bundle, inputs, member_probabilities, tmp_path
+):
+    """A bundle trained before the calibration (no models/operating_point.json) still works: both apps and
+    configs/inference.json give the mean of the members' probabilities, the call at 0.5 and the same uncertainty, and
+    name the rule as uncalibrated."""
+    try:
+        rows = read_reference(plain_bundle, inputs, tmp_path / "reference")
+        for key in SYNTHETIC:
+            row = rows[key]
+            assert float(row["prob_malignant"]) == pytest.approx(member_probabilities[key].mean(), abs=TOL), key
+            assert row["operating_point"] == UNCALIBRATED and float(row["threshold"]) == 0.5, row
+            assert int(row["pred_class"]) == int(float(row["prob_malignant"]) >= 0.5), row
+        (tmp_path / "in").mkdir()
+        for key in ("mono2", "mono1"):
+            shutil.copyfile(inputs[key], tmp_path / "in" / inputs[key].name)
+        proc = run_deploy(plain_bundle, tmp_path / "in", tmp_path / "out")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"decision rule: {UNCALIBRATED}" in proc.stderr
+        with running_label_server(plain_bundle, inputs, tmp_path / "label") as (base, _, _):
+            for key in ("mono2", "mono1", "png"):
+                status, label = post_file(f"{base}/infer/{MODEL}?output=json", inputs[key])
+                assert status == 200, label
+                check_result(label, rows[key], key)
+                assert label["decision_threshold"] == 0.5 and label["operating_point"] == UNCALIBRATED
+                if key != "png":
+                    deploy = json.loads((tmp_path / "out" / f"{inputs[key].stem}.json").read_text())
+                    check_result(deploy, rows[key], key)
+                    assert deploy["decision_threshold"] == 0.5 and deploy["operating_point"] == UNCALIBRATED
+                    assert (
+                        sr_values(pydicom.dcmread(tmp_path / "out" / deploy["dicom"]["sr"]))[
+                            "Decision threshold on probability of malignancy"
+                        ]
+                        == 0.5
+                    )
+    finally:
+        shutil.rmtree(tmp_path)  # copies of the test DICOMs and results with their patient attributes
 
 
 # -- one version -------------------------------------------------------------------------------------------------

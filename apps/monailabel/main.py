@@ -8,10 +8,15 @@ by default the repository this app lives in (found from this file's location, ne
 
     curl -F "file=@roi.dcm" "http://127.0.0.1:8000/infer/microcalcification_classification?output=json"
 
-answers ``{"prediction": [{"idx", "label", "score"}, ...], "probabilities": {"benign": p0, "malignant": p1},
-"pred_class": k, "pred_label": name, "model": {...}}`` for a ROI PNG or a DICOM (cropped at the training scale
-by the bundle's own reader). ``params`` (a JSON form field) may give ``spacing_mm``, the pixel pitch of an image that
-states none (a DICOM without ``PixelSpacing``/``ImagerPixelSpacing``): ``-F 'params={"spacing_mm": 0.05}'``.
+answers ``{"prediction": [{"idx", "label", "score"}, ...], "probabilities": {"benign": 1 - p, "malignant": p},
+"pred_class": k, "pred_label": name, "decision_threshold": t, "operating_point": description, "uncertainty": u,
+"model": {...}}`` for a ROI PNG or a DICOM (cropped at the training scale by the bundle's own reader): ``p`` is the
+ensemble's calibrated probability of malignancy, the call is malignant when ``p >= t`` (the bundle's ``threshold``:
+the operating point saved beside its weights, 0.5 uncalibrated without one), ``operating_point`` describes that rule
+and ``u`` is the members' disagreement (the population standard deviation of their probabilities of malignancy;
+``null`` with an ``uncertainty_reason`` for a network that does not expose its members). ``params`` (a JSON form
+field) may give ``spacing_mm``, the pixel pitch of an image that states none (a DICOM without
+``PixelSpacing``/``ImagerPixelSpacing``): ``-F 'params={"spacing_mm": 0.05}'``.
 
 The app answers its own ``POST /infer/{model}`` (in place of the stock endpoint, same parameters): an upload is
 written to a private temporary folder that is deleted whatever the outcome, and a user's mistake is a 4xx naming the
@@ -28,12 +33,14 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pydicom
+import torch
 from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.routing import APIRoute
+from monai.inferers import Inferer
 from monailabel.app import app as server
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType
@@ -51,6 +58,7 @@ APP_DIR = Path(__file__).resolve().parent
 DEFAULT_BUNDLE = APP_DIR.parents[1]  # the repository root is the bundle
 DEFAULT_MODEL = "microcalcification_classification"
 SPACING_PARAM = "params.spacing_mm"
+MALIGNANT = 1  # the class index of "malignant" (the bundle's channel_def)
 #: suffixes an upload keeps (the bundle's reader picks the format by suffix or DICM preamble); others are dropped
 UPLOAD_SUFFIXES = (".dcm", ".dicom", ".png", ".nii", ".nii.gz", ".tif", ".tiff", ".pgm")
 OUTPUTS = ("json",)
@@ -77,6 +85,42 @@ def stated_pitch(path: str) -> bool | None:
         return None
 
 
+def member_disagreement(inferer: Any, inputs: Any, network: Any) -> tuple[list[float] | None, str | None]:
+    """The members' disagreement on each case of ``inputs`` (a batch), as ``configs/inference.json`` computes it for
+    its ``uncertainty`` column: the population standard deviation of the members' probabilities of malignancy
+    (:class:`scripts.model.calibration.CalibratedEnsembled`), from the network's ``member_probabilities`` (the eager
+    :class:`scripts.model.network.Ensemble`, and a scripted export of it) run by ``inferer``; ``(None, reason)`` for a
+    network without that method."""
+    from scripts.model.calibration import CalibratedEnsembled
+
+    members = getattr(network, "member_probabilities", None)
+    if not callable(members):
+        kind = "TorchScript (models/model.ts)" if isinstance(network, torch.jit.ScriptModule) else "network"
+        return None, f"the bundle's {kind} does not expose its members' probabilities (member_probabilities)"
+    probs = inferer(inputs, members)  # (K, B, num_classes)
+    keys = [f"member_{k}" for k in range(probs.shape[0])]
+    combine = CalibratedEnsembled(keys, output_key="pred", calibration=None, uncertainty_key="uncertainty")
+    return [float(combine(dict(zip(keys, probs[:, b])))["uncertainty"]) for b in range(probs.shape[1])], None
+
+
+class MemberDisagreementInferer(Inferer):
+    """The bundle's inferer, which also hands the members' disagreement on the case to ``record`` (the request data's
+    ``update``: ``uncertainty``, and ``uncertainty_reason`` when there is none): :func:`member_disagreement` on the
+    same preprocessed, batched input the stock task gives the network. The network's output is returned unchanged.
+    (The stock task logs the inferer's attributes: they hold no image data.)"""
+
+    def __init__(self, inferer: Any, record: Callable[[Dict[str, Any]], None]) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.record = record
+
+    def __call__(self, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> Any:
+        outputs = self.inferer(inputs, network, *args, **kwargs)
+        values, reason = member_disagreement(self.inferer, inputs, network)
+        self.record({"uncertainty": None if values is None else values[0], "uncertainty_reason": reason})
+        return outputs
+
+
 def missing_pitch_reason(kind: str = "the DICOM states no PixelSpacing or ImagerPixelSpacing") -> str:
     """Why an image without a pixel pitch cannot be cropped, naming this app's option."""
     return f"pixel pitch unknown ({kind}): give it as {SPACING_PARAM} in mm, e.g. -F 'params={{\"spacing_mm\": 0.05}}'"
@@ -89,8 +133,12 @@ class MicrocalcificationInferTask(BundleInferTask):
     - strict weight loading; an image the bundle's loader cannot use (it records the reason under ``error`` and
       passes a blank image on) is an HTTP 422 with that reason, never a prediction on the blank image;
     - ``spacing_mm`` (request parameter): the pixel pitch of an image that states none; a DICOM's own pitch wins;
-    - the result JSON adds ``probabilities``, ``pred_class`` (argmax) and ``pred_label`` to the stock
-      ``prediction`` list.
+    - no post-transforms: the network returns the ensemble's final (calibrated) probabilities; the bundle's
+      ``postprocessing`` combines the member outputs of its own ensemble evaluator (``member_<k>`` keys), which
+      this task does not make;
+    - the result JSON adds ``probabilities``, ``pred_class`` and ``pred_label`` (the call at the bundle's
+      ``threshold``, as its ``configs/inference.json`` decides), ``decision_threshold``, ``operating_point`` (the
+      rule's description) and ``uncertainty`` (:class:`MemberDisagreementInferer`) to the stock ``prediction`` list.
     """
 
     def __init__(self, path: str, conf: Dict[str, str]) -> None:
@@ -101,6 +149,15 @@ class MicrocalcificationInferTask(BundleInferTask):
         meta = json.loads((Path(path) / "configs" / "metadata.json").read_text())
         self.model_info = {"name": meta.get("name", ""), "version": read_version(Path(path))}
         self.class_names = [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
+        # the decision rule of configs/inference.json: its decision_threshold when set, else the operating point saved
+        # beside the weights (models/operating_point.json, whose calibration the network applies), else 0.5
+        sys.path.insert(0, path)
+        try:
+            self.threshold = float(self.bundle_config.get_parsed_content("threshold"))
+            self.operating_point = str(self.bundle_config.get_parsed_content("operating_point_name"))
+        finally:
+            sys.path.remove(path)
+        logger.info("decision rule: %s", self.operating_point)
 
     def check_pitch(self, request: Dict[str, Any]) -> Dict[str, Any]:
         """``request`` with ``spacing_mm`` checked, and dropped for a DICOM that states its own pitch; a DICOM
@@ -136,6 +193,15 @@ class MicrocalcificationInferTask(BundleInferTask):
         finally:
             sys.path.remove(self.bundle_path)
 
+    def inferer(self, data: Optional[Dict[str, Any]] = None) -> Inferer:
+        """The bundle's inferer; for a request, wrapped to record the members' disagreement in its data."""
+        stock = super().inferer(data)
+        return stock if data is None else MemberDisagreementInferer(stock, data.update)
+
+    def post_transforms(self, data: Optional[Dict[str, Any]] = None) -> list[Callable]:
+        """None: the network returns the final probabilities (the bundle's ``postprocessing`` is its evaluator's)."""
+        return []
+
     def run_pre_transforms(self, data: Dict[str, Any], transforms: Any) -> Dict[str, Any]:
         # the bundle's loader returns only image/case/error; keep the request's keys (model_filename, device, ...)
         out = super().run_pre_transforms(data, transforms)
@@ -151,16 +217,23 @@ class MicrocalcificationInferTask(BundleInferTask):
         probs = np.asarray(pred.detach().cpu() if hasattr(pred, "detach") else pred, dtype=np.float64).reshape(-1)
         if probs.shape != (len(self.class_names),):
             raise RuntimeError(f"expected {len(self.class_names)} probabilities, got shape {probs.shape}")
-        k = int(np.argmax(probs))
-        return None, {
+        # float32, as the bundle's prediction table decides (PredictionTableHandler)
+        k = MALIGNANT if float(np.float32(probs[MALIGNANT])) >= self.threshold else 1 - MALIGNANT
+        result = {
             "prediction": [
                 {"idx": i, "label": n, "score": float(p)} for i, (n, p) in enumerate(zip(self.class_names, probs))
             ],
             "probabilities": {n: float(p) for n, p in zip(self.class_names, probs)},
             "pred_class": k,
             "pred_label": self.class_names[k],
-            "model": self.model_info,
+            "decision_threshold": self.threshold,
+            "operating_point": self.operating_point,
+            "uncertainty": data.get("uncertainty"),
         }
+        if result["uncertainty"] is None:
+            result["uncertainty_reason"] = data.get("uncertainty_reason") or "not computed"
+        result["model"] = self.model_info
+        return None, result
 
 
 class MicrocalcificationApp(MONAILabelApp):

@@ -10,20 +10,27 @@ resolve against that folder. ``--spacing-mm MM`` is the pixel pitch, in mm, of t
 ``PixelSpacing`` or ``ImagerPixelSpacing``); a pitch the file states is always used as stated.
 ``OUTPUT`` receives, per input file (case = file stem):
 
-- ``<case>.json``: ``{"status": "ok", "probabilities": {"benign": p0, "malignant": p1}, "pred_class": k,
-  "pred_label": name, "decision_threshold": t, "dicom": {"sr": ..., "sc": ...}, ...}``, or
-  ``{"status": "error", "error": reason, ...}`` for a file that cannot be read (the others are still classified);
-- ``<case>.sr.dcm``: the result as a DICOM Comprehensive 3D SR (probability, call, operating point, model name and
-  version, "research use only, not for clinical use") and ``<case>.sc.dcm``: the bundle's saliency overlay (HiResCAM
-  by default, ``configs/saliency.json``) as a DICOM Secondary Capture, both in the source's study
-  (:mod:`dicom_results`).
+- ``<case>.json``: ``{"status": "ok", "probabilities": {"benign": 1 - p, "malignant": p}, "pred_class": k,
+  "pred_label": name, "decision_threshold": t, "operating_point": description, "uncertainty": u,
+  "dicom": {"sr": ..., "sc": ...}, ...}``, or ``{"status": "error", "error": reason, ...}`` for a file that cannot be
+  read (the others are still classified). ``p`` is the ensemble's calibrated probability of malignancy (the bundle's
+  network, calibrated by ``models/operating_point.json``); the call is malignant when ``p >= t``, ``t`` being the
+  bundle's ``threshold`` (the operating point saved beside the weights; 0.5, uncalibrated, without one), which
+  ``operating_point`` describes; ``u`` is the members' disagreement (the population standard deviation of their
+  probabilities of malignancy, as ``configs/inference.json``'s ``uncertainty`` column), ``null`` with an
+  ``uncertainty_reason`` for a network that does not expose its members;
+- ``<case>.sr.dcm``: the result as a DICOM Comprehensive 3D SR (probability, call, operating point and its
+  description, the members' disagreement, model name and version, "research use only, not for clinical use") and
+  ``<case>.sc.dcm``: the bundle's saliency overlay (HiResCAM by default, ``configs/saliency.json``) as a DICOM
+  Secondary Capture, both in the source's study (:mod:`dicom_results`).
 
 Operators: :class:`DicomRoiLoaderOperator` (one file per tick, read and cropped at the training scale by the
 bundle's own reader: photometric interpretation, rescale, VOI, pixel pitch) → the SDK's stock
-``MonaiBundleInferenceOperator`` (the bundle's ``preprocessing``, ``inferer`` and network, unmodified) →
-:class:`ClassificationWriterOperator`. The JSON and the log hold no DICOM attributes (no patient identifiers); the
-DICOM results carry the source's patient and study modules, as DICOM requires to file them in its study. The case id
-is the file stem, so do not name files after patients. Exit status: 0 when at least one file was classified, 1 when
+``MonaiBundleInferenceOperator`` (the bundle's ``preprocessing``, ``inferer`` and network, unmodified; no
+postprocessing: the network returns the final probabilities) → :class:`ClassificationWriterOperator`. The JSON and
+the log hold no DICOM attributes (no patient identifiers); the DICOM results carry the source's patient and study
+modules, as DICOM requires to file them in its study. The case id is the file stem, so do not name files after
+patients. Exit status: 0 when at least one file was classified, 1 when
 none could be, 2 for a bad input or bundle path or a bad ``--spacing-mm``.
 """
 
@@ -44,7 +51,11 @@ import torch
 from monai.bundle import ConfigParser
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Fragment, Image, IOType, Model, Operator, OperatorSpec
-from monai.deploy.operators.monai_bundle_inference_operator import IOMapping, MonaiBundleInferenceOperator
+from monai.deploy.operators.monai_bundle_inference_operator import (
+    BundleConfigNames,
+    IOMapping,
+    MonaiBundleInferenceOperator,
+)
 from pydicom.errors import InvalidDicomError
 
 APP_DIR = Path(__file__).resolve().parent
@@ -54,6 +65,12 @@ SPACING_OPTION = "--spacing-mm"
 MODEL_NAME = "microcalcification_classification"
 MALIGNANT = 1  # the class index of "malignant" (the bundle's channel_def)
 SALIENCY_DEFAULTS = {"method": "hirescam", "target": "malignant", "layer": None, "freeze": True}
+#: The config item the stock operator takes its postprocessing from: one the bundle does not define, so that it applies
+#: none. The bundle's network returns the ensemble's final (calibrated) probabilities; the bundle's ``postprocessing``
+#: combines the member outputs of its own ensemble evaluator (``member_<k>`` keys), which the operator does not make,
+#: and parsing it reads the weights file relative to ``bundle_root`` (which the operator resolves against the current
+#: folder).
+NO_POSTPROCESSING = "deploy_app_postprocessing"
 logger = logging.getLogger("microcalcification_app")
 
 
@@ -132,14 +149,24 @@ def load_network(bundle: Path, parser: ConfigParser) -> torch.nn.Module:
 
 
 def read_bundle_settings(bundle: Path, parser: ConfigParser | None = None) -> dict[str, Any]:
-    """The ROI geometry, class names and model name/version the bundle's configs state."""
+    """The ROI geometry, class names, model name/version and decision rule the bundle's configs state.
+
+    The decision rule is ``configs/inference.json``'s: ``threshold`` (its ``decision_threshold`` when set, else the
+    operating point saved beside the weights, ``models/operating_point.json``, else 0.5) and ``operating_point_name``
+    (its description); an unreadable operating point file is an :class:`AppInputError` naming it.
+    """
     parser = parser or bundle_parser(bundle)
     meta = parser["_meta_"]
     channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
-    threshold = parser.get_parsed_content("decision_threshold")
+    try:
+        threshold = float(parser.get_parsed_content("threshold"))
+        operating_point = str(parser.get_parsed_content("operating_point_name"))
+    except (ValueError, RuntimeError) as e:  # the config parser wraps the bundle's ValueError in a RuntimeError
+        raise AppInputError(f"bundle {bundle}: cannot read its operating point: {root_cause(e)}") from None
     saliency = {k: parser.get(f"saliency#{k}", v) for k, v in SALIENCY_DEFAULTS.items()}
     return {
-        "decision_threshold": None if threshold is None else float(threshold),
+        "threshold": threshold,
+        "operating_point": operating_point,
         "saliency": saliency,
         "image_size": int(parser["image_size"]),
         "roi_pitch_mm": float(parser["roi_pitch_mm"]),
@@ -147,6 +174,49 @@ def read_bundle_settings(bundle: Path, parser: ConfigParser | None = None) -> di
         "class_names": [channel_def[str(i)] for i in range(len(channel_def))],
         "model": {"name": meta.get("name", ""), "version": meta.get("version", "")},
     }
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost error's message (the config parser wraps errors in "Failed to evaluate ..." errors)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error)
+
+
+class MemberDisagreement:
+    """The ensemble members' disagreement on one ROI, as ``configs/inference.json`` computes it for its
+    ``uncertainty`` column: the population standard deviation of the members' probabilities of malignancy
+    (:class:`scripts.model.calibration.CalibratedEnsembled`).
+
+    The members' softmax probabilities come from the network's ``member_probabilities`` (the eager
+    :class:`scripts.model.network.Ensemble`, and a scripted export of it), run by the bundle's ``inferer`` on the ROI
+    after the bundle's ``preprocessing``: the input the stock operator gives the network. A network without that method
+    gets ``None`` and :attr:`reason` says why.
+    """
+
+    def __init__(self, network: torch.nn.Module, parser: ConfigParser) -> None:
+        self.members = getattr(network, "member_probabilities", None)
+        self.reason = None
+        if not callable(self.members):
+            kind = "TorchScript (models/model.ts)" if isinstance(network, torch.jit.ScriptModule) else "network"
+            self.reason = f"the bundle's {kind} does not expose its members' probabilities (member_probabilities)"
+            logger.warning("no uncertainty: %s", self.reason)
+            return
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.device = torch.device(parser.get_parsed_content("device"))
+
+    def __call__(self, roi: np.ndarray) -> float | None:
+        from scripts.model.calibration import CalibratedEnsembled
+
+        if self.reason is not None:
+            return None
+        x = self.preprocessing({"image": roi})["image"][None].to(self.device)
+        with torch.no_grad():
+            probs = self.inferer(x, self.members)[:, 0]  # (K, num_classes): the members' probabilities of this ROI
+        keys = [f"member_{k}" for k in range(len(probs))]
+        combine = CalibratedEnsembled(keys, output_key="pred", calibration=None, uncertainty_key="uncertainty")
+        return float(combine(dict(zip(keys, probs)))["uncertainty"])
 
 
 def saliency_engine(network: torch.nn.Module, parser: ConfigParser, saliency: dict) -> Any:
@@ -283,9 +353,10 @@ class ClassificationWriterOperator(Operator):
     can be filed, ``<case>.sr.dcm`` (the result as a DICOM SR) and ``<case>.sc.dcm`` (the saliency overlay as a
     Secondary Capture), both in the source's study (:mod:`dicom_results`).
 
-    The call is the bundle's: the most probable class, or malignant when P(malignant) is at least the bundle's
-    ``decision_threshold`` (the stock operator's own ``result`` field truncates each probability with ``int()`` and is
-    not used). A DICOM result that cannot be made is logged and recorded under ``dicom.error``; the JSON is written.
+    The call is the bundle's (``PredictionTableHandler`` of ``configs/inference.json``): malignant when P(malignant)
+    is at least the bundle's ``threshold``, the operating point (the stock operator's own ``result`` field truncates
+    each probability with ``int()`` and is not used). ``disagreement`` gives the members' disagreement on the ROI. A
+    DICOM result that cannot be made is logged and recorded under ``dicom.error``; the JSON is written.
     """
 
     def __init__(
@@ -295,12 +366,14 @@ class ClassificationWriterOperator(Operator):
         output_folder: Path,
         settings: dict,
         tally: Counter,
+        disagreement: MemberDisagreement,
         cam: Any = None,
         **kwargs: Any,
     ) -> None:
         self.output_folder = Path(output_folder)
         self.settings = settings
         self.tally = tally
+        self.disagreement = disagreement
         self.cam = cam
         super().__init__(fragment, *args, **kwargs)
 
@@ -316,8 +389,10 @@ class ClassificationWriterOperator(Operator):
         names = self.settings["class_names"]
         if probs.shape != (len(names),) or not np.isfinite(probs).all():
             raise RuntimeError(f"{info['file']}: expected {len(names)} finite probabilities, got {probs.tolist()}")
-        threshold = self.settings["decision_threshold"]
-        k = int(np.argmax(probs)) if threshold is None else int(probs[MALIGNANT] >= threshold)
+        threshold = self.settings["threshold"]
+        # float32, as the bundle's prediction table decides (PredictionTableHandler)
+        k = MALIGNANT if float(np.float32(probs[MALIGNANT])) >= threshold else 1 - MALIGNANT
+        uncertainty = self.disagreement(roi)
         record = {
             **info,
             "status": "ok",
@@ -325,24 +400,37 @@ class ClassificationWriterOperator(Operator):
             "pred_class": k,
             "pred_label": names[k],
             "decision_threshold": threshold,
-            "model": self.settings["model"],
+            "operating_point": self.settings["operating_point"],
+            "uncertainty": uncertainty,
         }
-        record["dicom"] = self.write_dicom_results(path, roi, info["case"], float(probs[MALIGNANT]), names[k])
+        if uncertainty is None:
+            record["uncertainty_reason"] = self.disagreement.reason
+        record["model"] = self.settings["model"]
+        record["dicom"] = self.write_dicom_results(
+            path, roi, info["case"], float(probs[MALIGNANT]), names[k], uncertainty
+        )
         write_json(self.output_folder, info["case"], record)
         self.tally["ok"] += 1
-        logger.info("%s: %s (p_malignant %.4f)", info["file"], names[k], probs[MALIGNANT])
+        shown = "n/a" if uncertainty is None else f"{uncertainty:.4f}"
+        logger.info(
+            "%s: %s (p_malignant %.4f, threshold %.4g, members' SD %s)",
+            info["file"], names[k], probs[MALIGNANT], threshold, shown,
+        )  # fmt: skip
 
-    def write_dicom_results(self, path: Path, roi: np.ndarray, case: str, p_malignant: float, call: str) -> dict:
+    def write_dicom_results(
+        self, path: Path, roi: np.ndarray, case: str, p_malignant: float, call: str, uncertainty: float | None
+    ) -> dict:
         """Write the SR and the saliency Secondary Capture of one ROI; return what the JSON records of them."""
         from scripts.saliency.render import render_overlay
 
         model = self.settings["model"]
-        threshold = self.settings["decision_threshold"]
-        operating_point = 0.5 if threshold is None else threshold  # argmax of two classes: P(malignant) > 0.5
+        operating_point = self.settings["threshold"]
         out: dict[str, Any] = {}
         try:
             source = dicom_results.read_source(path)
-            sr = dicom_results.build_sr(source, p_malignant, call, operating_point, model, case)
+            sr = dicom_results.build_sr(
+                source, p_malignant, call, operating_point, model, case, self.settings["operating_point"], uncertainty
+            )
             out["sr"] = dicom_results.save(sr, self.output_folder / f"{case}.sr.dcm").name
             if self.cam is None:
                 out["sc"] = None
@@ -350,8 +438,9 @@ class ClassificationWriterOperator(Operator):
                 return out
             cam_map = self.cam(torch.from_numpy(roi)[None, None]).maps[0]
             method = self.settings["saliency"]
+            spread = "" if uncertainty is None else f"; members' SD {uncertainty:.3f}"
             lines = [
-                f"P(malignant) {p_malignant:.3f}: {call} (operating point {operating_point:.3f})",
+                f"P(malignant) {p_malignant:.3f}: {call} (operating point {operating_point:.3f}{spread})",
                 f"{method['method']} map (target: {method['target']}), model {model['version']}",
                 dicom_results.NOT_FOR_CLINICAL_USE,
             ]
@@ -393,6 +482,8 @@ class MicrocalcificationClassificationApp(Application):
         model.predictor = load_network(bundle, parser)
         app_context.models = model
         cam = saliency_engine(model.predictor, parser, settings["saliency"])
+        disagreement = MemberDisagreement(model.predictor, parser)
+        logger.info("decision rule: %s", settings["operating_point"])
 
         loader = DicomRoiLoaderOperator(
             self,
@@ -410,10 +501,17 @@ class MicrocalcificationClassificationApp(Application):
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", Dict[str, Any], IOType.IN_MEMORY)],
             bundle_path=bundle,
+            bundle_config_names=BundleConfigNames(postproc_name=NO_POSTPROCESSING),
             name="bundle_inference",
         )
         writer = ClassificationWriterOperator(
-            self, output_folder=output, settings=settings, tally=self.tally, cam=cam, name="writer"
+            self,
+            output_folder=output,
+            settings=settings,
+            tally=self.tally,
+            disagreement=disagreement,
+            cam=cam,
+            name="writer",
         )
         self.add_flow(loader, infer, {("image", "image")})
         self.add_flow(infer, writer, {("pred", "pred")})

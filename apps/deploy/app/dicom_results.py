@@ -6,8 +6,9 @@ this application writes patient attributes) and get new Series and SOP Instance 
 header is copied (a malformed source attribute would make the result invalid). The SR follows IHE AI Results
 (qualitative findings in a Comprehensive 3D SR with TID 1500 as its root): a measurement group for the ROI with the
 probability of malignancy, the operating point (decision threshold) and the call at it as measurements and
-qualitative evaluations, the algorithm (model name and version, TID 4019), the source image, and the intended use
-"research use only, not for clinical use". Concepts without a standard code use the private coding scheme
+qualitative evaluations, the members' disagreement (when known) as a measurement, the algorithm (model name and
+version, TID 4019, with the operating point's description as an algorithm parameter), the source image, and the
+intended use "research use only, not for clinical use". Concepts without a standard code use the private coding scheme
 ``99MCC`` (declared in the SR's Coding Scheme Identification Sequence).
 """
 
@@ -39,6 +40,7 @@ OPERATING_POINT = Code("MCC002", SCHEME, "Decision threshold on probability of m
 CALL = Code("MCC003", SCHEME, "Classification at the decision threshold")
 INTENDED_USE = Code("MCC004", SCHEME, "Intended use")
 RESEARCH_ONLY = Code("MCC005", SCHEME, "Research use only, not for clinical use")
+DISAGREEMENT = Code("MCC006", SCHEME, "Ensemble members' disagreement on probability of malignancy")
 CLASS_CODES = {"benign": Code("MCC011", SCHEME, "Benign"), "malignant": Code("MCC012", SCHEME, "Malignant")}
 
 #: Patient module (PS3.3 C.7.1.1) attributes copied from the source when present (Type 2 ones always, maybe empty)
@@ -106,12 +108,22 @@ def _now() -> tuple[str, str]:
 
 
 def build_sr(
-    source: Dataset, probability: float, call: str, threshold: float, model: dict[str, str], roi: str
+    source: Dataset,
+    probability: float,
+    call: str,
+    threshold: float,
+    model: dict[str, str],
+    roi: str,
+    operating_point: str | None = None,
+    uncertainty: float | None = None,
 ) -> Dataset:
     """The Comprehensive 3D SR of one ROI's result (see the module docstring); ``roi`` names the ROI in the report
-    (its case id, never a patient attribute)."""
+    (its case id, never a patient attribute), ``operating_point`` describes the decision rule (an algorithm
+    parameter: "Operating point: ...") and ``uncertainty`` is the members' disagreement (the standard deviation of
+    their probabilities of malignancy; no measurement when ``None``)."""
     name = short_name(model["name"])
-    algorithm = hd.sr.AlgorithmIdentification(name=name, version=model["version"])
+    parameters = None if operating_point is None else [f"Operating point: {operating_point}"]
+    algorithm = hd.sr.AlgorithmIdentification(name=name, version=model["version"], parameters=parameters)
     observer = hd.sr.ObserverContext(
         observer_type=DEVICE,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -121,14 +133,19 @@ def build_sr(
             model_name=short_name(f"{name} {model['version']}"),
         ),
     )
+    measurements = [
+        hd.sr.Measurement(name=PROBABILITY, value=float(probability), unit=NO_UNITS, algorithm_id=algorithm),
+        hd.sr.Measurement(name=OPERATING_POINT, value=float(threshold), unit=NO_UNITS),
+    ]
+    if uncertainty is not None:
+        measurements.append(
+            hd.sr.Measurement(name=DISAGREEMENT, value=float(uncertainty), unit=NO_UNITS, algorithm_id=algorithm)
+        )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"ROI {roi}"[:64]),
         algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-        measurements=[
-            hd.sr.Measurement(name=PROBABILITY, value=float(probability), unit=NO_UNITS, algorithm_id=algorithm),
-            hd.sr.Measurement(name=OPERATING_POINT, value=float(threshold), unit=NO_UNITS),
-        ],
+        measurements=measurements,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=CALL, value=CLASS_CODES[call]),
             hd.sr.QualitativeEvaluation(name=INTENDED_USE, value=RESEARCH_ONLY),
