@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from scripts.data import schema
 from scripts.evaluation.metrics import read_cases_csv
 from scripts.main_job import run_pipeline
+from scripts.model.calibration import Calibration
 from scripts.model.network import Ensemble
 from tests.conftest import tiny_settings
 
@@ -27,6 +29,10 @@ def tiny_run(tmp_path_factory):
     return s, work, metrics_file
 
 
+def html_text(work: Path) -> str:
+    return (work / "results" / "report.html").read_text()
+
+
 def test_three_stages_write_models_predictions_and_metrics(tiny_run):
     s, work, metrics_file = tiny_run
     for run in ("intermediate", "target_fold0", "target_fold1", "target_fold2"):
@@ -34,7 +40,9 @@ def test_three_stages_write_models_predictions_and_metrics(tiny_run):
     ens = Ensemble(3, "resnet18")
     ens.load_state_dict(torch.load(work / "models" / "model.pt", weights_only=True))
     summary = json.loads(metrics_file.read_text())
-    assert summary["threshold"]["rule"] == "youden" and "validation" in summary["threshold"]["description"]
+    assert summary["threshold"]["rule"] == "sensitivity" and "validation" in summary["threshold"]["description"]
+    op = json.loads((work / "models" / "operating_point.json").read_text())
+    assert summary["threshold"]["threshold"] == op["threshold"] and op["calibration"]["n"] == 30
     assert summary["data"]["source"] == "synthetic"
     test_rows = read_cases_csv(work / "results" / "cases_test.csv")
     assert len(test_rows) == summary["counts"]["test"]["cases"]
@@ -43,10 +51,14 @@ def test_three_stages_write_models_predictions_and_metrics(tiny_run):
     labels = [r["label"] for r in test_rows]
     assert summary["auc"]["auc"] == pytest.approx(roc_auc_score(labels, [r["prob"] for r in test_rows]), abs=1e-9)
     assert summary["counts"]["test"]["malignant"] == sum(labels)
-    assert all(
-        r["prob"] == pytest.approx((r["member_0"] + r["member_1"] + r["member_2"]) / 3, abs=1e-5) for r in test_rows
-    )
-    html = (work / "results" / "report.html").read_text()
+    cal = Calibration.from_dict(op["calibration"])  # the test probabilities are the calibrated ensemble's
+    for r in test_rows:
+        member = torch.tensor([r["member_0"], r["member_1"], r["member_2"]])
+        assert r["prob"] == pytest.approx(float(cal.probability(member)), abs=1e-5)
+        assert r["call"] == ("malignant" if r["prob"] >= op["threshold"] else "benign")
+    assert summary["calibration"]["before"]["brier"] != summary["calibration"]["after"]["brier"]
+    assert summary["radiologist"]["reader"] == "simulated reader" and "simulated reader" in html_text(work)
+    html = html_text(work)
     assert "Saliency localisation" in html and "data:image/png;base64" in html
     localisation = json.loads((work / "results" / "saliency" / "localisation.json").read_text())
     assert localisation["table"]["all"]["n"] == len(test_rows)
@@ -80,8 +92,9 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     rerun = json.loads((work / "results" / "main_job.json").read_text())["steps"]
     assert [step["step"] for step in rerun] == [step["step"] for step in first]
     assert not any(step["ran"] for step in rerun)  # the data generator's reuse included
-    assert caplog.text.count("up to date, skipped") == 1 + 3 + 1 + 3 + 1 + 1 + 1 + 1  # stage 1, folds, ensemble,
-    # validation and test predictions, metrics, saliency, report (all but the data generator, which checks itself)
+    assert caplog.text.count("up to date, skipped") == 1 + 3 + 1 + 3 + 1 + 1 + 1 + 1 + 1  # stage 1, folds, ensemble,
+    # validation predictions, operating point, test predictions, metrics, saliency, report (all but the data
+    # generator, which checks itself)
     assert "running" not in caplog.text
     assert before == {p: p.stat().st_mtime_ns for p in (work / "models").glob("*/model.pt")}
     # a changed saliency method (in a copy of the run) reruns the saliency step and nothing upstream of it

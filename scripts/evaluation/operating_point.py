@@ -20,7 +20,6 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from scripts.data import schema
-from scripts.engine.atomic import file_digest
 from scripts.evaluation.case_table import read_cases_csv, write_cases_csv
 from scripts.evaluation.metrics import THRESHOLD_RULES, binary_metrics, choose_threshold
 from scripts.model.calibration import Calibration, member_logits, write_operating_point
@@ -146,7 +145,6 @@ def choose_operating_point(
         "reader_sensitivity": reader_sens,
         "reader_matched": None,
         "model_file": Path(model_file).name,
-        "model_sha256": file_digest(model_file) if Path(model_file).is_file() else None,
         "class_names": schema.class_names(target),
     }
     if reader_sens is not None:
