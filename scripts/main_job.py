@@ -26,6 +26,7 @@ import torch
 
 from scripts.data import schema
 from scripts.engine.steps import Step, run_config, run_step
+from scripts.evaluation.metrics import THRESHOLD_RULES
 from scripts.model.calibration import OPERATING_POINT_FILE
 from scripts.model.inferers import native_cpu_bf16, precision_choice
 
@@ -452,7 +453,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
                 typ = float
             elif name in ("epochs_intermediate", "epochs_target"):
                 typ = int
-            p.add_argument(flag, type=typ, default=None)
+            choices = THRESHOLD_RULES if name == "threshold_rule" else None  # checked before any training
+            p.add_argument(flag, type=typ, default=None, choices=choices)
     p.add_argument(
         "--override",
         action="append",

@@ -260,3 +260,13 @@ def test_evaluation_inference_and_the_network_give_the_same_probability_and_call
         assert r["pred_label"] == case["call"]
         assert float(r["uncertainty"]) == pytest.approx(case["uncertainty"], abs=1e-4)
         assert float(r["threshold"]) == pytest.approx(median, rel=1e-5) and "test" in r["operating_point"]
+
+
+def test_the_main_job_refuses_an_unknown_rule_before_any_work(capsys):
+    from scripts.main_job import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--threshold-rule", "median"])
+    assert e.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
+    settings, _ = parse_args(["--threshold-rule", "radiologist"])
+    assert settings.threshold_rule == "radiologist"
