@@ -11,10 +11,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from monai.bundle import ConfigWorkflow
+
 from scripts.engine import fingerprint
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 logger = logging.getLogger("main_job")
+
+
+class _SkipLoggingFileNotice(logging.Filter):
+    """Drop MONAI's warning that ``logging_file=False`` skips its logging config: the main job sets up logging itself,
+    so the warning would be one of our own making on every step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Logging file is set to False")
+
+
+logging.getLogger("monai.bundle.workflows").addFilter(_SkipLoggingFileNotice())
 
 # overrides that only say where files are: their contents enter the fingerprint as input files, so a moved
 # bundle or dataset folder does not make finished steps stale
@@ -95,8 +108,6 @@ def _quote(word: str) -> str:
 
 def run_config(configs: Sequence[str], overrides: dict, run_id: str = "run") -> None:
     """Run one bundle workflow in this process (``initialize`` -> ``run_id`` -> ``finalize``)."""
-    from monai.bundle import ConfigWorkflow
-
     wf = ConfigWorkflow(
         config_file=[str(CONFIGS / c) for c in configs],
         meta_file=str(CONFIGS / "metadata.json"),
