@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.inferers import SimpleInferer
 
 from scripts.data.imageio import write_roi_png
 from scripts.data.inputs import InferenceInputError, LoadInputd, items_from_csv, select_inputs
 from scripts.data.prepare.dicom_writer import write_dicom
 from scripts.data.schema import load_split
 from scripts.data.transforms import LoadROId
+from scripts.model.inferers import FlipRotateInferer, dihedral_views
 from scripts.model.network import Ensemble
 from tests.app_bundle import read_predictions, run_inference_workflow
 from tests.conftest import REPO
@@ -69,7 +71,9 @@ def test_datalist_split_matches_the_eager_ensemble(bundle, tiny_data, tmp_path):
         "case", "status", "prob_benign", "prob_malignant", "pred_class", "pred_label", "uncertainty", "threshold",
         "operating_point", "error",
     ]  # fmt: skip
-    assert {r["operating_point"] for r in rows} == {"uncalibrated, threshold 0.5 (no operating point saved with the model)"}
+    assert {r["operating_point"] for r in rows} == {
+        "uncalibrated, threshold 0.5 (no operating point saved with the model)"
+    }
     load = LoadROId("image", image_size=SIZE)
     x = torch.stack([load({"image": it["image"]})["image"].as_tensor() for it in items])
     with torch.no_grad():
@@ -79,6 +83,33 @@ def test_datalist_split_matches_the_eager_ensemble(bundle, tiny_data, tmp_path):
     assert all(r["status"] == "ok" and r["error"] == "" for r in rows)
     assert [int(r["pred_class"]) for r in rows] == expected.argmax(1).tolist()
     assert {r["pred_label"] for r in rows} <= {"benign", "malignant"}
+
+
+def test_tta_averages_each_members_logits_over_the_eight_flips_and_rotations(bundle, tiny_data, tmp_path):
+    plain = run_inference(bundle, tmp_path / "plain", dataset_dir=str(tiny_data))
+    rows = run_inference(bundle, tmp_path / "tta", dataset_dir=str(tiny_data), tta=True)
+    items = load_split(tiny_data / "target" / "datalist.json", "test")
+    load = LoadROId("image", image_size=SIZE)
+    x = torch.stack([load({"image": it["image"]})["image"].as_tensor() for it in items])
+    ens = _ensemble(bundle)
+    with torch.no_grad():
+        logits = [torch.stack([m(view) for view in dihedral_views(x)]).mean(0) for m in ens.members]
+        expected = ens.combine(torch.stack([torch.softmax(z, dim=1) for z in logits])).numpy()
+    got = np.array([[float(r["prob_benign"]), float(r["prob_malignant"])] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert np.abs(got[:, 1] - np.array([float(r["prob_malignant"]) for r in plain])).max() > 1e-3
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    x = torch.arange(9.0).reshape(1, 1, 3, 3)
+    views = dihedral_views(x)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    assert torch.equal(views[0], x)
+    corners = torch.stack([v[0, 0, 0, 0] for v in views])  # each corner lands top-left twice
+    assert sorted(corners.tolist()) == [0.0, 0.0, 2.0, 2.0, 6.0, 6.0, 8.0, 8.0]
+    net = lambda t: t[:, :, 0, 0]  # noqa: E731
+    assert FlipRotateInferer(SimpleInferer())(x, net).item() == 4.0
+    assert FlipRotateInferer(SimpleInferer(), enabled=False)(x, net).item() == 0.0
 
 
 def test_png_loader_equals_training_loader(tmp_path):

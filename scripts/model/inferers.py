@@ -126,3 +126,33 @@ class AutocastInferer(Inferer):
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
             out = network(inputs, *args, **kwargs)
         return out.float() if isinstance(out, torch.Tensor) else out
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 views of a batch of square images under the symmetries of the square: rotations by 0, 90, 180 and 270
+    degrees, each with and without a left-right flip (the last two dimensions are the image's)."""
+    rotations = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
+    return rotations + [torch.flip(view, dims=(-1,)) for view in rotations]
+
+
+class FlipRotateInferer(Inferer):
+    """Test-time augmentation: the mean of ``inferer``'s outputs (a member's logits) over the 8 flips and 90-degree
+    rotations of the input (:func:`dihedral_views`); calcifications have no preferred orientation in a ROI.
+
+    Args:
+        inferer: runs the network on each view (e.g. :class:`AutocastInferer`).
+        enabled: ``False`` runs ``inferer`` once on the input as it is.
+    """
+
+    def __init__(self, inferer: Inferer, enabled: bool = True) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.enabled = parse_bool(enabled, "enabled")
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
+            return self.inferer(inputs, network, *args, **kwargs)
+        if isinstance(inputs, MetaTensor):
+            inputs = inputs.as_tensor()
+        outputs = [self.inferer(view, network, *args, **kwargs) for view in dihedral_views(inputs)]
+        return torch.stack(outputs).mean(dim=0)
