@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from scripts.data.schema import make_datalist, make_item, write_datalist
+from scripts.engine.steps import run_config
 from scripts.evaluation import clinical
 from scripts.evaluation import metrics as M
 from scripts.evaluation.case_table import write_cases_csv
@@ -22,8 +23,11 @@ from scripts.model.calibration import (
     operating_point_name,
     read_operating_point,
     threshold_of,
+    write_operating_point,
 )
 from scripts.model.network import Ensemble
+from tests.app_bundle import run_inference_workflow
+from tests.conftest import REPO
 
 
 def test_platt_fit_recovers_a_known_calibration():
@@ -198,11 +202,6 @@ def test_summary_with_an_operating_point_reports_calibration_decisions_and_the_r
 def test_evaluation_inference_and_the_network_give_the_same_probability_and_call(tiny_data, tmp_path):
     """The same ROI through the test evaluation's case table (configs/evaluate.json), configs/inference.json's
     predictions.csv and the exported network definition: one calibrated probability (<= 1e-4) and one call."""
-    from monai.bundle import ConfigWorkflow
-
-    from scripts.model.calibration import write_operating_point
-    from tests.app_bundle import run_inference_workflow
-    from tests.conftest import REPO
 
     root = tmp_path / "bundle"
     torch.manual_seed(0)
@@ -215,28 +214,12 @@ def test_evaluation_inference_and_the_network_give_the_same_probability_and_call
     op = {"threshold": 0.5, "rule": "fixed", "rule_description": "test", "calibration": {"scale": 0.7, "bias": 0.2}}
     write_operating_point(root / "models" / "model.pt", op)
     common = dict(bundle_root=str(root), dataset_dir=str(tiny_data), arch="resnet18", image_size=64, amp=False)
-    wf = ConfigWorkflow(
-        config_file=[str(REPO / "configs" / "train.json"), str(REPO / "configs" / "evaluate.json")],
-        meta_file=str(REPO / "configs" / "metadata.json"),
-        logging_file=False,
-        **common,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    run_config(("train.json", "evaluate.json"), common)
     cases = {r["case"]: r for r in M.read_cases_csv(root / "results" / "cases_test.csv")}
     median = float(np.median([r["prob"] for r in cases.values()]))
     op["threshold"] = median
     write_operating_point(root / "models" / "model.pt", op)
-    wf = ConfigWorkflow(
-        config_file=[str(REPO / "configs" / "train.json"), str(REPO / "configs" / "evaluate.json")],
-        meta_file=str(REPO / "configs" / "metadata.json"),
-        logging_file=False,
-        **common,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    run_config(("train.json", "evaluate.json"), common)
     cases = {r["case"]: r for r in M.read_cases_csv(root / "results" / "cases_test.csv")}
     rows = run_inference_workflow(REPO / "configs", tmp_path / "eval", **common, roi_size=64, batch_size=4)
     assert len(rows) == len(cases) > 4
