@@ -2,7 +2,7 @@
 
 The deployed score is ``sigmoid(scale * mean_k logit(p_k) + bias)``: the members' malignant probabilities ``p_k``
 are averaged on the log-odds scale (clamped to ``[EPS, 1 - EPS]``), then mapped by a Platt (logistic) calibration
-fitted on the members' out-of-fold predictions (``scripts/evaluation/calibration.py``; docs/evaluation.md says why).
+fitted on the members' out-of-fold predictions (``scripts/evaluation/operating_point.py``; docs/evaluation.md says why).
 This module holds the one definition of that score, used by the network (:class:`scripts.model.network.Ensemble`,
 so TorchScript/ONNX exports, ``configs/inference.json`` and the apps return it) and by the evaluation (case tables),
 and reads/writes ``models/operating_point.json``: the calibration, the decision threshold, the rule that chose it
@@ -84,7 +84,7 @@ def read_operating_point(model_file: str | os.PathLike, required: bool = False) 
     path = operating_point_path(model_file)
     if not path.is_file():
         if required:
-            raise FileNotFoundError(f"{path} not found: run the metrics step (configs/summarize.json) first")
+            raise FileNotFoundError(f"{path} not found: run the operating point step first (configs/summarize.json, run id operating_point)")
         logger.warning(
             "no operating point beside %s (%s missing): uncalibrated mean of the members' probabilities, call at 0.5",
             model_file,
