@@ -14,6 +14,7 @@ their order and the overrides that the command-line flags give; each step's fing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -83,6 +84,7 @@ class Settings:
     n_boot: int = _default("summarize.json", "n_boot")
     saliency: bool = True
     saliency_method: str = _default("saliency.json", "saliency#method")
+    config: tuple[str, ...] = ()  # overlays configs/<name>.json, merged after each step's own configs
     extra_overrides: dict = field(default_factory=dict)
 
     @classmethod
@@ -292,7 +294,21 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         )
         report_inputs["localisation"] = loc
     steps.append(Step("report", summarize, over, results / "report.html", report_inputs, run_id="report"))
-    return steps
+    overlays = tuple(f"{name}.json" for name in s.config)
+    return [dataclasses.replace(step, configs=step.configs + overlays) for step in steps]
+
+
+def read_overlay(name: str) -> dict:
+    """``configs/<name>.json``, a config overlay of top-level settings (e.g. ``paper_resnext``)."""
+    path = CONFIGS / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.json"))
+        raise ValueError(f"--config {name}: {path} not found (configs: {', '.join(known)})")
+    overlay = json.loads(path.read_text())
+    nested = [k for k in overlay if "#" in k]
+    if nested:
+        raise ValueError(f"{path}: an overlay sets top-level ids only (every step's configs must have them): {nested}")
+    return overlay
 
 
 def environment() -> dict:
@@ -442,7 +458,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
     p.add_argument("--dry-run", action="store_true", help="print the bundle commands of each step, run nothing")
     defaults = Settings()
     for name, value in asdict(defaults).items():
-        if name == "extra_overrides":
+        if name in ("extra_overrides", "config"):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool) or name == "amp":
@@ -456,6 +472,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
             choices = THRESHOLD_RULES if name == "threshold_rule" else None  # checked before any training
             p.add_argument(flag, type=typ, default=None, choices=choices)
     p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a config overlay, configs/NAME.json, merged after every step's configs; its settings become this job's "
+        "defaults (paper_resnext: the paper's ResNeXt50 recipe) (repeatable)",
+    )
+    p.add_argument(
         "--override",
         action="append",
         default=[],
@@ -463,7 +487,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
         help="extra config override, e.g. --override 'train#dataloader#num_workers=2' (repeatable)",
     )
     a = p.parse_args(argv)
-    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "override", "dry_run")}
+    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "override", "dry_run", "config")}
+    overlaid: dict = {}
+    for name in a.config:  # a later overlay wins, as in a config_file list
+        try:
+            overlaid.update(read_overlay(name))
+        except ValueError as e:
+            p.error(str(e))
+    # an overlay's settings are the defaults of this job's flags of the same name; a flag given still wins
+    fields = set(asdict(defaults)) - {"config", "extra_overrides"}
+    given = {**{k: v for k, v in overlaid.items() if k in fields}, **given, "config": tuple(a.config)}
     extra = {}
     for o in a.override:
         key, _, val = o.partition("=")

@@ -6,17 +6,20 @@ import dataclasses
 import json
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from scripts.data import schema
 from scripts.evaluation.metrics import read_cases_csv
-from scripts.main_job import run_pipeline
+from scripts.main_job import data_steps, parse_args, plan, run_pipeline
 from scripts.model.calibration import Calibration
 from scripts.model.network import Ensemble
-from tests.conftest import tiny_settings
+from tests.conftest import REPO, tiny_settings
 
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
 
@@ -175,6 +178,29 @@ def test_separate_datalists_and_a_target_without_an_intermediate_set(tiny_data, 
     assert summary["data"]["intermediate_source"] == "synthetic film"
     assert (tmp_path / "b" / "data" / "synthetic" / "film" / "datalist.json").is_file()
     assert not (tmp_path / "b" / "data" / "synthetic" / "target").exists()
+
+
+def test_paper_resnext_overlay_sets_the_recipe_and_trains_from_a_local_weights_file(tiny_data, tmp_path):
+    """configs/paper_resnext.json: one overlay away for the bundle runner and for the main job (``--config``)."""
+    s, _ = parse_args(["--config", "paper_resnext"])
+    assert (s.arch, s.image_size, s.learning_rate, s.config) == ("resnext50_32x4d", 224, 0.001, ("paper_resnext",))
+    assert parse_args(["--config", "paper_resnext", "--image-size", "64"])[0].image_size == 64  # a flag still wins
+    steps = plan(s, data_steps(s, tmp_path))
+    assert all(step.configs[-1] == "paper_resnext.json" for step in steps)
+    torch.manual_seed(0)
+    weights = tmp_path / "resnext50_32x4d-local.pth"  # a local weights file in torchvision's format
+    torch.save(torchvision.models.resnext50_32x4d().state_dict(), weights)
+    configs = "['configs/train.json','configs/stage_intermediate.json','configs/paper_resnext.json']"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(tmp_path / "b"),
+        "--dataset_dir", str(tiny_data), "--init_weights", str(weights), "--image_size", "64", "--batch_size", "8",
+        "--train#trainer#max_epochs", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{weights.name}: loaded" in proc.stderr + proc.stdout
+    state = torch.load(tmp_path / "b" / "models" / "intermediate" / "model.pt", weights_only=True)
+    assert any(k.startswith("backbone.layer4.") for k in state)
 
 
 def _recipe_block(text: str) -> str:

@@ -84,7 +84,9 @@ def read_operating_point(model_file: str | os.PathLike, required: bool = False) 
     path = operating_point_path(model_file)
     if not path.is_file():
         if required:
-            raise FileNotFoundError(f"{path} not found: run the operating point step first (configs/summarize.json, run id operating_point)")
+            raise FileNotFoundError(
+                f"{path} not found: run the operating point step first (configs/summarize.json, run id operating_point)"
+            )
         logger.warning(
             "no operating point beside %s (%s missing): uncalibrated mean of the members' probabilities, call at 0.5",
             model_file,
