@@ -23,7 +23,7 @@ its request). The invariants (0 lost, 0 wrong, 0 server errors for good uploads,
 warm-up answer right, no entry left in the temporary folder) decide the exit status: 1 when one fails. A benchmark,
 not a timed test: nothing is asserted about speed or memory.
 
-    python benchmarks/label_load.py                         # 4 clients x 50 requests on the tiny bundle (~3 minutes)
+    python benchmarks/label_load.py                         # 4 clients x 50 requests on the tiny bundle (~35 s)
     python benchmarks/label_load.py --clients 8 --requests 25 --bundle /path/to/bundle
 """
 
