@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import data_path, inference_latency, scaling, train_throughput  # noqa: E402
+from benchmarks import data_path, inference_latency, label_load, scaling, train_throughput  # noqa: E402
 from benchmarks._common import RESULTS, fmt, table  # noqa: E402
 
 COLUMNS = {
@@ -19,6 +19,7 @@ COLUMNS = {
     "data_path": data_path.COLUMNS,
     "inference_latency": inference_latency.COLUMNS,
     "scaling": scaling.COLUMNS,
+    "label_load": label_load.KIND_COLUMNS,
 }
 
 
@@ -36,6 +37,9 @@ def render(path: Path) -> str:
         "",
         table(res["rows"], COLUMNS[res["benchmark"]]),
     ]
+    if res["benchmark"] == "label_load":
+        summary = label_load.summary_rows(res["summary"], res["invariants"])
+        lines += ["", f"Bundle: {res['bundle']['what']}.", "", table(summary, label_load.SUMMARY_COLUMNS)]
     verdict = res.get("epoch_verdict")
     if verdict:
         cols = ["train_size", "train_img_per_s", "data_path", "data_img_per_s", "data_share_of_epoch", "limits"]
