@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from scripts.evaluation.intervals import bootstrap_ci, roc_auc, wilson_ci
+from scripts.evaluation.intervals import bootstrap_ci, json_float, roc_auc, wilson_ci
 
 DECISION_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(1, 100))
 REFERRAL_FRACTIONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -61,14 +61,15 @@ def decision_curve(
     return out
 
 
-def _f(x: float | None) -> float | None:
-    """A JSON-safe float (``None`` for missing or non-finite)."""
-    return None if x is None or not np.isfinite(x) else float(x)
-
-
 def _count(k: int, n: int) -> dict:
     lo, hi = wilson_ci(k, n)
-    return {"count": int(k), "of": int(n), "fraction": _f(k / n) if n else None, "ci_low": _f(lo), "ci_high": _f(hi)}
+    return {
+        "count": int(k),
+        "of": int(n),
+        "fraction": json_float(k / n) if n else None,
+        "ci_low": json_float(lo),
+        "ci_high": json_float(hi),
+    }
 
 
 def biopsies_avoided(
@@ -158,9 +159,9 @@ def referral_curve(
                 "referred": k,
                 "kept": int(kept.size),
                 "error_rate": float(wrong[kept].mean()),
-                "auc": _f(roc_auc(y[kept], p[kept])) if len(np.unique(y[kept])) == 2 else None,
+                "auc": json_float(roc_auc(y[kept], p[kept])) if len(np.unique(y[kept])) == 2 else None,
                 "random_error_rate": float(np.mean(rand_err)),
-                "random_auc": _f(np.nanmean(rand_auc)),
+                "random_auc": json_float(np.nanmean(rand_auc)),
             }
         )
     return {"threshold": float(threshold), "uncertainty": "SD of the members' malignant probabilities", "rows": rows}

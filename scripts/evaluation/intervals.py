@@ -11,7 +11,7 @@ import numpy as np
 from scipy import stats
 
 
-def _f(x: Any) -> float | None:
+def json_float(x: Any) -> float | None:
     """Python float for JSON; NaN/inf become None."""
     if x is None:
         return None
@@ -19,7 +19,8 @@ def _f(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _as_labels(labels: Iterable) -> np.ndarray:
+def as_labels(labels: Iterable) -> np.ndarray:
+    """Binary labels as a 1-D array (0 = benign, 1 = malignant); anything else is refused."""
     y = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels)
     if y.ndim != 1:
         raise ValueError("labels must be one-dimensional")
@@ -28,7 +29,8 @@ def _as_labels(labels: Iterable) -> np.ndarray:
     return y.astype(int)
 
 
-def _as_scores(scores: Iterable, n: int) -> np.ndarray:
+def as_scores(scores: Iterable, n: int) -> np.ndarray:
+    """Scores as a float array of shape ``(n,)``; another shape is refused."""
     s = np.asarray(list(scores) if not isinstance(scores, np.ndarray) else scores, dtype=float)
     if s.shape != (n,):
         raise ValueError(f"scores must have shape ({n},), got {s.shape}")
@@ -37,7 +39,8 @@ def _as_scores(scores: Iterable, n: int) -> np.ndarray:
     return s
 
 
-def _both_classes(y: np.ndarray) -> bool:
+def has_both_classes(y: np.ndarray) -> bool:
+    """Whether the labels hold both benign and malignant cases (an AUC needs both)."""
     return bool(y.size) and 0 < int(y.sum()) < y.size
 
 
@@ -46,9 +49,9 @@ def _both_classes(y: np.ndarray) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 def roc_auc(labels: Iterable, scores: Iterable) -> float:
     """Area under the empirical ROC curve (ties count 1/2); NaN when one class is absent."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
-    if not _both_classes(y):
+    y = as_labels(labels)
+    s = as_scores(scores, y.size)
+    if not has_both_classes(y):
         return float("nan")
     m = int(y.sum())
     n = y.size - m
@@ -58,8 +61,8 @@ def roc_auc(labels: Iterable, scores: Iterable) -> float:
 
 def roc_curve_points(labels: Iterable, scores: Iterable) -> dict:
     """Empirical ROC: ``fpr``, ``tpr``, ``thresholds`` (descending; the first is +inf = nothing positive)."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
+    y = as_labels(labels)
+    s = as_scores(scores, y.size)
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted = s[order], y[order]
     last_of_group = np.r_[np.where(np.diff(s_sorted) != 0)[0], y.size - 1]
@@ -93,10 +96,10 @@ def _delong_components(y: np.ndarray, score_matrix: np.ndarray) -> tuple[np.ndar
 
 def delong_covariance(labels: Iterable, score_list: Sequence[Iterable]) -> tuple[np.ndarray, np.ndarray]:
     """AUCs and their DeLong covariance matrix for several scores on the same cases."""
-    y = _as_labels(labels)
-    if not _both_classes(y):
+    y = as_labels(labels)
+    if not has_both_classes(y):
         raise ValueError("DeLong needs at least one positive and one negative case")
-    mat = np.vstack([_as_scores(s, y.size) for s in score_list])
+    mat = np.vstack([as_scores(s, y.size) for s in score_list])
     aucs, v10, v01 = _delong_components(y, mat)
     m, n = v10.shape[1], v01.shape[1]
     s10 = np.atleast_2d(np.cov(v10, ddof=1)) if m > 1 else np.zeros((len(aucs), len(aucs)))
@@ -112,8 +115,8 @@ def delong_variance(labels: Iterable, scores: Iterable) -> tuple[float, float]:
 
 def delong_ci(labels: Iterable, scores: Iterable, alpha: float = 0.05) -> dict:
     """AUC with a normal-approximation (1-alpha) CI from the DeLong variance, clipped to [0, 1]."""
-    y = _as_labels(labels)
-    if not _both_classes(y):
+    y = as_labels(labels)
+    if not has_both_classes(y):
         return {"auc": None, "se": None, "ci_low": None, "ci_high": None, "method": "DeLong", "alpha": alpha}
     auc, var = delong_variance(y, scores)
     se = math.sqrt(max(var, 0.0))
@@ -156,7 +159,7 @@ def delong_paired_test(labels: Iterable, scores_a: Iterable, scores_b: Iterable,
 # ----------------------------------------------------------------------------------------------------------------------
 # bootstrap
 # ----------------------------------------------------------------------------------------------------------------------
-def _cluster_inverse(n: int, clusters: Iterable | None) -> tuple[np.ndarray, int]:
+def cluster_index(n: int, clusters: Iterable | None) -> tuple[np.ndarray, int]:
     """Cluster number of each row (rows are their own clusters when ``clusters`` is None) and the cluster count."""
     if clusters is None:
         return np.arange(n), n
@@ -167,7 +170,7 @@ def _cluster_inverse(n: int, clusters: Iterable | None) -> tuple[np.ndarray, int
     return inv.ravel(), int(inv.max()) + 1 if n else 0
 
 
-def _boot_weights(rng: np.random.Generator, inv: np.ndarray, n_clusters: int) -> np.ndarray:
+def bootstrap_weights(rng: np.random.Generator, inv: np.ndarray, n_clusters: int) -> np.ndarray:
     """Row weights of one cluster-bootstrap resample: how often each row's cluster was drawn."""
     counts = np.bincount(rng.integers(0, n_clusters, size=n_clusters), minlength=n_clusters)
     return counts[inv].astype(float)
@@ -197,11 +200,11 @@ def bootstrap_ci(
     ``weights`` (length ``n``) says how many times each row was drawn, which is equivalent to resampling rows with
     their cluster. Replicates where ``stat_fn`` gives None/NaN (e.g. no positives drawn) are dropped and counted.
     """
-    inv, n_clusters = _cluster_inverse(n, clusters)
+    inv, n_clusters = cluster_index(n, clusters)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(int(n_boot)):
-        v = stat_fn(_boot_weights(rng, inv, n_clusters))
+        v = stat_fn(bootstrap_weights(rng, inv, n_clusters))
         if v is None or not np.all(np.isfinite(v)):
             continue
         values.append(v)
@@ -216,8 +219,8 @@ def bootstrap_ci(
         return {"ci_low": None, "ci_high": None, **base}
     lo, hi = np.percentile(np.asarray(values, dtype=float), [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
     return {
-        "ci_low": _f(lo) if np.ndim(lo) == 0 else [_f(x) for x in lo],
-        "ci_high": _f(hi) if np.ndim(hi) == 0 else [_f(x) for x in hi],
+        "ci_low": json_float(lo) if np.ndim(lo) == 0 else [json_float(x) for x in lo],
+        "ci_high": json_float(hi) if np.ndim(hi) == 0 else [json_float(x) for x in hi],
         **base,
     }
 
@@ -225,12 +228,12 @@ def bootstrap_ci(
 def bootstrap_auc_ci(labels: Iterable, scores: Iterable, clusters: Iterable | None = None, **options: Any) -> dict:
     """Percentile bootstrap CI of the AUC, resampling patients (``clusters``) with replacement when given;
     ``options``: ``n_boot``, ``seed``, ``alpha`` of :func:`bootstrap_ci` (same defaults)."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
+    y = as_labels(labels)
+    s = as_scores(scores, y.size)
     uniq, level = np.unique(s, return_inverse=True)
     level = level.ravel()
     out = bootstrap_ci(lambda w: _weighted_auc(y, level, uniq.size, w), y.size, clusters=clusters, **options)
-    out["auc"] = _f(roc_auc(y, s))
+    out["auc"] = json_float(roc_auc(y, s))
     return out
 
 

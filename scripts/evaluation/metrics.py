@@ -25,18 +25,18 @@ from scripts.data.schema import TARGET_CLASSES, default_reference_standard
 from scripts.evaluation.case_table import CASE_COLUMNS, member_keys, read_cases_csv, write_cases_csv
 from scripts.evaluation.clinical import biopsies_avoided, decision_curve, referral_curve
 from scripts.evaluation.intervals import (
-    _as_labels,
-    _as_scores,
-    _boot_weights,
-    _both_classes,
-    _cluster_inverse,
-    _f,
+    as_labels,
+    as_scores,
     bootstrap_auc_ci,
     bootstrap_ci,
+    bootstrap_weights,
+    cluster_index,
     delong_ci,
     delong_covariance,
     delong_paired_test,
     delong_variance,
+    has_both_classes,
+    json_float,
     roc_auc,
     roc_curve_points,
     wilson_ci,
@@ -116,15 +116,15 @@ def binary_metrics(
     (``ci_low``/``ci_high``; F1 has none); with ``n_boot > 0`` a percentile bootstrap CI (``boot_ci``) is added,
     resampling ``clusters`` (patients) when given.
     """
-    y = _as_labels(labels)
-    s = _as_scores(scores_or_preds, y.size)
+    y = as_labels(labels)
+    s = as_scores(scores_or_preds, y.size)
     pred = (s >= threshold).astype(int) if threshold is not None else s.astype(int)
     if threshold is None and not np.all(np.isin(s, (0, 1))):
         raise ValueError("threshold=None needs 0/1 predictions")
     tn, fp, fn, tp = _confusion(y, pred)
     values = _metric_values(tn, fp, fn, tp)
     out: dict[str, Any] = {
-        "threshold": _f(threshold) if threshold is not None else None,
+        "threshold": json_float(threshold) if threshold is not None else None,
         "n": int(y.size),
         "n_pos": int(y.sum()),
         "n_neg": int(y.size - y.sum()),
@@ -132,27 +132,27 @@ def binary_metrics(
         "ci_method": f"Wilson score {100 * (1 - alpha):g}%",
     }
     for name in METRIC_NAMES:
-        entry: dict[str, Any] = {"value": _f(values[name])}
+        entry: dict[str, Any] = {"value": json_float(values[name])}
         if name in _PROPORTIONS:
             num, den = _PROPORTIONS[name]
             k, d = num(tn, fp, fn, tp), den(tn, fp, fn, tp)
             lo, hi = wilson_ci(k, d, alpha)
-            entry.update({"num": k, "den": d, "ci_low": _f(lo), "ci_high": _f(hi)})
+            entry.update({"num": k, "den": d, "ci_low": json_float(lo), "ci_high": json_float(hi)})
         out[name] = entry
     if n_boot and n_boot > 0:
         masks = [(y == 0) & (pred == 0), (y == 0) & (pred == 1), (y == 1) & (pred == 0), (y == 1) & (pred == 1)]
-        inv, n_clusters = _cluster_inverse(y.size, clusters)
+        inv, n_clusters = cluster_index(y.size, clusters)
         rng = np.random.default_rng(seed)
         reps = np.empty((int(n_boot), len(METRIC_NAMES)))
         for b in range(int(n_boot)):
-            w = _boot_weights(rng, inv, n_clusters)
+            w = bootstrap_weights(rng, inv, n_clusters)
             v = _metric_values(*(float(np.sum(w[m])) for m in masks))
             reps[b] = [v[k] for k in METRIC_NAMES]
         for j, name in enumerate(METRIC_NAMES):
             col = reps[:, j][np.isfinite(reps[:, j])]  # undefined replicates (e.g. no predicted positives) dropped
             if col.size:
                 lo, hi = np.percentile(col, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-                out[name]["boot_ci"] = [_f(lo), _f(hi)]
+                out[name]["boot_ci"] = [json_float(lo), json_float(hi)]
             else:
                 out[name]["boot_ci"] = [None, None]
         out["boot"] = {
@@ -187,9 +187,9 @@ def choose_threshold(
         return {"threshold": float(value), "rule": "fixed", "value": float(value), "n": 0, "description": desc}
     if rule not in ("youden", "sensitivity", "specificity"):
         raise ValueError(f"unknown threshold rule {rule!r}; use one of {', '.join(THRESHOLD_RULES)}")
-    y = _as_labels(labels)
-    s = _as_scores(probs, y.size)
-    if not _both_classes(y):
+    y = as_labels(labels)
+    s = as_scores(probs, y.size)
+    if not has_both_classes(y):
         raise ValueError(f"threshold rule {rule!r} needs both classes in the {data_name} data")
     u = np.unique(s)[::-1]  # descending distinct scores
     # candidate c_i classifies scores >= u[i] as positive; placed midway to the next lower distinct score
@@ -223,7 +223,7 @@ def choose_threshold(
     return {
         "threshold": float(cands[i]),
         "rule": rule,
-        "value": _f(value),
+        "value": json_float(value),
         "n": int(n),
         "n_pos": int(y.sum()),
         "n_neg": int(n - y.sum()),
@@ -238,8 +238,8 @@ def choose_threshold(
 # ----------------------------------------------------------------------------------------------------------------------
 def brier_score(labels: Iterable, probs: Iterable) -> float:
     """Mean squared difference between predicted malignant probability and outcome."""
-    y = _as_labels(labels)
-    p = _as_scores(probs, y.size)
+    y = as_labels(labels)
+    p = as_scores(probs, y.size)
     return float(np.mean((p - y) ** 2)) if y.size else float("nan")
 
 
@@ -249,8 +249,8 @@ def reliability_curve(labels: Iterable, probs: Iterable, n_bins: int = 10) -> di
     Returns per non-empty bin the mean predicted probability, observed malignant fraction (with Wilson CI) and
     count, plus the expected calibration error (count-weighted mean |observed - predicted|).
     """
-    y = _as_labels(labels)
-    p = _as_scores(probs, y.size)
+    y = as_labels(labels)
+    p = as_scores(probs, y.size)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     ids = np.clip(np.searchsorted(edges[1:-1], p, side="left"), 0, n_bins - 1)
     bins = []
@@ -271,11 +271,11 @@ def reliability_curve(labels: Iterable, probs: Iterable, n_bins: int = 10) -> di
                 "n": k,
                 "mean_pred": mean_pred,
                 "frac_pos": frac,
-                "ci_low": _f(lo),
-                "ci_high": _f(hi),
+                "ci_low": json_float(lo),
+                "ci_high": json_float(hi),
             }
         )
-    return {"n_bins": n_bins, "bins": bins, "ece": _f(ece / y.size) if y.size else None}
+    return {"n_bins": n_bins, "bins": bins, "ece": json_float(ece / y.size) if y.size else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -288,8 +288,8 @@ def operating_point_at_sensitivity(labels: Iterable, scores: Iterable, target: f
     interpolation). ``interpolated``: specificity read off the linearly interpolated empirical ROC at exactly
     ``target`` (the best specificity at that sensitivity among randomised mixtures of adjacent thresholds).
     """
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
+    y = as_labels(labels)
+    s = as_scores(scores, y.size)
     roc = roc_curve_points(y, s)
     tpr, fpr, thr = roc["tpr"], roc["fpr"], roc["thresholds"]
     # first ROC point (highest threshold) reaching the target; interpolate between it and the point before
@@ -301,7 +301,7 @@ def operating_point_at_sensitivity(labels: Iterable, scores: Iterable, target: f
         fpr_interp = float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
     return {
         "target_sensitivity": float(target),
-        "threshold": _f(thr[i]),
+        "threshold": json_float(thr[i]),
         "sensitivity": float(tpr[i]),
         "specificity": float(1 - fpr[i]),
         "specificity_interpolated": float(1 - fpr_interp),
@@ -314,14 +314,14 @@ def operating_point_at_sensitivity(labels: Iterable, scores: Iterable, target: f
 
 def operating_point_at_specificity(labels: Iterable, scores: Iterable, target: float) -> dict:
     """The model's sensitivity at the lowest threshold whose specificity is >= ``target`` (attainable point)."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.size)
+    y = as_labels(labels)
+    s = as_scores(scores, y.size)
     roc = roc_curve_points(y, s)
     spec = 1 - roc["fpr"]
     i = int(np.flatnonzero(spec >= target - 1e-12)[-1])
     return {
         "target_specificity": float(target),
-        "threshold": _f(roc["thresholds"][i]),
+        "threshold": json_float(roc["thresholds"][i]),
         "sensitivity": float(roc["tpr"][i]),
         "specificity": float(spec[i]),
         "method": "lowest model threshold with specificity >= target (no interpolation)",
@@ -344,8 +344,8 @@ def birads_comparison(
     sensitivity/specificity/PPV/NPV; the AUCs are compared by DeLong's paired test; the model's specificity is
     read at the radiologist's sensitivity (and its sensitivity at the radiologist's specificity).
     """
-    y_all = _as_labels(labels)
-    p_all = _as_scores(probs, y_all.size)
+    y_all = as_labels(labels)
+    p_all = as_scores(probs, y_all.size)
     b_list = list(birads)
     if len(b_list) != y_all.size:
         raise ValueError("birads must have one entry per case")
@@ -364,7 +364,7 @@ def birads_comparison(
         "n_excluded_missing_birads": int((~keep).sum()),
         "birads_counts": {str(int(k)): int(v) for k, v in zip(*np.unique(b, return_counts=True))} if b.size else {},
     }
-    if not _both_classes(y):
+    if not has_both_classes(y):
         out["error"] = "the lesions with a BI-RADS category do not contain both classes"
         return out
     out["birads_auc"] = delong_ci(y, b, alpha)
@@ -441,8 +441,8 @@ def summarize(
             f"threshold rule {threshold_rule!r} needs validation rows (val_rows); the threshold is never tuned on "
             "the test set. Pass val_rows, or use threshold_rule='fixed' with threshold_value."
         )
-    y = _as_labels([int(r["label"]) for r in test_rows])
-    p = _as_scores([float(r["prob"]) for r in test_rows], y.size)
+    y = as_labels([int(r["label"]) for r in test_rows])
+    p = as_scores([float(r["prob"]) for r in test_rows], y.size)
     patients = [str(r.get("patient")) for r in test_rows]
 
     if operating_point is not None:
@@ -480,7 +480,7 @@ def summarize(
         sel = [i for i, r in enumerate(test_rows) if r.get(k) is not None and r.get(k) != ""]
         ym = y[sel]
         pm = np.array([float(test_rows[i][k]) for i in sel])
-        members[k] = delong_ci(ym, pm, alpha) if _both_classes(ym) else {"auc": None}
+        members[k] = delong_ci(ym, pm, alpha) if has_both_classes(ym) else {"auc": None}
         members[k]["n"] = len(sel)
     out["members"] = members
     out["metrics"] = binary_metrics(y, p, thr["threshold"], clusters=patients, n_boot=n_boot, seed=seed, alpha=alpha)
