@@ -64,3 +64,21 @@ def test_digest_of_is_order_independent_and_stable():
     assert F.digest_of({"a": 1, "b": [2, 3]}) == F.digest_of({"b": [2, 3], "a": 1})
     # the preparation fingerprint of earlier versions (sha256 of the sorted-key JSON), so prepared folders stay current
     assert F.digest_of({"b": 2, "a": 1}) == hashlib.sha256(b'{"a": 1, "b": 2}').hexdigest()
+
+
+def test_training_fingerprint_sees_every_augmentation_parameter():
+    """train.json's resume fingerprint changes with a parameter of one augmentation, not only with its class."""
+    from monai.bundle import ConfigParser
+
+    from tests.conftest import REPO
+
+    def digest(**overrides) -> str:
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "configs" / "train.json"))
+        parser.update(overrides)
+        return parser.get_parsed_content("run_fingerprint")
+
+    base = digest()
+    assert digest() == base  # the same config, the same fingerprint
+    assert digest(**{"train#random_transforms#3#factors": 0.2}) != base  # RandScaleIntensityd's range
+    assert digest(**{"train#random_transforms#0#prob": 0.25}) != base

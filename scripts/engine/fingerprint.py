@@ -58,6 +58,24 @@ class Fingerprint:
         return out
 
 
+def describe(obj: Any, depth: int = 3) -> Any:
+    """A JSON-able description of ``obj`` for a fingerprint: numbers, strings and ``None`` as they are, sequences and
+    mappings item by item, other objects as their class name and public attributes (``depth`` levels of objects
+    deep), so that changing any parameter of, say, an augmentation changes the description."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [describe(v, depth) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): describe(v, depth) for k, v in obj.items()}
+    if isinstance(obj, type):
+        return obj.__name__
+    if depth <= 0 or not hasattr(obj, "__dict__"):
+        return type(obj).__name__
+    public = {k: describe(v, depth - 1) for k, v in vars(obj).items() if not k.startswith("_")}
+    return {"class": type(obj).__name__, **public}
+
+
 def compute(
     configs: Sequence[PathLike] = (),
     settings: Mapping[str, Any] | None = None,
