@@ -45,7 +45,6 @@ class SaliencySettings:
             the first ``randomisation_images`` inputs.
         class_names: class names, index = class.
         seed: seed of the randomisation check.
-        log_every: progress line every this many ROIs.
     """
 
     method: str = "hirescam"
@@ -63,7 +62,6 @@ class SaliencySettings:
     randomisation_images: int = 4
     class_names: Sequence[str] = TARGET_CLASSES
     seed: int = 0
-    log_every: int = 20
 
     def __post_init__(self) -> None:
         self.layer = none_if_off(self.layer)

@@ -116,6 +116,69 @@ def _settings_record(s: SaliencySettings, layer: str, cell_px: tuple[float, floa
     }
 
 
+class _Collected:
+    """What the loop over batches gathers: one row per readable ROI, localisation records for the masked ones, gallery
+    examples per outcome group and the first ROIs (with their maps) for the randomisation check."""
+
+    def __init__(self, settings: SaliencySettings, out_dir: Path) -> None:
+        self.s, self.out_dir = settings, out_dir
+        self.rows: list[dict] = []
+        self.records: list[dict] = []
+        self.errors: list[dict] = []
+        self.used: set[str] = set()
+        self.gallery: dict[str, list[dict]] = {name: [] for name, _, _ in OUTCOMES}
+        self.gallery["label unknown"] = []
+        self.rand_x: list[torch.Tensor] = []
+        self.rand_maps: list[np.ndarray] = []
+
+    def keep_for_randomisation(self, x: torch.Tensor, maps: np.ndarray) -> None:
+        """The first ``randomisation_images`` ROIs and their trained maps."""
+        k = self.s.randomisation_images - len(self.rand_x) if self.s.randomisation else 0
+        if k > 0:
+            self.rand_x.extend(x[:k])
+            self.rand_maps.extend(maps[:k])
+
+    def add(self, item: Mapping, roi: np.ndarray, cam_map: np.ndarray, prob: float, tolerance_px: float) -> None:
+        """Score one ROI, write its overlay and NIfTI map, and keep its row."""
+        s, size = self.s, roi.shape
+        case, pred = str(item.get("case")), int(prob >= s.threshold)
+        label = None if item.get("label") is None else int(item["label"])
+        correct = None if label is None else bool(pred == label)
+        name = _safe_name(case, self.used)
+        mask = load_mask(item["mask"], size, case) if item.get("mask") else None
+        row = {"case": case, "label": label, "prob_malignant": prob, "pred": pred, "correct": correct}
+        row.update({"overlay": f"overlays/{name}.png", "map": f"maps/{name}.nii.gz"})
+        if mask is not None:
+            loc = localisation_metrics(cam_map, mask, tolerance_px, s.iou_threshold)
+            self.records.append({"case": case, "label": label, "correct": correct, **loc})
+            row.update(loc)
+        self.rows.append(row)
+        save_map_nifti(self.out_dir / "maps" / f"{name}.nii.gz", cam_map, s.spacing_mm)
+        lines = _overlay_lines(s, case, prob, pred, label)
+        save_png(self.out_dir / "overlays" / f"{name}.png", render_overlay(roi, cam_map, lines, mask))
+        group = next((g for g, lab, ok in OUTCOMES if lab == label and ok == correct), "label unknown")
+        if len(self.gallery[group]) < s.gallery_per_group:
+            self.gallery[group].append(gallery_example(roi, cam_map, mask, case, prob))
+
+    def gallery_groups(self) -> dict[str, list[dict]]:
+        """The outcome groups to draw; ROIs without a label form one row (alone when no ROI has one)."""
+        gallery = {k: v for k, v in self.gallery.items() if k != "label unknown"}
+        unknown = self.gallery["label unknown"]
+        if unknown:
+            gallery = gallery if any(gallery.values()) else {}
+            gallery["label unknown"] = unknown
+        return gallery
+
+    def counts(self) -> dict[str, int]:
+        rows = self.rows
+        counts = {"n": len(rows), "with_mask": len(self.records), "unmasked": len(rows) - len(self.records)}
+        counts["errors"] = len(self.errors)
+        for gname, glabel, gcorrect in OUTCOMES:
+            counts[gname] = sum(1 for r in rows if r["label"] == glabel and r["correct"] == gcorrect)
+        counts["label unknown"] = sum(1 for r in rows if r["label"] is None)
+        return counts
+
+
 def run_saliency(
     items: Sequence[Mapping],
     ensemble: nn.Module,
@@ -150,80 +213,39 @@ def run_saliency(
         logger.warning("saliency: no spacing_mm: NIfTI maps written with 1.0 mm pitch")
     ensemble = ensemble.to(device).eval()
     t0 = time.time()
-    rows: list[dict] = []
-    records: list[dict] = []
-    errors: list[dict] = []
-    used: set[str] = set()
-    gallery: dict[str, list[dict]] = {name: [] for name, _, _ in OUTCOMES}
-    gallery["label unknown"] = []
-    rand_x: list[torch.Tensor] = []
-    rand_maps: list[np.ndarray] = []
+    got = _Collected(s, out_dir)
     size = None
     logger.info("saliency: %d inputs, method=%s target=%s, output %s", len(items), s.method, s.target, out_dir)
     cam_args = {"method": s.method, "target": s.target, "threshold": s.threshold, "amp": s.amp, "layer": s.layer}
     progress = ProgressLogger("saliency")
     progress.start(len(items), ": ")
     with EnsembleCAM(ensemble, freeze=s.freeze, **cam_args) as cam:
-        for batch in _batches(items, preprocessing, s.batch_size, errors):
-            progress.update(len(rows) + len(errors))
+        for batch in _batches(items, preprocessing, s.batch_size, got.errors):
             x = torch.stack([image for _, image in batch])  # (B, 1, H, W)
             size = tuple(x.shape[-2:])
             res = cam(x)
-            if s.randomisation and len(rand_x) < s.randomisation_images:
-                k = s.randomisation_images - len(rand_x)
-                rand_x.extend(x[:k])
-                rand_maps.extend(res.maps[:k])
-            tol = s.tolerance_cells * math.sqrt(cam.cell_px[0] * cam.cell_px[1])
+            got.keep_for_randomisation(x, res.maps)
+            tolerance_px = s.tolerance_cells * math.sqrt(cam.cell_px[0] * cam.cell_px[1])
             for i, (item, image) in enumerate(batch):
-                case, cam_map, roi = str(item.get("case")), res.maps[i], image[0].numpy()
-                prob = float(res.probs[i, MALIGNANT])
-                pred = int(prob >= s.threshold)
-                label = None if item.get("label") is None else int(item["label"])
-                correct = None if label is None else bool(pred == label)
-                name = _safe_name(case, used)
-                mask = load_mask(item["mask"], size, case) if item.get("mask") else None
-                row = {"case": case, "label": label, "prob_malignant": prob, "pred": pred, "correct": correct}
-                row.update({"overlay": f"overlays/{name}.png", "map": f"maps/{name}.nii.gz"})
-                if mask is not None:
-                    loc = localisation_metrics(cam_map, mask, tol, s.iou_threshold)
-                    records.append({"case": case, "label": label, "correct": correct, **loc})
-                    row.update(loc)
-                rows.append(row)
-                save_map_nifti(out_dir / "maps" / f"{name}.nii.gz", cam_map, s.spacing_mm)
-                lines = _overlay_lines(s, case, prob, pred, label)
-                save_png(out_dir / "overlays" / f"{name}.png", render_overlay(roi, cam_map, lines, mask))
-                group = next((g for g, lab, ok in OUTCOMES if lab == label and ok == correct), "label unknown")
-                if len(gallery[group]) < s.gallery_per_group:
-                    gallery[group].append(gallery_example(roi, cam_map, mask, case, prob))
-            done = len(rows) + len(errors)
-            if done == len(items) or done % max(1, s.log_every) < len(batch):
-                rate = done / max(time.time() - t0, 1e-6)
-                logger.info(
-                    "saliency: %d/%d inputs (%.2f/s, ~%.0f s left)", done, len(items), rate, (len(items) - done) / rate
-                )
+                got.add(item, image[0].numpy(), res.maps[i], float(res.probs[i, MALIGNANT]), tolerance_px)
+            progress.update(len(got.rows) + len(got.errors))
         layer_name, cell_px = cam.layer_name, cam.cell_px
-    unknown = gallery.pop("label unknown")
-    if unknown:
-        gallery = gallery if any(gallery.values()) else {}  # no labels at all: one row
-        gallery["label unknown"] = unknown
     title = f"{s.method} ({'class-agnostic' if s.method == 'eigencam' else 'target: ' + s.target})"
-    save_gallery(out_dir / "gallery.png", gallery, s.gallery_per_group, title=f"{title}, threshold {s.threshold:.3f}")
+    title = f"{title}, threshold {s.threshold:.3f}"
+    save_gallery(out_dir / "gallery.png", got.gallery_groups(), s.gallery_per_group, title=title)
     rand = None
-    if s.randomisation and rand_x:
-        x, maps = torch.stack(rand_x), np.stack(rand_maps)
+    if got.rand_x:
+        x, maps = torch.stack(got.rand_x), np.stack(got.rand_maps)
         rand = randomisation_check(ensemble, x, mode=s.randomisation, seed=s.seed, original_maps=maps, **cam_args)
-    counts = {"n": len(rows), "with_mask": len(records), "unmasked": len(rows) - len(records), "errors": len(errors)}
-    for gname, glabel, gcorrect in OUTCOMES:
-        counts[gname] = sum(1 for r in rows if r["label"] == glabel and r["correct"] == gcorrect)
-    counts["label unknown"] = sum(1 for r in rows if r["label"] is None)
-    record = _settings_record(s, layer_name, cell_px, size)
-    table = localisation_table(records, s.class_names)
-    result = {"settings": record, "counts": counts, "table": table, "randomisation": rand}
-    write_json(out_dir / "localisation.json", {**result, "cases": rows, "errors": errors})
+    table = localisation_table(got.records, s.class_names)
+    result = {"settings": _settings_record(s, layer_name, cell_px, size), "counts": got.counts(), "table": table}
+    result["randomisation"] = rand
+    write_json(out_dir / "localisation.json", {**result, "cases": got.rows, "errors": got.errors})
     elapsed = time.time() - t0
     logger.info(
-        "saliency: done, %d maps (%d unreadable) in %.1f s; outputs in %s", len(rows), len(errors), elapsed, out_dir
-    )
+        "saliency: done, %d maps (%d unreadable) in %.1f s; outputs in %s", len(got.rows), len(got.errors), elapsed,
+        out_dir,
+    )  # fmt: skip
     outputs = {"dir": str(out_dir), "gallery": str(out_dir / "gallery.png")}
     outputs.update({k: str(out_dir / v) for k, v in (("localisation", "localisation.json"), ("overlays", "overlays"))})
     outputs["maps"] = str(out_dir / "maps")
