@@ -355,3 +355,23 @@ def test_a_resumed_best_model_record_without_its_file_is_reset(tmp_path):
     assert not saver.forget_missing_best_models() and saver.state_dict() == record
     (tmp_path / "model.pt").unlink()
     assert saver.forget_missing_best_models() and saver.state_dict() == {"_saved": []}
+
+
+def test_the_monai_checkpoint_saver_internals_the_atomic_savers_rely_on_are_still_there(tmp_path):
+    """AtomicCheckpointSaver swaps the save handler of MONAI CheckpointSaver's inner ignite checkpoints and reads the
+    best-metric record of one (attributes without a public accessor). A MONAI or ignite release that renames them
+    fails here, by name, instead of silently losing atomic saves or the best-metric record on resume."""
+    net = torch.nn.Linear(1, 1)
+    saver = checkpoints.AtomicCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"net": net}, save_final=True, save_key_metric=True, key_metric_n_saved=1
+    )
+    for attr in ("_final_filename", "_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+        assert hasattr(
+            saver, attr
+        ), f"monai.handlers.CheckpointSaver no longer has {attr}: update AtomicCheckpointSaver"
+    for attr in ("save_handler", "_saved"):
+        assert hasattr(
+            saver._key_metric_checkpoint, attr
+        ), f"ignite's Checkpoint no longer has {attr}: update AtomicCheckpointSaver"
+    assert isinstance(saver._key_metric_checkpoint.save_handler, checkpoints._AtomicDiskSaver)
+    assert isinstance(saver._final_checkpoint.save_handler, checkpoints._AtomicDiskSaver)
