@@ -69,7 +69,9 @@ def test_datalist_split_matches_the_eager_ensemble(bundle, tiny_data, tmp_path):
         "case", "status", "prob_benign", "prob_malignant", "pred_class", "pred_label", "uncertainty", "threshold",
         "operating_point", "error",
     ]  # fmt: skip
-    assert {r["operating_point"] for r in rows} == {"uncalibrated, threshold 0.5 (no operating point saved with the model)"}
+    assert {r["operating_point"] for r in rows} == {
+        "uncalibrated, threshold 0.5 (no operating point saved with the model)"
+    }
     load = LoadROId("image", image_size=SIZE)
     x = torch.stack([load({"image": it["image"]})["image"].as_tensor() for it in items])
     with torch.no_grad():
