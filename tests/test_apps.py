@@ -13,6 +13,7 @@ uncalibrated fallback.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -723,8 +724,6 @@ TEXT_BAND = 3 * 18 + 6  # render_overlay's text band for three lines
 
 def overlay_below_text(png: bytes) -> np.ndarray:
     """The image part of a rendered overlay PNG (below ``render_overlay``'s three-line text band), as RGB uint8."""
-    import io
-
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[TEXT_BAND:]
@@ -1105,7 +1104,7 @@ def test_monailabel_serves_orthanc_studies_over_dicomweb(
     """The documented Label command with ``--studies`` Orthanc's DICOMweb root: the datastore lists Orthanc's
     mammography series; ``/infer`` by image id (a series instance UID) gives the bundle's probability, uncertainty and
     call for that ROI (the documented ``curl`` too) and, with ``output=all``, its saliency map; an unknown series is a
-    404; nothing fetched from the PACS (nor the datastore's cache) is left in the temporary folder after the server
+    404, a series of two images a 422; nothing fetched from the PACS (nor the datastore's cache) is left in the temporary folder after the server
     stops, and no log holds a patient identifier."""
     with running_label_server(app_bundle, inputs, tmp_path / "label", dicomweb=orthanc.dicomweb) as (base, _, work):
         before = {p.name for p in (work / "tmp").iterdir()}
@@ -1134,6 +1133,22 @@ def test_monailabel_serves_orthanc_studies_over_dicomweb(
                               ("../etc/passwd", "image ids are series instance UIDs")):  # fmt: skip
             status, body = post(f"{base}/infer/{MODEL}?image={urllib.parse.quote(image)}&output=json")
             assert status == 404 and reason in body["detail"], (image, status, body)
+        # a series of two images (another study, removed after): one ROI image per series is what the model takes
+        study, series = generate_uid(), generate_uid()
+        for _ in range(2):
+            ds = pydicom.dcmread(inputs["mono2"])
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            request = urllib.request.Request(f"{orthanc.url}/instances", data=buffer.getvalue(), method="POST")
+            with urllib.request.urlopen(request, timeout=60) as r:
+                stored = json.loads(r.read())
+        status, body = post(f"{base}/infer/{MODEL}?image={series}&output=json")
+        assert status == 422 and "the series holds 2 images" in body["detail"], (status, body)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{orthanc.url}/studies/{stored['ParentStudy']}", method="DELETE"), timeout=60
+        ).close()
         time.sleep(1)
         during = {p.name for p in (work / "tmp").iterdir()}
         assert during == before, sorted(during - before)  # each request's fetched DICOM is gone
