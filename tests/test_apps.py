@@ -13,6 +13,7 @@ uncalibrated fallback.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -44,6 +45,9 @@ from tests.app_bundle import (
     write_tiny_operating_point,
 )
 from tests.conftest import REPO, SHARED_DATA
+from tests.orthanc import Orthanc, OrthancUnavailable
+from tests.orthanc import find_binary as find_orthanc
+from tests.orthanc import find_dicomweb_plugin, running_orthanc
 
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
 
@@ -71,18 +75,26 @@ def need_env(python: Path, app: str) -> None:
 
 
 def documented_commands(doc: Path) -> dict[str, list[str]]:
-    """The app commands in ``doc``'s bash blocks (continuation lines joined, ``[optional]`` parts dropped):
-    ``label_server``, ``label_curl`` and ``deploy``."""
-    found: dict[str, list[str]] = {"label_server": [], "label_curl": [], "deploy": []}
+    """The app commands in ``doc``'s bash blocks (continuation lines joined, ``[optional]`` parts dropped, comments
+    after ``  #`` dropped): ``label_server`` (a studies folder), ``label_server_dicomweb`` (a DICOMweb server),
+    ``label_curl`` (an upload, JSON), ``label_curl_saliency`` (an upload, the overlay), ``label_curl_id`` (an image
+    id), ``deploy``, ``deploy_send`` (``--send-to``) and ``storescu``."""
+    kinds = ("label_server", "label_server_dicomweb", "label_curl", "label_curl_saliency", "label_curl_id", "deploy",
+             "deploy_send", "storescu")  # fmt: skip
+    found: dict[str, list[str]] = {kind: [] for kind in kinds}
     for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s*\[[^\]]*\]", "", " ".join(line.split()))
+            line = re.sub(r"\s+#\s.*$", "", line)
             if "monailabel.main start_server" in line:
-                found["label_server"].append(line)
+                found["label_server_dicomweb" if "/dicom-web" in line else "label_server"].append(line)
             elif line.startswith("curl ") and "/infer/" in line:
-                found["label_curl"].append(line)
+                kind = "label_curl_id" if "?image=" in line else "label_curl"
+                found[kind if "output=json" in line else "label_curl_saliency"].append(line)
             elif ".venv/bin/python app " in line:
-                found["deploy"].append(line)
+                found["deploy_send" if "--send-to" in line else "deploy"].append(line)
+            elif line.startswith("storescu "):
+                found["storescu"].append(line)
     return found
 
 
@@ -94,11 +106,22 @@ def commands(kind: str) -> list[str]:
     return list(dict.fromkeys(c for doc in DOCS.values() for c in doc[kind]))
 
 
+#: placeholders of the documented commands other than ``/path/to/KEY``: the Label server's port, the PACS's DICOMweb
+#: root and DICOM port, a series instance UID
+PLACEHOLDERS = {
+    "port": "8000",
+    "dicomweb": "http://127.0.0.1:8042/dicom-web",
+    "dicom_port": "4242",
+    "series": "SERIES_UID",
+}
+
+
 def fill(command: str, **values: str) -> str:
     """``command`` with its placeholders (``/path/to/studies``, port ``8000``, ...) replaced by ``values``."""
     for key, value in values.items():
-        placeholder = {"port": "8000"}.get(key, f"/path/to/{key}")
-        command = command.replace(placeholder, shlex.quote(str(value)) if key != "port" else str(value))
+        placeholder = PLACEHOLDERS.get(key, f"/path/to/{key}")
+        assert placeholder in command, (placeholder, command)
+        command = command.replace(placeholder, shlex.quote(str(value)) if key not in PLACEHOLDERS else str(value))
     return command
 
 
@@ -107,7 +130,10 @@ def test_docs_give_each_app_command():
         for kind, lines in found.items():
             assert lines, f"{doc}: no {kind} command found"
     assert any(c.startswith("cd apps/deploy && ") for c in commands("deploy")), commands("deploy")
-    assert all(c.startswith("apps/monailabel/.venv/bin/python ") for c in commands("label_server"))
+    assert all(c.startswith("cd apps/deploy && ") for c in commands("deploy_send")), commands("deploy_send")
+    servers = commands("label_server") + commands("label_server_dicomweb")
+    assert all(c.startswith("apps/monailabel/.venv/bin/python ") for c in servers), servers
+    assert all(PLACEHOLDERS["dicomweb"] in c for c in commands("label_server_dicomweb") + commands("deploy_send"))
 
 
 # -- the tiny bundle and its inputs -----------------------------------------------------------------------------------
@@ -386,21 +412,60 @@ def post_file(url: str, path: Path, **fields: str) -> tuple[int, dict]:
     return post(url, {"file": (path.name, path.read_bytes())}, fields)
 
 
+def post_raw(url: str, path: Path | None = None, timeout: float = 120) -> tuple[int, str, bytes]:
+    """POST ``path`` as the multipart field ``file`` (or an empty form); return (HTTP status, content type, body)."""
+    boundary = uuid.uuid4().hex
+    body = b""
+    if path is not None:
+        head = f'Content-Disposition: form-data; name="file"; filename="{path.name}"'
+        body = f"--{boundary}\r\n{head}\r\n\r\n".encode() + path.read_bytes() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+def multipart_parts(content_type: str, body: bytes) -> dict[str, tuple[str | None, str, bytes]]:
+    """The parts of a ``multipart/form-data`` answer, in order: field name -> (file name, content type, bytes)."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+    assert content_type.startswith("multipart/form-data") and boundary, content_type
+    parts = {}
+    for chunk in body.split(b"--" + boundary.group(1).encode())[1:-1]:
+        head, _, data = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        headers = head.decode()
+        filename = re.search(r'filename="([^"]*)"', headers)
+        kind = re.search(r"(?im)^content-type:\s*(\S+)", headers)
+        parts[re.search(r'[;\s]name="([^"]*)"', headers).group(1)] = (
+            filename.group(1) if filename else None,
+            kind.group(1) if kind else "",
+            data[:-2] if data.endswith(b"\r\n") else data,
+        )
+    return parts
+
+
 def probabilities(body: dict) -> np.ndarray:
     return np.array([body["probabilities"]["benign"], body["probabilities"]["malignant"]])
 
 
 @contextlib.contextmanager
-def running_label_server(bundle: Path, inputs: dict[str, Path], work: Path) -> Iterator[tuple[str, dict, Path]]:
+def running_label_server(
+    bundle: Path, inputs: dict[str, Path], work: Path, dicomweb: str | None = None
+) -> Iterator[tuple[str, dict, Path]]:
     """The documented ``start_server`` command, run from ``bundle`` (as documented) on a free port, with a fresh
-    temporary folder (TMPDIR) and studies folder under ``work``; yields (base URL, /info/ answer, ``work``); stopped
-    after."""
+    temporary folder (TMPDIR) and studies folder under ``work`` (or, with ``dicomweb``, the documented command for a
+    DICOMweb server at that root URL); yields (base URL, /info/ answer, ``work``); stopped after."""
     need_env(LABEL_PY, "monailabel")
     (work / "studies").mkdir(parents=True)
     shutil.copyfile(inputs["png"], work / "studies" / "study_roi.png")  # a datastore image, inferred by its id
     (work / "tmp").mkdir()
     port = free_port()
-    cmd = fill(commands("label_server")[0], studies=work / "studies", port=port)
+    if dicomweb:
+        cmd = fill(commands("label_server_dicomweb")[0], port=port, dicomweb=dicomweb)
+    else:
+        cmd = fill(commands("label_server")[0], studies=work / "studies", port=port)
     env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(work / "sessions"), "TMPDIR": str(work / "tmp")}
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(
@@ -494,6 +559,16 @@ def test_monailabel_documented_curl_commands(label_server, app_bundle, inputs, r
             assert proc.returncode == 0, (cmd, proc.stderr)
             body = json.loads(proc.stdout)
             np.testing.assert_allclose(probabilities(body), reference["mono2"], atol=TOL, err_msg=cmd)
+        for cmd in commands("label_curl_saliency"):  # the overlay PNG, saved under the name -o gives
+            saved = app_bundle / shlex.split(cmd)[shlex.split(cmd).index("-o") + 1]
+            proc = subprocess.run(
+                ["bash", "-c", fill(cmd, port=port)], cwd=app_bundle, capture_output=True, text=True, timeout=300
+            )
+            assert proc.returncode == 0, (cmd, proc.stderr)
+            try:
+                assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (cmd, saved.read_bytes()[:2000])
+            finally:
+                saved.unlink()
     finally:
         (app_bundle / "roi.dcm").unlink()
 
@@ -537,9 +612,12 @@ def bad_requests(inputs: dict[str, Path]) -> list[tuple[str, str, dict, dict, in
         ("unknown model", "/infer/no_such_model", {"file": dcm}, {}, 404, "no model 'no_such_model'"),
         ("unknown image id", f"/infer/{MODEL}?image=no_such_image", {}, {}, 404, "no image 'no_such_image'"),
         ("no file, no image", f"/infer/{MODEL}", {}, {}, 400, "no image given"),
-        ("output=image", f"/infer/{MODEL}?output=image", {"file": dcm}, {}, 400, "output=image is not offered"),
-        ("output=all", f"/infer/{MODEL}?output=all", {"file": dcm}, {}, 400, "output=all is not offered"),
-        ("output=dicom_seg", f"/infer/{MODEL}?output=dicom_seg", {"file": dcm}, {}, 400, "output=dicom_seg"),
+        ("output=dicom_seg", f"/infer/{MODEL}?output=dicom_seg", {"file": dcm}, {}, 400,
+         "output=dicom_seg is not offered by this classification model: use output=json, image or all"),
+        ("corrupt upload, output=image", f"/infer/{MODEL}?output=image",
+         {"file": (inputs["corrupt"].name, inputs["corrupt"].read_bytes())}, {}, 422, "roi_corrupt.dcm: cannot use"),
+        ("no pitch, output=all", f"/infer/{MODEL}?output=all",
+         {"file": ("nopitch.dcm", inputs["nopitch"].read_bytes())}, {}, 422, "nopitch.dcm: cannot use the image"),
         ("output=bogus", f"/infer/{MODEL}?output=bogus", {"file": dcm}, {}, 422, "output"),
         ("params not JSON", f"/infer/{MODEL}", {"file": dcm}, {"params": "{spacing"}, 400, "params is not valid JSON"),
         ("pitch out of range", f"/infer/{MODEL}", {"file": dcm}, {"params": '{"spacing_mm": 7}'}, 400,
@@ -568,6 +646,9 @@ def test_monailabel_answers_mistakes_with_a_4xx_and_leaves_no_upload_behind(
     status, body = post_file(f"{base}/infer/{MODEL}?output=json", inputs["mono1"])
     assert status == 200, body
     np.testing.assert_allclose(probabilities(body), reference["mono1"], atol=TOL)
+    for output in ("image", "all"):  # their overlay and map are written to the request's private folder
+        status, _, data = post_raw(f"{base}/infer/{MODEL}?output={output}", inputs["mono1"])
+        assert status == 200, data[:1000]
     time.sleep(1)  # background tasks run after the answer is sent
     left = sorted(temporary_files() - before)
     assert left == [], f"files left in the server's temporary folder: {left}"
@@ -591,6 +672,124 @@ def test_bundle_dicom_reader_gives_the_same_hints_under_the_apps_pydicom_2():
     version, hints = json.loads(proc.stdout.strip().splitlines()[-1])
     assert version.startswith("2.")
     assert hints == [missing_decoder_message(u) for u in uids]
+
+
+# -- saliency in the viewer: output=image and output=all --------------------------------------------------------------
+
+
+def nifti_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A saliency map written by ``scripts.saliency.render.save_map_nifti``: ``(H, W)`` and the voxel size in mm."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return np.asarray(image.dataobj, dtype=np.float32).T, tuple(float(z) for z in image.header.get_zooms()[:2])
+
+
+@pytest.fixture(scope="module")
+def bundle_saliency(app_bundle, inputs, tmp_path_factory) -> dict:
+    """The bundle's saliency workflow (``configs/inference.json`` + ``configs/saliency.json``, run id ``saliency``,
+    as the main job runs it; no randomisation check) on a folder holding the test's PNG ROI: its NIfTI map and zooms,
+    its row and its settings (``localisation.json``)."""
+    from monai.bundle import ConfigWorkflow
+
+    work = tmp_path_factory.mktemp("bundle_saliency")
+    (work / "in").mkdir()
+    shutil.copyfile(inputs["png"], work / "in" / inputs["png"].name)
+    configs = app_bundle / "configs"
+    wf = ConfigWorkflow(
+        config_file=[str(configs / "inference.json"), str(configs / "saliency.json")],
+        meta_file=str(configs / "metadata.json"),
+        logging_file=False,
+        run_id="saliency",
+        workflow_type=None,
+        bundle_root=str(app_bundle),
+        input_dir=str(work / "in"),
+        output_dir=str(work / "out"),
+        **{"saliency#randomisation": "none"},
+    )
+    wf.initialize()
+    try:
+        wf.run()
+    finally:
+        wf.finalize()
+    out = work / "out" / "saliency"
+    summary = json.loads((out / "localisation.json").read_text())
+    row = next(r for r in summary["cases"] if r["case"] == inputs["png"].stem)
+    cam, zooms = nifti_map(out / row["map"])
+    return {"map": cam, "zooms": zooms, "row": row, "settings": summary["settings"]}
+
+
+TEXT_BAND = 3 * 18 + 6  # render_overlay's text band for three lines
+
+
+def overlay_below_text(png: bytes) -> np.ndarray:
+    """The image part of a rendered overlay PNG (below ``render_overlay``'s three-line text band), as RGB uint8."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[TEXT_BAND:]
+
+
+def test_monailabel_output_all_is_the_bundles_saliency_map_with_its_overlay_and_json(
+    label_server, app_bundle, inputs, reference_rows, bundle_saliency, tmp_path
+):
+    """``output=all``: as MONAI Label's stock ``all``, a multipart answer with the JSON (``params``) and the image
+    (``image``: the overlay PNG), plus the map itself (``map``, NIfTI); the map is the bundle's saliency workflow's
+    for the same ROI (same method, layer and target: max |difference| <= 1e-4, correlation >= 0.9999) and the
+    overlay is the bundle's rendering of the ROI with that map."""
+    from scripts.data.inputs import LoadInputd
+    from scripts.saliency.render import render_overlay
+
+    base, _, _ = label_server
+    status, content_type, body = post_raw(f"{base}/infer/{MODEL}?output=all", inputs["png"])
+    assert status == 200 and content_type.startswith("multipart/form-data"), (status, content_type, body[:500])
+    parts = multipart_parts(content_type, body)
+    assert list(parts) == ["params", "image", "map"], list(parts)
+    params = json.loads(parts["params"][2])
+    check_result(params, reference_rows["png"], "png")
+    configured = json.loads((app_bundle / "configs" / "saliency.json").read_text())["saliency"]
+    record = params["saliency"]
+    assert record["method"] == configured["method"] == bundle_saliency["settings"]["method"] == "hirescam"
+    assert record["target"] == configured["target"] == "malignant"
+    assert record["layer"] == bundle_saliency["settings"]["layer"]
+    assert (record["overlay"], record["map"]) == ("overlay.png", "saliency_map.nii.gz")
+    assert parts["image"][:2] == ("overlay.png", "image/png") and parts["map"][0] == "saliency_map.nii.gz"
+    (tmp_path / "map.nii.gz").write_bytes(parts["map"][2])
+    cam, zooms = nifti_map(tmp_path / "map.nii.gz")
+    expected = bundle_saliency["map"]
+    assert cam.shape == expected.shape == tuple(record["shape"]) == (64, 64)
+    assert zooms == bundle_saliency["zooms"] and zooms == pytest.approx((record["spacing_mm"],) * 2)  # NIfTI: float32
+    difference = float(np.abs(cam - expected).max())
+    correlation = float(np.corrcoef(cam.ravel(), expected.ravel())[0, 1])
+    assert difference <= 1e-4 and correlation >= 0.9999, (difference, correlation)
+    assert cam.max() == pytest.approx(1.0) and cam.std() > 0.05  # a map, not a blank
+    assert float(bundle_saliency["row"]["prob_malignant"]) == pytest.approx(
+        params["probabilities"]["malignant"], abs=TOL
+    )
+    load = LoadInputd(image_size=64, pitch_mm=TINY_SETTINGS["roi_pitch_mm"], roi_size=64, on_error="raise")
+    roi = load({"image": str(inputs["png"])})["image"][0].numpy()
+    shown = overlay_below_text(parts["image"][2])
+    drawn = render_overlay(roi, expected, ["", "", ""])[TEXT_BAND:]
+    assert shown.shape == drawn.shape
+    off = np.abs(shown.astype(int) - drawn.astype(int))
+    # the same grey ROI; the blended half within 3 of 255 grey levels (measured: 4 % of its values differ, the maps
+    # by at most 4.4e-6; the Label environment has other numpy and matplotlib builds)
+    assert off[:, :256].max() == 0 and off.max() <= 3 and off.mean() < 0.05, (off.max(), off.mean())
+    no_identifiers(json.dumps(params), "the answer")
+
+
+def test_monailabel_output_image_is_the_saliency_overlay(label_server, inputs, reference_rows, tmp_path):
+    """``output=image`` answers the overlay PNG alone, the same image ``output=all`` carries; for a DICOM too."""
+    base, _, _ = label_server
+    status, content_type, png = post_raw(f"{base}/infer/{MODEL}?output=image", inputs["png"])
+    assert status == 200 and content_type == "image/png", (status, content_type, png[:300])
+    status, content_type, body = post_raw(f"{base}/infer/{MODEL}?output=all", inputs["png"])
+    assert status == 200
+    assert png == multipart_parts(content_type, body)["image"][2]
+    status, content_type, png = post_raw(f"{base}/infer/{MODEL}?output=image", inputs["mono1"])
+    assert status == 200 and content_type == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
+    rgb = overlay_below_text(png)
+    assert rgb.shape == (256, 2 * 256 + 4, 3)  # the 64-px ROI enlarged 4x, beside its overlay
+    assert np.abs(rgb[:, 256 + 4 :].astype(int) - rgb[:, :256].astype(int)).mean() > 5  # a map is drawn
 
 
 # -- MONAI Deploy --------------------------------------------------------------------------------------------------
@@ -855,6 +1054,175 @@ def test_apps_without_an_operating_point_give_the_members_mean_and_call_at_one_h
                     )
     finally:
         shutil.rmtree(tmp_path)  # copies of the test DICOMs and results with their patient attributes
+
+
+# -- a real PACS in the loop: Orthanc ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def orthanc() -> Iterator[Orthanc]:
+    """A throwaway Orthanc on 127.0.0.1 (``tests/orthanc.py``: free HTTP and DICOM ports, a temporary storage folder,
+    the DICOMweb plugin, local access only, no authentication); stopped and its storage deleted after the module."""
+    try:
+        find_orthanc(), find_dicomweb_plugin()
+    except OrthancUnavailable as e:
+        pytest.skip(str(e))
+    with running_orthanc() as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="module")
+def orthanc_sources(orthanc, inputs, tmp_path_factory) -> dict[str, str]:
+    """The test's MONOCHROME2 and MONOCHROME1 DICOMs (one study) stored on Orthanc with the documented ``storescu``
+    command, run as written from a folder holding the file as ``roi.dcm``; their series instance UIDs by key."""
+    if shutil.which("storescu") is None:
+        pytest.skip("storescu absent: apt-get install dcmtk (.ci/run installs it)")
+    work = tmp_path_factory.mktemp("storescu")
+    try:
+        for key in ("mono2", "mono1"):
+            shutil.copyfile(inputs[key], work / "roi.dcm")
+            for cmd in commands("storescu"):
+                proc = subprocess.run(
+                    ["bash", "-c", fill(cmd, dicom_port=orthanc.dicom_port)],
+                    cwd=work, capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+    finally:
+        shutil.rmtree(work)  # copies of the test DICOMs
+    series = {
+        key: str(pydicom.dcmread(inputs[key], stop_before_pixels=True).SeriesInstanceUID) for key in ("mono2", "mono1")
+    }
+    study = str(pydicom.dcmread(inputs["mono2"], stop_before_pixels=True).StudyInstanceUID)
+    stored = orthanc.get(f"/dicom-web/studies/{study}/series")
+    assert sorted(s["0020000E"]["Value"][0] for s in stored) == sorted(series.values()), stored
+    return series
+
+
+def test_monailabel_serves_orthanc_studies_over_dicomweb(
+    app_bundle, inputs, reference_rows, orthanc, orthanc_sources, tmp_path
+):
+    """The documented Label command with ``--studies`` Orthanc's DICOMweb root: the datastore lists Orthanc's
+    mammography series; ``/infer`` by image id (a series instance UID) gives the bundle's probability, uncertainty and
+    call for that ROI (the documented ``curl`` too) and, with ``output=all``, its saliency map; an unknown series is a
+    404, a series of two images a 422; nothing fetched from the PACS (nor the datastore's cache) is left in the temporary folder after the server
+    stops, and no log holds a patient identifier."""
+    with running_label_server(app_bundle, inputs, tmp_path / "label", dicomweb=orthanc.dicomweb) as (base, _, work):
+        before = {p.name for p in (work / "tmp").iterdir()}
+        assert any(name.startswith("dicomweb-cache-") for name in before), before  # the private cache
+        with urllib.request.urlopen(f"{base}/datastore/?output=stats", timeout=60) as r:
+            assert json.loads(r.read())["total"] == 2  # the two MG series (not the apps' SR/OT results)
+        for key, series in orthanc_sources.items():
+            status, body = post(f"{base}/infer/{MODEL}?image={series}&output=json")
+            assert status == 200, body
+            check_result(body, reference_rows[key], key)
+            no_identifiers(json.dumps(body), "the answer")
+        port = urllib.parse.urlsplit(base).port
+        for cmd in commands("label_curl_id"):
+            proc = subprocess.run(
+                ["bash", "-c", fill(cmd, port=port, series=orthanc_sources["mono2"])],
+                cwd=app_bundle, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert proc.returncode == 0, (cmd, proc.stderr)
+            check_result(json.loads(proc.stdout), reference_rows["mono2"], cmd)
+        status, content_type, body = post_raw(f"{base}/infer/{MODEL}?image={orthanc_sources['mono1']}&output=all")
+        assert status == 200, body[:500]
+        parts = multipart_parts(content_type, body)
+        check_result(json.loads(parts["params"][2]), reference_rows["mono1"], "mono1, output=all")
+        assert parts["image"][2][:8] == b"\x89PNG\r\n\x1a\n" and parts["map"][0] == "saliency_map.nii.gz"
+        for image, reason in (("1.2.3.4.5.6.7", "no such series on the DICOMweb server"),
+                              ("../etc/passwd", "image ids are series instance UIDs")):  # fmt: skip
+            status, body = post(f"{base}/infer/{MODEL}?image={urllib.parse.quote(image)}&output=json")
+            assert status == 404 and reason in body["detail"], (image, status, body)
+        # a series of two images (another study, removed after): one ROI image per series is what the model takes
+        study, series = generate_uid(), generate_uid()
+        for _ in range(2):
+            ds = pydicom.dcmread(inputs["mono2"])
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            request = urllib.request.Request(f"{orthanc.url}/instances", data=buffer.getvalue(), method="POST")
+            with urllib.request.urlopen(request, timeout=60) as r:
+                stored = json.loads(r.read())
+        status, body = post(f"{base}/infer/{MODEL}?image={series}&output=json")
+        assert status == 422 and "the series holds 2 images" in body["detail"], (status, body)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{orthanc.url}/studies/{stored['ParentStudy']}", method="DELETE"), timeout=60
+        ).close()
+        time.sleep(1)
+        during = {p.name for p in (work / "tmp").iterdir()}
+        assert during == before, sorted(during - before)  # each request's fetched DICOM is gone
+    left = sorted(p.name for p in (work / "tmp").iterdir() if p.name not in before or p.name.startswith("dicomweb"))
+    assert left == [], f"left in the server's temporary folder after it stopped: {left}"
+    for path in [work / "server.log", *(work / "tmp").rglob("*")]:
+        if path.is_file():
+            no_identifiers(path.read_text(errors="replace"), str(path))
+
+
+def test_deploy_sends_its_results_to_orthanc_filed_under_the_source_study(
+    app_bundle, inputs, orthanc, orthanc_sources, tmp_path
+):
+    """The documented Deploy command with ``--send-to`` Orthanc's DICOMweb root (STOW-RS): each ROI's SR and
+    Secondary Capture are on Orthanc, found back by QIDO-RS among the series of the source's study, as new series
+    whose patient and study attributes (as Orthanc read them) are the source's; the JSON records the SOP instances
+    stored; no patient identifier in the JSON or the log."""
+    (tmp_path / "in").mkdir()
+    for key in ("mono2", "mono1"):
+        shutil.copyfile(inputs[key], tmp_path / "in" / inputs[key].name)
+    need_env(DEPLOY_PY, "deploy")
+    cmd = fill(commands("deploy_send")[0], dicoms=tmp_path / "in", output=tmp_path / "out", dicomweb=orthanc.dicomweb)
+    try:
+        proc = subprocess.run(["bash", "-c", cmd], cwd=app_bundle, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"4 DICOM result(s) stored on {orthanc.dicomweb}, 0 ROI(s) not sent" in proc.stderr
+        study = str(pydicom.dcmread(inputs["mono2"], stop_before_pixels=True).StudyInstanceUID)
+        listed = {s["0020000E"]["Value"][0]: s for s in orthanc.get(f"/dicom-web/studies/{study}/series")}
+        results = set()
+        for key in ("mono2", "mono1"):
+            source = pydicom.dcmread(inputs[key], stop_before_pixels=True)
+            rec = json.loads((tmp_path / "out" / f"{inputs[key].stem}.json").read_text())
+            objects = [pydicom.dcmread(tmp_path / "out" / rec["dicom"][kind]) for kind in ("sr", "sc")]
+            assert sorted(rec["dicom"]["sent"]) == sorted(ds.SOPInstanceUID for ds in objects), rec["dicom"]
+            for ds, modality in zip(objects, ("SR", "OT")):
+                assert listed[ds.SeriesInstanceUID]["00080060"]["Value"] == [modality]  # QIDO-RS: in the study
+                assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+                found = orthanc.post(
+                    "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": ds.SOPInstanceUID}}
+                )
+                assert len(found) == 1, found
+                tags = orthanc.get(f"/instances/{found[0]}/simplified-tags")
+                for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                                "StudyDate", "StudyTime", "AccessionNumber", "StudyID"):  # fmt: skip
+                    assert tags.get(keyword, "") == str(source.get(keyword, "")), (keyword, tags.get(keyword))
+                results.add(ds.SeriesInstanceUID)
+            no_identifiers(json.dumps(rec), rec["file"])
+        assert len(results) == 4 and set(listed) == results | set(orthanc_sources.values())
+        assert len(orthanc.get("/patients")) == 1 and len(orthanc.get("/studies")) == 1  # filed with the sources
+        no_identifiers(proc.stderr + proc.stdout, "the log")
+    finally:
+        shutil.rmtree(tmp_path)  # copies of the test DICOMs and results with their patient attributes
+
+
+def test_deploy_reports_results_it_cannot_send(app_bundle, inputs, tmp_path):
+    """A PACS that does not answer: the ROI is classified and its results written, the JSON says why they were not
+    sent, and the exit status is 3; a ``--send-to`` that is not a DICOMweb URL is refused (2) before any work."""
+    (tmp_path / "in").mkdir()
+    shutil.copyfile(inputs["mono2"], tmp_path / "in" / inputs["mono2"].name)
+    try:
+        proc = run_deploy(
+            app_bundle, tmp_path / "in", tmp_path / "out", "--send-to", f"http://127.0.0.1:{free_port()}/dicom-web"
+        )
+        assert proc.returncode == 3, proc.stderr[-3000:]
+        rec = json.loads((tmp_path / "out" / "roi_mono2.json").read_text())
+        assert rec["status"] == "ok" and "cannot reach the server" in rec["dicom"]["send_error"], rec
+        assert (tmp_path / "out" / "roi_mono2.sr.dcm").is_file() and "sent" not in rec["dicom"]
+        assert "roi_mono2.dcm: results not sent: STOW-RS to http://127.0.0.1:" in proc.stderr
+        proc = run_deploy(app_bundle, tmp_path / "in", tmp_path / "out2", "--send-to", "ORTHANC@127.0.0.1:4242")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "--send-to needs the DICOMweb root URL of the PACS" in proc.stderr
+        assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+    finally:
+        shutil.rmtree(tmp_path)
 
 
 # -- one version -------------------------------------------------------------------------------------------------

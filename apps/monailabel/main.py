@@ -21,14 +21,32 @@ field) may give ``spacing_mm``, the pixel pitch of an image that states none (a 
 The app answers its own ``POST /infer/{model}`` (in place of the stock endpoint, same parameters): an upload is
 written to a private temporary folder that is deleted whatever the outcome, and a user's mistake is a 4xx naming the
 file and what is wrong (400 bad request, 404 unknown model or image, 422 unusable image), never a 500.
+
+Saliency: ``output=image`` answers the bundle's saliency overlay of the ROI (PNG: the ROI beside the ROI with the map,
+under a text band with the probability, the call and the operating point); ``output=all`` answers, as MONAI Label's
+stock endpoint does for ``all``, a ``multipart/form-data`` body with the JSON (field ``params``) and the overlay (field
+``image``, ``overlay.png``), plus the map itself (field ``map``, ``saliency_map.nii.gz``: float32 in [0, 1] at the
+network input's geometry, as the bundle's saliency workflow writes it). The map is ``configs/saliency.json``'s method,
+layer and target (HiResCAM of P(malignant) by default), computed by the bundle's own engine (``scripts.saliency``).
+
+Studies: ``--studies`` is a folder of ROI images, or a DICOMweb server (``--studies http://HOST:PORT/dicom-web``, e.g.
+Orthanc with its DICOMweb plugin), whose image ids are series instance UIDs (one ROI image per series). An image of a
+DICOMweb server is fetched into the request's private temporary folder and deleted with it; the stock datastore's
+cache (used by the stock endpoints that fetch a series) is a private temporary folder removed when the server stops,
+unless ``MONAI_LABEL_DICOMWEB_CACHE_PATH`` names one. The series listed are those of
+``MONAI_LABEL_DICOMWEB_SEARCH_FILTER``, whose stock default (CT) is replaced by ``{"Modality": "MG"}`` (mammography).
 """
 
 from __future__ import annotations
 
+import atexit
+import io
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -37,20 +55,27 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pydicom
+import requests
 import torch
+from dicomweb_client import DICOMwebClient
+from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from monai.inferers import Inferer
 from monailabel.app import app as server
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.endpoints.infer import ResultType
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.tasks.infer.bundle import BundleInferTask
 from pydicom.errors import InvalidDicomError
+from requests_toolbelt import MultipartEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +86,16 @@ SPACING_PARAM = "params.spacing_mm"
 MALIGNANT = 1  # the class index of "malignant" (the bundle's channel_def)
 #: suffixes an upload keeps (the bundle's reader picks the format by suffix or DICM preamble); others are dropped
 UPLOAD_SUFFIXES = (".dcm", ".dicom", ".png", ".nii", ".nii.gz", ".tif", ".tiff", ".pgm")
-OUTPUTS = ("json",)
+OUTPUTS = ("json", "image", "all")
+SALIENCY_OUTPUTS = ("image", "all")
+SALIENCY_DEFAULTS = {"method": "hirescam", "target": "malignant", "layer": None, "freeze": True}
+NOT_FOR_CLINICAL_USE = "RESEARCH USE ONLY - NOT FOR CLINICAL USE"
+OVERLAY_NAME = "overlay.png"
+MAP_NAME = "saliency_map.nii.gz"
+#: the series the DICOMweb datastore lists when MONAI_LABEL_DICOMWEB_SEARCH_FILTER is the stock default (CT)
+DICOMWEB_FILTER = {"Modality": "MG"}
+STOCK_DICOMWEB_FILTER = {"Modality": "CT"}
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def read_version(bundle: Path) -> str:
@@ -106,19 +140,65 @@ def member_disagreement(inferer: Any, inputs: Any, network: Any) -> tuple[list[f
 class MemberDisagreementInferer(Inferer):
     """The bundle's inferer, which also hands the members' disagreement on the case to ``record`` (the request data's
     ``update``: ``uncertainty``, and ``uncertainty_reason`` when there is none): :func:`member_disagreement` on the
-    same preprocessed, batched input the stock task gives the network. The network's output is returned unchanged.
+    same preprocessed, batched input the stock task gives the network; with ``saliency`` (a callable of the input and
+    the network, :func:`saliency_map`) also what it returns. The network's output is returned unchanged.
     (The stock task logs the inferer's attributes: they hold no image data.)"""
 
-    def __init__(self, inferer: Any, record: Callable[[Dict[str, Any]], None]) -> None:
+    def __init__(
+        self, inferer: Any, record: Callable[[Dict[str, Any]], None], saliency: Callable[..., Dict] | None = None
+    ) -> None:
         super().__init__()
         self.inferer = inferer
         self.record = record
+        self.saliency = saliency
 
     def __call__(self, inputs: Any, network: Any, *args: Any, **kwargs: Any) -> Any:
         outputs = self.inferer(inputs, network, *args, **kwargs)
         values, reason = member_disagreement(self.inferer, inputs, network)
-        self.record({"uncertainty": None if values is None else values[0], "uncertainty_reason": reason})
+        update = {"uncertainty": None if values is None else values[0], "uncertainty_reason": reason}
+        if self.saliency is not None:  # the request asked for the saliency map (output=image or all)
+            update.update(self.saliency(inputs, network))
+        self.record(update)
         return outputs
+
+
+def saliency_settings(bundle: Path, config: Any) -> Dict[str, Any]:
+    """``configs/saliency.json``'s method, target, layer and ``freeze`` (the values the bundle's saliency workflow and
+    the Deploy app use), its ``amp`` rule (:func:`scripts.model.inferers.saliency_amp`) and the map's pixel pitch in
+    mm (``saliency#spacing_mm``: the ROI's pitch at the network input); ``config`` is the bundle's parsed
+    ``configs/inference.json`` (the bundle must be importable)."""
+    from scripts.model.inferers import saliency_amp
+
+    path = bundle / "configs" / "saliency.json"
+    conf = json.loads(path.read_text()).get("saliency", {}) if path.is_file() else {}
+    out: Dict[str, Any] = {k: conf.get(k, v) for k, v in SALIENCY_DEFAULTS.items()}
+    out["amp"] = saliency_amp(config.get_parsed_content("arch"), config.get_parsed_content("amp"))
+    image_size = int(config.get_parsed_content("image_size"))
+    roi_size = config.get_parsed_content("roi_size") or image_size
+    out["spacing_mm"] = float(config.get_parsed_content("roi_pitch_mm")) * int(roi_size) / image_size
+    return out
+
+
+def saliency_map(inputs: Any, network: Any, settings: Dict[str, Any], threshold: float) -> Dict[str, Any]:
+    """The bundle's saliency map of the one ROI in ``inputs`` (the batched, preprocessed network input, ``(1, 1, H,
+    W)``): :class:`scripts.saliency.cam.EnsembleCAM` with ``settings`` (:func:`saliency_settings`), as the bundle's
+    saliency workflow computes it. Returns ``saliency_map`` (``(H, W)`` float32 in [0, 1]), ``saliency_roi`` (the
+    ROI, ``(H, W)``) and ``saliency_layer``; or ``saliency_reason`` for a network Grad-CAM cannot hook
+    (TorchScript)."""
+    from scripts.saliency.cam import EnsembleCAM
+
+    # not isinstance(network, Ensemble): the stock task unloads and re-imports the bundle's modules on each request
+    if isinstance(network, torch.jit.ScriptModule) or not hasattr(network, "members"):
+        return {
+            "saliency_reason": "no saliency map: the bundle's network is TorchScript (models/model.ts), not model.pt"
+        }
+    x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
+    x = x.float()
+    cam_args = {k: settings[k] for k in ("method", "target", "layer", "freeze", "amp")}
+    with EnsembleCAM(network, threshold=threshold, **cam_args) as cam:
+        result = cam(x)
+        layer = cam.layer_name
+    return {"saliency_map": result.maps[0], "saliency_roi": x[0, 0].detach().cpu().numpy(), "saliency_layer": layer}
 
 
 def missing_pitch_reason(kind: str = "the DICOM states no PixelSpacing or ImagerPixelSpacing") -> str:
@@ -155,6 +235,7 @@ class MicrocalcificationInferTask(BundleInferTask):
         try:
             self.threshold = float(self.bundle_config.get_parsed_content("threshold"))
             self.operating_point = str(self.bundle_config.get_parsed_content("operating_point_name"))
+            self.saliency = saliency_settings(Path(path), self.bundle_config)
         finally:
             sys.path.remove(path)
         logger.info("decision rule: %s", self.operating_point)
@@ -194,9 +275,18 @@ class MicrocalcificationInferTask(BundleInferTask):
             sys.path.remove(self.bundle_path)
 
     def inferer(self, data: Optional[Dict[str, Any]] = None) -> Inferer:
-        """The bundle's inferer; for a request, wrapped to record the members' disagreement in its data."""
+        """The bundle's inferer; for a request, wrapped to record the members' disagreement in its data (and, when the
+        request asks for it, the saliency map: ``data["saliency"]``)."""
         stock = super().inferer(data)
-        return stock if data is None else MemberDisagreementInferer(stock, data.update)
+        if data is None:
+            return stock
+        saliency = None
+        if data.get("saliency"):
+
+            def saliency(inputs: Any, network: Any) -> Dict[str, Any]:
+                return saliency_map(inputs, network, self.saliency, self.threshold)
+
+        return MemberDisagreementInferer(stock, data.update, saliency)
 
     def post_transforms(self, data: Optional[Dict[str, Any]] = None) -> list[Callable]:
         """None: the network returns the final probabilities (the bundle's ``postprocessing`` is its evaluator's)."""
@@ -212,7 +302,9 @@ class MicrocalcificationInferTask(BundleInferTask):
             raise HTTPException(status_code=422, detail=f"cannot use the image: {reason}")
         return {**{k: v for k, v in data.items() if k not in out}, **out}
 
-    def writer(self, data: Dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[None, Dict[str, Any]]:
+    def writer(
+        self, data: Dict[str, Any], extension: Any = None, dtype: Any = None
+    ) -> tuple[str | None, Dict[str, Any]]:
         pred = data[self.output_label_key]
         probs = np.asarray(pred.detach().cpu() if hasattr(pred, "detach") else pred, dtype=np.float64).reshape(-1)
         if probs.shape != (len(self.class_names),):
@@ -233,7 +325,43 @@ class MicrocalcificationInferTask(BundleInferTask):
         if result["uncertainty"] is None:
             result["uncertainty_reason"] = data.get("uncertainty_reason") or "not computed"
         result["model"] = self.model_info
-        return None, result
+        overlay = None
+        if data.get("saliency"):
+            overlay = self.write_saliency(data, result)
+        return overlay, result
+
+    def write_saliency(self, data: Dict[str, Any], result: Dict[str, Any]) -> str | None:
+        """Write the overlay PNG and the NIfTI map of a request that asked for them into its private folder
+        (``data["saliency_dir"]``), describe them under ``result["saliency"]``; return the overlay's path (``None``,
+        with the reason under ``saliency.error``, when there is no map)."""
+        from scripts.saliency.render import render_overlay, save_map_nifti, save_png
+
+        s = self.saliency
+        record: Dict[str, Any] = {"method": s["method"], "target": s["target"]}
+        result["saliency"] = record
+        cam = data.get("saliency_map")
+        if cam is None:
+            record["error"] = data.get("saliency_reason") or "no saliency map"
+            return None
+        p, k, u = result["probabilities"][self.class_names[MALIGNANT]], result["pred_class"], result["uncertainty"]
+        spread = "" if u is None else f"; members' SD {u:.3f}"
+        lines = [
+            f"P(malignant) {p:.3f}: {self.class_names[k]} (operating point {self.threshold:.3f}{spread})",
+            f"{s['method']} map (target: {s['target']}), model {self.model_info['version']}",
+            NOT_FOR_CLINICAL_USE,
+        ]
+        folder = Path(data["saliency_dir"])
+        overlay = folder / OVERLAY_NAME
+        save_png(overlay, render_overlay(np.asarray(data["saliency_roi"]), cam, lines))
+        save_map_nifti(folder / MAP_NAME, cam, s["spacing_mm"])
+        record.update(
+            layer=data.get("saliency_layer"),
+            overlay=OVERLAY_NAME,
+            map=MAP_NAME,
+            shape=list(np.shape(cam)),
+            spacing_mm=s["spacing_mm"],
+        )
+        return str(overlay)
 
 
 class MicrocalcificationApp(MONAILabelApp):
@@ -243,6 +371,7 @@ class MicrocalcificationApp(MONAILabelApp):
         self.bundle = Path(conf.get("bundle") or DEFAULT_BUNDLE).resolve()
         self.model_name = conf.get("model") or DEFAULT_MODEL
         self.infer_tasks: Dict[str, InferTask] = {}
+        self.dicomweb: DICOMwebClient | None = None  # the client of a DICOMweb --studies
         self.infer_lock = threading.Lock()  # one inference at a time (the bundle's config parser is not thread-safe)
         if not (self.bundle / "configs" / "inference.json").is_file():
             raise RuntimeError(f"--conf bundle {self.bundle}: no configs/inference.json there")
@@ -263,9 +392,68 @@ class MicrocalcificationApp(MONAILabelApp):
     def init_trainers(self) -> Dict[str, Any]:
         return {}
 
+    def init_remote_datastore(self) -> Datastore:
+        """A DICOMweb ``--studies`` (e.g. Orthanc's ``/dicom-web``): the stock datastore, without the stock start-up's
+        download of dcmqi (a DICOM SEG converter this classification model does not use; it needs the internet), with
+        a private cache folder removed at exit unless one is configured, and listing mammograms by default."""
+        if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+            return super().init_remote_datastore()
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(
+                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+            )
+        self.dicomweb = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH or "").strip()
+        if not cache:
+            cache = tempfile.mkdtemp(prefix="dicomweb-cache-")
+            remove_at_exit(cache)
+        # the stock default lists CT series; any other filter is used as given (the launcher exports every setting to
+        # the environment, so the filter's value, not its presence there, tells whether it was set)
+        search_filter = settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER
+        if search_filter == STOCK_DICOMWEB_FILTER:
+            search_filter = dict(DICOMWEB_FILTER)
+        logger.info("DICOMweb studies; series listed: %s", search_filter)
+        return DICOMWebDatastore(
+            client=self.dicomweb,
+            search_filter=search_filter,
+            cache_path=cache,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
+        )
+
     def on_init_complete(self) -> None:
         super().on_init_complete()
         install_infer_endpoint()
+
+
+def remove_at_exit(path: str) -> None:
+    """Delete the folder ``path`` when the server ends: at exit (Ctrl-C), and on SIGTERM, on which uvicorn, after its
+    graceful shutdown, re-raises the signal with the default handler, ending the process without running atexit
+    hooks (the removal then happens as the signal arrives, before uvicorn's own handler starts the shutdown)."""
+    atexit.register(shutil.rmtree, path, True)
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: atexit only
+        logger.warning("the DICOMweb cache folder is removed at exit, not on SIGTERM")
 
 
 # -- POST /infer/{model}: the stock endpoint's parameters, with uploads that never outlive the request --------------
@@ -293,8 +481,9 @@ def infer_request(
     label: UploadFile = File(None),
     output: Optional[ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
-) -> Dict[str, Any]:
-    """Run ``model`` on an uploaded ``file``, a datastore ``image`` id or a session's image; answer its JSON."""
+) -> Any:
+    """Run ``model`` on an uploaded ``file``, a datastore ``image`` id or a session's image; answer its JSON, or for
+    ``output=image``/``all`` its saliency overlay (:func:`saliency_response`)."""
     instance = app_instance()
     if not isinstance(instance, MicrocalcificationApp) or model not in instance.infer_tasks:
         known = ", ".join(getattr(instance, "infer_tasks", {})) or "none"
@@ -302,7 +491,7 @@ def infer_request(
     if output is not None and output.value not in OUTPUTS:
         raise HTTPException(
             status_code=400,
-            detail=f"output={output.value} is not offered by this classification model: use output=json",
+            detail=f"output={output.value} is not offered by this classification model: use output=json, image or all",
         )
     if label is not None and label.filename:
         raise HTTPException(status_code=400, detail="a label upload is not used by this classification model")
@@ -318,7 +507,9 @@ def infer_request(
             status_code=400,
             detail="no image given: upload one as the multipart field 'file', or name a datastore image with ?image=ID",
         )
-    work = tempfile.mkdtemp(prefix="upload-") if uploaded else None
+    saliency = output is not None and output.value in SALIENCY_OUTPUTS
+    remote = not uploaded and not session_id and instance.dicomweb is not None
+    work = tempfile.mkdtemp(prefix="upload-") if uploaded or saliency or remote else None
     try:
         if uploaded:
             name = shown_name(file.filename)
@@ -332,11 +523,15 @@ def infer_request(
             if session is None:
                 raise HTTPException(status_code=404, detail=f"no session {session_id!r} on this server")
             name, path = f"session {session_id!r}", session.image
+        elif remote:  # fetched into the private folder, never into the datastore's cache
+            name, path = f"image {image!r}", fetch_dicomweb_image(instance.dicomweb, image, work)
         else:
             name, path = f"image {image!r}", instance.datastore().get_image_uri(image)
             if not path or not os.path.isfile(path):
                 raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
         request = {**instance.info().get("config", {}).get("infer", {}), **extra, "model": model, "image": path}
+        if saliency:
+            request.update(saliency=True, saliency_dir=work)
         try:
             with instance.infer_lock:
                 result = instance.infer(request)
@@ -344,16 +539,82 @@ def infer_request(
             raise HTTPException(status_code=e.status_code, detail=f"{name}: {e.detail}") from None
         except MONAILabelException as e:
             raise HTTPException(status_code=400, detail=f"{name}: {e.msg}") from None
+        if saliency:
+            try:
+                return saliency_response(output.value, result)
+            except HTTPException as e:
+                raise HTTPException(status_code=e.status_code, detail=f"{name}: {e.detail}") from None
         return result["params"]
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def fetch_dicomweb_image(client: DICOMwebClient, image_id: str, folder: str) -> str:
+    """Download the one image of series ``image_id`` from the DICOMweb server into ``folder`` (as ``image.dcm``);
+    return its path. A series unknown to the server is an HTTP 404, a series of several images a 422, a server that
+    does not answer a 502."""
+    if len(image_id) > 64 or not UID.match(image_id):
+        raise HTTPException(status_code=404, detail=f"no image {image_id!r}: image ids are series instance UIDs here")
+    try:
+        found = client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+        found = [s for s in found if s.get("0020000E", {}).get("Value") == [image_id]]
+        if not found:
+            raise HTTPException(status_code=404, detail=f"no image {image_id!r}: no such series on the DICOMweb server")
+        study = found[0]["0020000D"]["Value"][0]
+        instances = client.retrieve_series(study, image_id)
+    except requests.exceptions.HTTPError as e:
+        code = e.response.status_code if e.response is not None else "no answer"
+        raise HTTPException(
+            status_code=502, detail=f"image {image_id!r}: the DICOMweb server answered {code}"
+        ) from None
+    except requests.exceptions.RequestException as e:
+        raise HTTPException(
+            status_code=502, detail=f"image {image_id!r}: the DICOMweb server cannot be reached ({type(e).__name__})"
+        ) from None
+    if len(instances) != 1:
+        raise HTTPException(
+            status_code=422,
+            detail=f"image {image_id!r}: the series holds {len(instances)} images; this model classifies one ROI image "
+            "per series",
+        )
+    path = os.path.join(folder, "image.dcm")
+    instances[0].save_as(path)
+    return path
+
+
+def saliency_response(output: str, result: Dict[str, Any]) -> Any:
+    """The answer for ``output=image`` (the overlay PNG) or ``output=all`` (multipart: ``params``, the JSON; ``image``,
+    the overlay; ``map``, the NIfTI map: the stock ``all`` with the map added) from ``instance.infer``'s ``result``;
+    the files are read now, as their folder is deleted when the request ends."""
+    params = result["params"]
+    overlay = result.get("file")
+    if not overlay or not os.path.isfile(overlay):
+        reason = params.get("saliency", {}).get("error", "no saliency map")
+        if output == "image":
+            raise HTTPException(status_code=422, detail=reason)
+        return params  # as the stock endpoint: the JSON alone when there is no image
+    png = Path(overlay).read_bytes()
+    if output == "image":
+        headers = {"Content-Disposition": f'attachment; filename="{OVERLAY_NAME}"'}
+        return Response(content=png, media_type="image/png", headers=headers)
+    nifti = (Path(overlay).parent / MAP_NAME).read_bytes()
+    body = MultipartEncoder(
+        fields=[
+            ("params", (None, json.dumps(params), "application/json")),
+            ("image", (OVERLAY_NAME, io.BytesIO(png), "image/png")),
+            ("map", (MAP_NAME, io.BytesIO(nifti), "application/gzip")),
+        ]
+    )
+    return Response(content=body.to_string(), media_type=body.content_type)
+
+
 def install_infer_endpoint() -> None:
     """Put :func:`infer_request` in place of the stock ``POST /infer/{model}`` of the running server."""
     router = APIRouter(prefix=settings.MONAI_LABEL_API_STR)
-    router.add_api_route("/infer/{model}", infer_request, methods=["POST"], summary="Run Inference for a model")
+    router.add_api_route(
+        "/infer/{model}", infer_request, methods=["POST"], summary="Run Inference for a model", response_model=None
+    )
     ours = router.routes[0]
     for i, route in enumerate(server.router.routes):
         if isinstance(route, APIRoute) and route.path == ours.path and "POST" in route.methods:

@@ -1,13 +1,16 @@
 """MONAI Deploy application: classify each mammography DICOM ROI in a folder as benign or malignant.
 
-    python app -i INPUT -o OUTPUT [-m BUNDLE] [--spacing-mm MM]
+    python app -i INPUT -o OUTPUT [-m BUNDLE] [--spacing-mm MM] [--send-to URL]
 
 ``INPUT`` is a DICOM file or a folder of them (``*.dcm``, ``*.dicom``, files without a suffix, or files with the
 DICM preamble; not recursive), one ROI per file, MONOCHROME1 or MONOCHROME2. ``BUNDLE`` is the bundle folder
 (``configs/``, ``scripts/``, ``models/model.pt`` or ``models/model.ts``); by default the repository this app lives in,
 found from this file's location (never from the current folder). Paths in the bundle's configs (``bundle_root``)
 resolve against that folder. ``--spacing-mm MM`` is the pixel pitch, in mm, of the DICOMs that state none (no
-``PixelSpacing`` or ``ImagerPixelSpacing``); a pitch the file states is always used as stated.
+``PixelSpacing`` or ``ImagerPixelSpacing``); a pitch the file states is always used as stated. ``--send-to URL``
+also stores each ROI's SR and Secondary Capture on a PACS with STOW-RS, ``URL`` being its DICOMweb root (e.g.
+``http://127.0.0.1:8042/dicom-web`` for Orthanc; :mod:`dicom_send`); the JSON records the outcome under
+``dicom.sent`` (the SOP Instance UIDs the PACS stored) or ``dicom.send_error``.
 ``OUTPUT`` receives, per input file (case = file stem):
 
 - ``<case>.json``: ``{"status": "ok", "probabilities": {"benign": 1 - p, "malignant": p}, "pred_class": k,
@@ -30,8 +33,9 @@ bundle's own reader: photometric interpretation, rescale, VOI, pixel pitch) → 
 postprocessing: the network returns the final probabilities) → :class:`ClassificationWriterOperator`. The JSON and
 the log hold no DICOM attributes (no patient identifiers); the DICOM results carry the source's patient and study
 modules, as DICOM requires to file them in its study. The case id is the file stem, so do not name files after
-patients. Exit status: 0 when at least one file was classified, 1 when
-none could be, 2 for a bad input or bundle path or a bad ``--spacing-mm``.
+patients. Exit status: 0 when at least one file was classified (and, with ``--send-to``, every result written was
+stored on the PACS), 1 when none could be, 2 for a bad input or bundle path or a bad ``--spacing-mm`` or ``--send-to``,
+3 when files were classified but some results could not be sent (they stay in ``OUTPUT``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import dicom_results
+import dicom_send
 import numpy as np
 import pydicom
 import torch
@@ -368,6 +373,7 @@ class ClassificationWriterOperator(Operator):
         tally: Counter,
         disagreement: MemberDisagreement,
         cam: Any = None,
+        send_to: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.output_folder = Path(output_folder)
@@ -375,6 +381,7 @@ class ClassificationWriterOperator(Operator):
         self.tally = tally
         self.disagreement = disagreement
         self.cam = cam
+        self.send_to = send_to
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -409,6 +416,8 @@ class ClassificationWriterOperator(Operator):
         record["dicom"] = self.write_dicom_results(
             path, roi, info["case"], float(probs[MALIGNANT]), names[k], uncertainty
         )
+        if self.send_to:
+            record["dicom"].update(self.send(info))
         write_json(self.output_folder, info["case"], record)
         self.tally["ok"] += 1
         shown = "n/a" if uncertainty is None else f"{uncertainty:.4f}"
@@ -416,6 +425,24 @@ class ClassificationWriterOperator(Operator):
             "%s: %s (p_malignant %.4f, threshold %.4g, members' SD %s)",
             info["file"], names[k], probs[MALIGNANT], threshold, shown,
         )  # fmt: skip
+
+    def send(self, info: dict) -> dict:
+        """Store the ROI's SR and Secondary Capture on the PACS (``--send-to``, STOW-RS); return what the JSON records
+        of it: ``sent`` (the SOP Instance UIDs stored) or ``send_error``."""
+        case = info["case"]
+        files = [self.output_folder / f"{case}.{kind}.dcm" for kind in ("sr", "sc")]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            return {}
+        try:
+            stored = dicom_send.stow_rs(self.send_to, files)
+        except dicom_send.SendError as e:
+            logger.error("%s: results not sent: %s", info["file"], e)
+            self.tally["send_error"] += 1
+            return {"send_error": str(e)}
+        logger.info("%s: %d DICOM result(s) stored on %s", info["file"], len(files), dicom_send.shown_url(self.send_to))
+        self.tally["sent"] += len(files)
+        return {"sent": stored}
 
     def write_dicom_results(
         self, path: Path, roi: np.ndarray, case: str, p_malignant: float, call: str, uncertainty: float | None
@@ -458,9 +485,10 @@ class ClassificationWriterOperator(Operator):
 class MicrocalcificationClassificationApp(Application):
     """DICOM ROIs → bundle inference → one JSON per image; ``tally`` counts the results written."""
 
-    def __init__(self, *args: Any, spacing_mm: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, spacing_mm: float | None = None, send_to: str | None = None, **kwargs: Any) -> None:
         self.tally: Counter = Counter()
         self.spacing_mm = spacing_mm
+        self.send_to = send_to
         super().__init__(*args, **kwargs)
 
     def compose(self) -> None:
@@ -511,6 +539,7 @@ class MicrocalcificationClassificationApp(Application):
             tally=self.tally,
             disagreement=disagreement,
             cam=cam,
+            send_to=self.send_to,
             name="writer",
         )
         self.add_flow(loader, infer, {("image", "image")})
@@ -518,21 +547,31 @@ class MicrocalcificationClassificationApp(Application):
         self.add_flow(loader, writer, {("case", "case")})
 
 
-def parse_app_options(argv: list[str]) -> tuple[float | None, list[str]]:
-    """This app's own option, ``--spacing-mm MM`` (or ``--spacing-mm=MM``), and the rest of ``argv`` (program name
-    first, order kept) for the SDK's parser; :class:`AppInputError` when its value is missing or not a number."""
-    rest, spacing = [argv[0]], None
+def parse_app_options(argv: list[str]) -> tuple[float | None, str | None, list[str]]:
+    """This app's own options, ``--spacing-mm MM`` and ``--send-to URL`` (or ``--option=VALUE``), and the rest of
+    ``argv`` (program name first, order kept) for the SDK's parser; :class:`AppInputError` when a value is missing or
+    not a pitch in mm / a DICOMweb URL."""
+    rest, spacing, send_to = [argv[0]], None, None
     args = iter(argv[1:])
     for arg in args:
-        if arg == SPACING_OPTION or arg.startswith(SPACING_OPTION + "="):
-            value = arg.partition("=")[2] if "=" in arg else next(args, None)
+        option = next(
+            (o for o in (SPACING_OPTION, dicom_send.SEND_OPTION) if arg == o or arg.startswith(o + "=")), None
+        )
+        if option is None:
+            rest.append(arg)
+            continue
+        value = arg.partition("=")[2] if "=" in arg else next(args, None)
+        if option == SPACING_OPTION:
             try:
                 spacing = float(value)
             except (TypeError, ValueError):
                 raise AppInputError(f"{SPACING_OPTION} needs a pixel pitch in mm, got {value!r}") from None
         else:
-            rest.append(arg)
-    return spacing, rest
+            try:
+                send_to = dicom_send.check_url(value or "")
+            except ValueError as e:
+                raise AppInputError(str(e)) from None
+    return spacing, send_to, rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,11 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     if {"-h", "--help"} & set(args[1:]):
         print(__doc__)
     try:
-        spacing_mm, sdk_args = parse_app_options(args)
+        spacing_mm, send_to, sdk_args = parse_app_options(args)
         # Holoscan keeps sys.argv as the application's argv (program name first) when given none, and drops the
         # first item of an argv it is given: hand the SDK its arguments as the process's own command line
         sys.argv = sdk_args
-        app = MicrocalcificationClassificationApp(spacing_mm=spacing_mm)
+        app = MicrocalcificationClassificationApp(spacing_mm=spacing_mm, send_to=send_to)
         app.run()
     except AppInputError as e:
         logger.error("%s", e)
@@ -556,4 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "%d classified, %d error(s); results in %s", ok, errors, Application.init_app_context(app.argv).output_path
     )
+    if send_to:
+        sent, failed = app.tally["sent"], app.tally["send_error"]
+        logger.info("%d DICOM result(s) stored on %s, %d ROI(s) not sent", sent, dicom_send.shown_url(send_to), failed)
+        if ok and failed:
+            return 3
     return 0 if ok else 1
