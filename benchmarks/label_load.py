@@ -35,8 +35,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +58,7 @@ from scripts.data.prepare.dicom_writer import write_dicom  # noqa: E402
 from scripts.data.schema import load_split  # noqa: E402
 from scripts.data.synthetic import generate_dataset  # noqa: E402
 from tests.app_bundle import make_app_bundle, run_inference_workflow, write_tiny_operating_point  # noqa: E402
+from tests.servers import free_port, stop_process_group, wait_for_json  # noqa: E402
 
 NAME = "label_load"
 APP = REPO / "apps" / "monailabel"
@@ -213,12 +212,6 @@ def make_uploads(files: dict[str, Path], rows: dict[str, dict]) -> dict[str, Upl
 # -- the server --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (from ``/proc/*/stat``)."""
     children: dict[int, list[int]] = {}
@@ -299,29 +292,12 @@ def label_server(bundle: Path, work: Path, threads: int | None, timeout_s: float
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(f"{base}/info/", timeout=5) as r:
-                        json.loads(r.read())
-                    break
-                except (OSError, http.client.HTTPException, json.JSONDecodeError):
-                    if time.monotonic() - t0 > timeout_s:
-                        raise RuntimeError(
-                            f"the server did not answer in {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}"
-                        )
-                    time.sleep(1)
-            yield Server(base=base, pid=proc.pid, tmp=work / "tmp", started_s=time.monotonic() - t0)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_json(f"{base}/info/", proc, log_path, timeout_s, "the server")
+        yield Server(base=base, pid=proc.pid, tmp=work / "tmp", started_s=time.monotonic() - t0)
+    finally:
+        stop_process_group(proc)
 
 
 def temporary_entries(tmp: Path) -> set[str]:

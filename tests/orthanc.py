@@ -18,16 +18,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from tests.servers import free_port, stop_process_group, wait_until_answering
 
 #: where Debian's orthanc-dicomweb puts its plugin (``dpkg -L orthanc-dicomweb``)
 PLUGIN_GLOBS = (
@@ -83,12 +83,6 @@ def find_dicomweb_plugin() -> str:
     raise OrthancUnavailable(f"Orthanc's DICOMweb plugin (libOrthancDicomWeb.so) is absent: {INSTALL_HINT}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def orthanc_config(storage: Path, http_port: int, dicom_port: int, plugin: str) -> dict:
     """Orthanc's configuration: storage in ``storage``, the DICOMweb plugin, local access only, no authentication."""
     return {
@@ -136,27 +130,10 @@ def running_orthanc(
             [binary, "--no-jobs", str(config)], cwd=work, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/dicom-web/studies", timeout=5) as r:
-                    r.read()
-                break
-            except (OSError, urllib.error.URLError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_until_answering(url + "/dicom-web/studies", proc, log, timeout, "Orthanc")
         yield Orthanc(url=url, dicomweb=url + "/dicom-web", aet=AET, dicom_port=dicom_port, log=log)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         shutil.rmtree(work, ignore_errors=True)  # the storage holds the stored DICOMs' patient attributes
 
 

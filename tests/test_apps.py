@@ -19,8 +19,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -48,6 +46,7 @@ from tests.conftest import REPO, SHARED_DATA
 from tests.orthanc import Orthanc, OrthancUnavailable
 from tests.orthanc import find_binary as find_orthanc
 from tests.orthanc import find_dicomweb_plugin, running_orthanc
+from tests.servers import free_port, stop_process_group, wait_for_json
 
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
 
@@ -374,12 +373,6 @@ def test_inference_config_fits_the_stock_operators(tmp_path):
 # -- MONAI Label ---------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(
     url: str,
     files: dict[str, tuple[str, bytes]] | None = None,
@@ -474,26 +467,13 @@ def running_label_server(
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{cmd} exited with {proc.returncode}:\n{(work / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/info/", timeout=5) as r:
-                    info = json.loads(r.read())
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"monailabel did not answer in 180 s:\n{(work / 'server.log').read_text()[-3000:]}")
-                time.sleep(1)
+        try:
+            info = wait_for_json(f"{base}/info/", proc, work / "server.log", 180, cmd)
+        except RuntimeError as e:
+            pytest.fail(str(e))
         yield base, info, work
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
         log.close()
     with pytest.raises(OSError):  # stopped: nothing answers on the port any more
         urllib.request.urlopen(f"{base}/info/", timeout=5)
