@@ -43,8 +43,7 @@ from monai.transforms import MapTransform, Resize
 
 from scripts.data.prepare.bounds import scrub
 from scripts.data.prepare.csv_source import cell_float, cell_unit, csv_cell_path, read_csv_rows
-from scripts.data.prepare.dicom_io import printable
-from scripts.data.prepare.errors import PrepareError
+from scripts.data.prepare.errors import PrepareError, printable
 from scripts.data.schema import unique_case
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from scripts.data.prepare.bounds import (
     header_problem,
     scrub,
 )
-from scripts.data.prepare.errors import PrepareError
+from scripts.data.prepare.errors import PrepareError, printable
 from scripts.data.prepare.pixels import MappedImage, table_image, unused_bits_fix, value_histogram
 
 logger = logging.getLogger(__name__)
@@ -392,11 +392,6 @@ def quiet_pydicom(path: str | os.PathLike) -> Iterator[None]:
                 len(messages),
                 "; ".join(kinds[:5]),
             )
-
-
-def printable(text: str) -> str:
-    """``text`` with surrogate-escaped bytes (from non-UTF-8 file names) as ``\\xNN`` escapes: safe to write."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) else str(text)
 
 
 def safe_name(path: str | os.PathLike) -> str:
