@@ -24,8 +24,8 @@ geometry), after reading with :func:`scripts.data.prepare.loaders.load_image` (p
 VOI LUT / window, pixel spacing), exactly as ``python -m scripts.data.prepare`` does for training data.
 
 A file that cannot be read does not stop the run: :class:`LoadInputd` records the reason under ``error`` and passes
-a blank image on, and :class:`scripts.engine.handlers.PredictionTableHandler` writes an error row for it. Error texts name
-the file by its name only (no folders) and never carry DICOM patient attributes.
+a blank image on, and :class:`scripts.evaluation.handlers.PredictionTableHandler` writes an error row for it. Error
+texts name the file by its name only (no folders) and never carry DICOM patient attributes.
 """
 
 from __future__ import annotations
