@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -50,8 +52,6 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically."""
-    import torch
-
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
