@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -52,6 +50,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically."""
+    import torch  # heavy, needed here only: the lowest module keeps data preparation and the report free of torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
