@@ -151,6 +151,7 @@ def child_inference(csv_path: Path, bundle: Path, out: Path) -> dict:
 
     import scripts.data.inputs  # noqa: F401
     import scripts.engine.handlers  # noqa: F401
+    import scripts.evaluation.handlers  # noqa: F401
     import scripts.model.network  # noqa: F401
 
     t0 = time.perf_counter()

@@ -37,7 +37,11 @@ from typing import Sequence
 
 import numpy as np
 
+from scripts.data.schema import assign_folds, read_datalist, write_datalist
+from scripts.engine.atomic import atomic_path, write_json, write_text
+from scripts.evaluation.metrics import delong_paired_test, read_cases_csv
 from scripts.main_job import Settings, prepare_synthetic, run_pipeline
+from scripts.model.network import WeightsError, build_network
 
 logger = logging.getLogger("ablation")
 
@@ -52,8 +56,6 @@ FULL = "full"
 
 def imagenet_available(arch: str, weights: str | None) -> tuple[bool, str]:
     """Whether ImageNet weights can be had for ``arch`` (packaged, a local file, or torchvision's download)."""
-    from scripts.model.network import WeightsError, build_network
-
     try:
         build_network(arch, init="imagenet", weights=weights)
     except WeightsError as e:
@@ -67,8 +69,6 @@ def nested_subset(items: Sequence[dict], size: int, num_folds: int, seed: int) -
     Smaller subsets are contained in larger ones (same seed), classes stay balanced to within one patient, and a
     patient's ROIs stay together; folds are reassigned within the subset (patient-grouped, label-stratified).
     """
-    from scripts.data.schema import assign_folds
-
     by_patient: dict[str, list[dict]] = defaultdict(list)
     for it in items:
         by_patient[str(it["patient"])].append(it)
@@ -90,8 +90,6 @@ def nested_subset(items: Sequence[dict], size: int, num_folds: int, seed: int) -
 
 def write_subset_datalist(datalist: Path, size: int | str, num_folds: int, seed: int) -> Path:
     """``datalist_n<size>.json`` beside ``datalist`` (same files, same test split, a nested training subset)."""
-    from scripts.data.schema import read_datalist, write_datalist
-
     if size == FULL:
         return datalist
     dl = read_datalist(datalist)
@@ -111,8 +109,6 @@ def _reuse_stage1(src_workdir: Path | None, workdir: Path) -> None:
 
 def _paired_tests(runs: list[dict], reference: str = "dtl") -> None:
     """Add to each run the DeLong paired test of ``reference`` vs it on the same seed, size and test cases."""
-    from scripts.evaluation.metrics import delong_paired_test, read_cases_csv
-
     by_key = {(r["arm"], r["size"], r["seed"]): r for r in runs}
     for r in runs:
         ref = by_key.get((reference, r["size"], r["seed"]))
@@ -137,8 +133,6 @@ def run_ablation(
     base: Settings | None = None,
 ) -> dict:
     """Run every arm × size × seed; write ``ablation.json``, ``ablation.md`` and ``ablation.png`` in ``out_dir``."""
-    from scripts.engine.atomic import write_json, write_text
-
     out = Path(out_dir).resolve()
     base = base or Settings()
     unknown = [a for a in arms if a not in ARMS]
@@ -262,12 +256,10 @@ def format_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """AUC against target training size, one line per arm that ran, error bars = SD over seeds."""
-    import matplotlib
+    import matplotlib  # optional heavy dependency: loaded only when a figure is drawn
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from scripts.engine.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for arm, row in result["table"].items():

@@ -17,17 +17,22 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import monai
 import torch
 
 from scripts.data import schema
+from scripts.engine.atomic import write_json
 from scripts.engine.steps import Step, run_config, run_step
 from scripts.evaluation.metrics import THRESHOLD_RULES
+from scripts.evaluation.summarize import read_localisation
 from scripts.model.calibration import OPERATING_POINT_FILE
 from scripts.model.inferers import native_cpu_bf16, precision_choice
 
@@ -316,11 +321,6 @@ def environment() -> dict:
 
     Weights are reproducible bit for bit on the same CPU capability and thread count, not across them (AVX2 and
     AVX-512 kernels round differently; docs/README.md gives the measured difference)."""
-    import os
-    import platform
-
-    import monai
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -345,9 +345,6 @@ def precision(s: Settings) -> dict:
 
 def run_pipeline(s: Settings) -> Path:
     """Run the whole method; returns the path of ``metrics.json``."""
-    from scripts.engine.atomic import write_json
-    from scripts.evaluation.summarize import read_localisation
-
     t_start = time.time()
     root = Path(s.workdir).resolve()
     data = data_steps(s, root)

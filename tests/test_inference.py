@@ -205,7 +205,7 @@ def test_dicom_csv_is_cropped_at_the_training_scale(bundle, tmp_path):
 
 
 def test_decision_threshold_and_error_rows():
-    from scripts.engine.handlers import PredictionTableHandler
+    from scripts.evaluation.handlers import PredictionTableHandler
 
     probs = torch.tensor([0.7, 0.3])
     assert PredictionTableHandler("x.csv").row("a", probs)["pred_label"] == "benign"

@@ -8,12 +8,16 @@ Arrays are ``(H, W)``, row-major (row = y).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from scripts.data.prepare.bounds import check_size
+from scripts.data.prepare.bounds import max_pixels as default_max_pixels
+from scripts.data.prepare.errors import PrepareError
 from scripts.data.prepare.pixels import BLOCK_PIXELS, block_range, value_histogram
 from scripts.engine.atomic import atomic_path
 
@@ -57,14 +61,6 @@ def read_raster(path: str | os.PathLike, max_pixels: int | None = None) -> np.nd
     animated PNG), of which only the first frame would be read. Raises :class:`ImageFileError` (a ``ValueError``)
     whose message says what is wrong, in words.
     """
-    import warnings
-
-    from PIL import UnidentifiedImageError
-
-    from scripts.data.prepare.bounds import check_size
-    from scripts.data.prepare.bounds import max_pixels as default_max_pixels
-    from scripts.data.prepare.errors import PrepareError
-
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     Image.MAX_IMAGE_PIXELS = max(limit, 1)  # PIL's own bomb check, consistent with ours (it refuses above 2x)
     try:

@@ -24,8 +24,8 @@ geometry), after reading with :func:`scripts.data.prepare.loaders.load_image` (p
 VOI LUT / window, pixel spacing), exactly as ``python -m scripts.data.prepare`` does for training data.
 
 A file that cannot be read does not stop the run: :class:`LoadInputd` records the reason under ``error`` and passes
-a blank image on, and :class:`scripts.engine.handlers.PredictionTableHandler` writes an error row for it. Error texts name
-the file by its name only (no folders) and never carry DICOM patient attributes.
+a blank image on, and :class:`scripts.evaluation.handlers.PredictionTableHandler` writes an error row for it. Error
+texts name the file by its name only (no folders) and never carry DICOM patient attributes.
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize
 
-from scripts.data.prepare.bounds import scrub
+from scripts.data.imageio import ImageFileError, read_roi_png
+from scripts.data.prepare.bounds import check_pitch, scrub
 from scripts.data.prepare.csv_source import cell_float, cell_unit, csv_cell_path, read_csv_rows
-from scripts.data.prepare.dicom_io import printable
-from scripts.data.prepare.errors import PrepareError
-from scripts.data.schema import unique_case
+from scripts.data.prepare.dicom_io import is_dicom
+from scripts.data.prepare.errors import PrepareError, printable
+from scripts.data.prepare.loaders import load_image
+from scripts.data.prepare.roi import RoiGeometry, crop_roi
+from scripts.data.schema import load_split, unique_case
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,6 @@ class InferenceInputError(ValueError):
 
 
 def _is_dicom_file(path: Path) -> bool:
-    from scripts.data.prepare.dicom_io import is_dicom
-
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     return path.suffix == "" and is_dicom(path)
@@ -125,9 +126,6 @@ def items_from_csv(csv_path: str | os.PathLike) -> list[dict]:
     A row whose cells cannot be parsed becomes an item that carries its ``error``, so that it is reported in the
     output table beside the other rows' results; a missing file or a CSV without an ``image`` column raises.
     """
-    from scripts.data.prepare.bounds import check_pitch
-    from scripts.data.prepare.errors import PrepareError
-
     csv_path = Path(csv_path)
     numbered = read_csv_rows(csv_path, InferenceInputError, required=("image",), name=f"input_csv {csv_path.name}")
     used: set[str] = set()
@@ -183,7 +181,6 @@ def select_inputs(
             return items_from_csv(input_csv)
         if not datalist:
             raise InferenceInputError("no input: give input_dir, input_csv, or datalist (+ split)")
-        from scripts.data.schema import load_split
 
         return load_split(datalist, split)
     except InferenceInputError as e:
@@ -251,7 +248,6 @@ class LoadInputd(MapTransform):
             raise ValueError(f"LoadInputd takes one image key, got {self.keys}")
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-        from scripts.data.prepare.roi import RoiGeometry
 
         self.key = self.keys[0]
         self.size = (int(image_size), int(image_size)) if np.isscalar(image_size) else tuple(map(int, image_size))
@@ -264,10 +260,6 @@ class LoadInputd(MapTransform):
     # -- readers ---------------------------------------------------------------------------------------------------
 
     def _crop(self, item: Mapping) -> np.ndarray:
-        from scripts.data.prepare.errors import PrepareError
-        from scripts.data.prepare.loaders import load_image
-        from scripts.data.prepare.roi import crop_roi
-
         path = Path(item[self.key])
         try:
             img = load_image(path, spacing_mm=item.get("spacing_mm"), max_pixels=self.max_pixels)
@@ -341,8 +333,6 @@ class LoadInputd(MapTransform):
         if path.stat().st_size == 0:
             raise InferenceInputError("file is empty")
         if path.suffix.lower() in ROI_SUFFIXES and item.get("x") is None:
-            from scripts.data.imageio import ImageFileError, read_roi_png
-
             try:
                 return read_roi_png(path, self.max_pixels)
             except ImageFileError as e:

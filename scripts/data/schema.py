@@ -41,6 +41,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from scripts.engine.atomic import write_json
 
 SCHEMA_VERSION = 1
@@ -321,8 +323,6 @@ def assign_folds(
     Raises:
         ValueError: ``num_folds`` below 2 or a negative ``seed``.
     """
-    import numpy as np
-
     if num_folds < 2:
         raise ValueError(f"num_folds must be >= 2, got {num_folds}")
     if seed < 0:
@@ -372,8 +372,6 @@ def split_by_patient(
     Raises:
         ValueError: ``test_fraction`` outside [0, 1] or a negative ``seed``.
     """
-    import numpy as np
-
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be within [0, 1], got {test_fraction}")
     if seed < 0:

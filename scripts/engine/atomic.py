@@ -50,7 +50,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically."""
-    import torch
+    import torch  # heavy, needed here only: the lowest module keeps data preparation and the report free of torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -22,6 +22,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from scripts.engine.atomic import torch_save
 from scripts.engine.config_values import parse_bool
 from scripts.engine.resilience import CheckpointError, ResilienceError
 
@@ -62,8 +63,6 @@ class _AtomicDiskSaver(BaseSaveHandler):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        from scripts.engine.atomic import torch_save
-
         path = self.dirname / (self.filename or filename)
         try:
             torch_save(dict(checkpoint), path)

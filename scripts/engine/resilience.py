@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
+from monai.engines.utils import IterationEvents
 
 from scripts.engine.config_values import parse_bool
 
@@ -101,8 +103,6 @@ class ReseedHandler:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from monai.data.utils import set_rnd
-
         s = epoch_seed(self.seed, engine.state.epoch)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             s = (s + 1_000_003 * torch.distributed.get_rank()) % (2**32)  # other augmentations on each rank
@@ -137,8 +137,6 @@ class NonFiniteLossGuard:
         self.loss_key = loss_key
 
     def attach(self, engine: Engine) -> None:
-        from monai.engines.utils import IterationEvents
-
         event = IterationEvents.LOSS_COMPLETED
         if not engine.has_registered_events(event):
             event = Events.ITERATION_COMPLETED

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.engine import fingerprint
 
@@ -85,8 +85,6 @@ def _relative(value: Any, root: Path | None) -> Any:
 def _config_values(configs: Sequence[str], keys: Sequence[str]) -> dict:
     """What the ``configs`` (merged in order, ``bundle_root`` ``.``) resolve ``keys`` to; keys that cannot be
     evaluated without data are left out."""
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / c) for c in configs])
     parser["bundle_root"] = "."

@@ -71,7 +71,7 @@ def reader_section(summary: dict, names: Sequence[str]) -> str:
 
 
 def decision_curve_figure(dc: dict) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional heavy dependency: loaded only when a figure is drawn
 
     fig = Figure(figsize=(5.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
@@ -90,7 +90,7 @@ def decision_curve_figure(dc: dict) -> str:
 
 
 def referral_figure(ref: dict) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional heavy dependency: loaded only when a figure is drawn
 
     fig = Figure(figsize=(5.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)

@@ -61,7 +61,9 @@ def png_uri(data: bytes) -> str:
 
 
 def fig_uri(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,  # optional heavy dependency: loaded only when a figure is drawn
+    )
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -75,7 +77,7 @@ def _operating_point(ax, m: dict, marker: str, color: str, label: str, **style: 
 
 
 def roc_figure(summary: dict, test_rows: Sequence[dict]) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional heavy dependency: loaded only when a figure is drawn
 
     fig = Figure(figsize=(5.2, 5.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -121,7 +123,7 @@ def roc_figure(summary: dict, test_rows: Sequence[dict]) -> str:
 
 
 def confusion_figure(metrics: dict, names: Sequence[str]) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional heavy dependency: loaded only when a figure is drawn
 
     c = metrics["confusion"]
     mat = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
@@ -148,7 +150,7 @@ def confusion_figure(metrics: dict, names: Sequence[str]) -> str:
 
 
 def calibration_figure(summary: dict, test_rows: Sequence[dict], names: Sequence[str]) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional heavy dependency: loaded only when a figure is drawn
 
     fig = Figure(figsize=(4.8, 5.2))
     ax, axh = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})

@@ -24,6 +24,7 @@ from scripts.data import schema
 from scripts.engine.atomic import write_json
 from scripts.evaluation import metrics, report
 from scripts.model.calibration import read_operating_point
+from scripts.model.network import imagenet_weights_info
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -31,8 +32,6 @@ PathLike = str | os.PathLike
 
 def network_info(arch: str, init: str, imagenet_weights: str | None, intermediate_stage: bool) -> dict:
     """What the members were trained from: backbone, stage-1 initialisation and the ImageNet weights' source."""
-    from scripts.model.network import imagenet_weights_info
-
     weights = imagenet_weights_info(arch, imagenet_weights) if init == "imagenet" else None
     return {
         "arch": arch,

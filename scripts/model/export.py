@@ -27,6 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser, ckpt_export, onnx_export
+
+from scripts.model.network import load_state_dict_file
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2]
 logger = logging.getLogger(__name__)
@@ -56,8 +59,6 @@ def export_torchscript(
     bundle_root: str | Path = BUNDLE_DIR, filepath: str | Path | None = None, **overrides: Any
 ) -> Path:
     """``monai.bundle.ckpt_export`` of ``network_def`` (scripted, with metadata and config inside); returns the path."""
-    from monai.bundle import ckpt_export
-
     filepath = Path(filepath or Path(bundle_root) / "models" / "model.ts")
     ckpt_export("network_def", filepath=str(filepath), **_paths(bundle_root), **overrides)
     return filepath
@@ -65,8 +66,6 @@ def export_torchscript(
 
 def export_onnx(bundle_root: str | Path = BUNDLE_DIR, filepath: str | Path | None = None, **overrides: Any) -> Path:
     """``monai.bundle.onnx_export`` of ``network_def`` with a dynamic batch axis; returns the path."""
-    from monai.bundle import onnx_export
-
     filepath = Path(filepath or Path(bundle_root) / "models" / "model.onnx")
     onnx_export(
         "network_def",
@@ -81,10 +80,6 @@ def export_onnx(bundle_root: str | Path = BUNDLE_DIR, filepath: str | Path | Non
 
 def eager_network(bundle_root: str | Path = BUNDLE_DIR, **overrides: Any) -> torch.nn.Module:
     """``network_def`` of ``configs/inference.json`` with ``models/model.pt`` loaded strictly, in eval mode."""
-    from monai.bundle import ConfigParser
-
-    from scripts.model.network import load_state_dict_file
-
     parser = ConfigParser()
     parser.read_config(_paths(bundle_root)["config_file"])
     for k, v in overrides.items():
@@ -120,7 +115,7 @@ def check_parity(
         with torch.no_grad():
             diffs["torchscript"] = max(float((ts(x) - r).abs().max()) for x, r in zip(inputs, reference))
     if onnx_file is not None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: only to check an ONNX export (not in the apps' environments)
 
         runner = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
         name = runner.get_inputs()[0].name

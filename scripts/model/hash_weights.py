@@ -17,7 +17,7 @@ from typing import Sequence
 
 import yaml
 
-from scripts.engine.atomic import file_digest
+from scripts.engine.atomic import file_digest, write_text
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2]
 HASH_TYPES = ("sha256", "md5")
@@ -64,7 +64,6 @@ def fill_hashes(yml: str | Path, bundle_root: str | Path | None = None) -> dict[
     check = {e["path"]: e["hash_val"] for e in yaml.safe_load(text)["large_files"]}
     if any(check.get(p) != d for p, d in digests.items()):
         raise RuntimeError(f"{yml}: could not place every hash_val line; edit the file by hand")
-    from scripts.engine.atomic import write_text
 
     write_text(yml, text)
     return digests

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from scripts.engine.atomic import file_digest
+from scripts.engine.atomic import file_digest, torch_save
 from scripts.model.calibration import Calibration, calibrated_probability
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class GrayClassifier(nn.Module):
         super().__init__()
         self.arch = arch
         if is_lite(arch):
-            import timm
+            import timm  # optional heavy dependency: only the EfficientNet-Lite architectures need it
 
             backbone = timm.create_model(f"tf_{arch}", pretrained=False, num_classes=num_classes)
             mean, std, self.head_name = LITE_MEAN, LITE_STD, "classifier"
@@ -486,7 +486,5 @@ def save_ensemble(
     num_classes: int = 2,
 ) -> Path:
     """Load the fold members and write the :class:`Ensemble`'s state dict to ``out_path`` (atomically)."""
-    from scripts.engine.atomic import torch_save
-
     ens = build_ensemble(member_weights, arch, num_classes)
     return torch_save(ens.state_dict(), out_path)

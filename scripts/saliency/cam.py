@@ -168,7 +168,7 @@ class EnsembleCAM:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        import pytorch_grad_cam
+        import pytorch_grad_cam  # optional heavy dependency (grad-cam): loaded only when maps are computed
 
         self.method, self.target, self.freeze, self.threshold = method, target, bool(freeze), float(threshold)
         self.amp = bool(amp)
@@ -195,7 +195,7 @@ class EnsembleCAM:
 
     def __call__(self, x: torch.Tensor, classes: Sequence[int] | None = None) -> CAMResult:
         """Maps for ``x`` ``(B, 1, H, W)`` in [0, 1]; ``classes`` (one per image) overrides ``target``."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # optional heavy dependency (grad-cam)
 
         if self._closed:
             raise RuntimeError("EnsembleCAM is closed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.ndimage import distance_transform_edt
 
 from scripts.data.schema import TARGET_CLASSES
 
@@ -30,8 +31,6 @@ def _check_pair(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def distance_to_mask(mask: np.ndarray) -> np.ndarray:
     """Euclidean distance (pixels) from every pixel to the nearest mask pixel; 0 inside the mask. ``(H, W)``."""
-    from scipy.ndimage import distance_transform_edt
-
     mask = np.asarray(mask) > 0
     if not mask.any():
         raise ValueError("mask is empty")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from scripts.engine.atomic import atomic_path
 
@@ -32,7 +33,7 @@ def save_map_nifti(path: str | Path, cam: np.ndarray, spacing_mm: float | Sequen
     NIfTI's first axis is x (columns), so the array is stored as ``(W, H)`` with the affine
     ``diag(col_pitch, row_pitch, 1, 1)`` in mm; ``np.asarray(nib.load(path).dataobj).T`` gives the ``(H, W)`` map.
     """
-    import nibabel as nib
+    import nibabel as nib  # optional: NIfTI only (the deploy app's environment has no nibabel)
 
     sx, sy = _spacing_xy(spacing_mm)
     img = nib.Nifti1Image(np.ascontiguousarray(np.asarray(cam, dtype=np.float32).T), np.diag([sx, sy, 1.0, 1.0]))
@@ -44,7 +45,7 @@ def save_map_nifti(path: str | Path, cam: np.ndarray, spacing_mm: float | Sequen
 
 
 def _heat_rgb(cam: np.ndarray) -> np.ndarray:
-    import matplotlib
+    import matplotlib  # optional heavy dependency: loaded only when a figure is drawn
 
     return matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3].astype(np.float32)
 
@@ -62,8 +63,6 @@ def render_overlay(
 
     Small ROIs are enlarged by an integer factor (nearest neighbour) to at least ``min_size`` pixels.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     scale = max(1, math.ceil(min_size / max(roi.shape)))
     if scale > 1:
         roi = np.kron(roi, np.ones((scale, scale), dtype=np.float32))
@@ -93,8 +92,6 @@ def render_overlay(
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB uint8 ``(H, W, 3)`` image as PNG, atomically."""
-    from PIL import Image
-
     with atomic_path(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
 
@@ -108,8 +105,6 @@ OUTCOMES = (
 
 
 def _thumb(a: np.ndarray, size: int = 128) -> np.ndarray:
-    from PIL import Image
-
     h, w = a.shape
     s = size / max(h, w)
     if s >= 1:
@@ -129,7 +124,9 @@ def save_gallery(path: str | Path, groups: dict[str, list[dict]], per_group: int
     """Figure with one row per non-empty outcome group (``{name: [{"roi", "cam", "mask" or None, "case", "prob"},
     ...]}``); groups without cases get no row but are named under the title. The mask's outline is drawn in green.
     Returns the path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,  # optional heavy dependency: loaded only when a figure is drawn
+    )
     from matplotlib.figure import Figure
 
     empty = [name for name, exs in groups.items() if not exs]

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from scipy.ndimage import gaussian_filter
+from scipy.stats import rankdata
 
 from scripts.saliency.cam import MALIGNANT, EnsembleCAM, ensemble_members, predicted_classes
 
@@ -24,8 +26,6 @@ _EPS = 1e-8
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
     return rankdata(a.ravel())
 
 
@@ -37,8 +37,6 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def _ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
     """Mean SSIM (Wang et al., 2004) of two maps in [0, 1], Gaussian window of ``sigma`` pixels."""
-    from scipy.ndimage import gaussian_filter
-
     c1, c2 = 0.01**2, 0.03**2
     mu_a, mu_b = gaussian_filter(a, sigma), gaussian_filter(b, sigma)
     var_a = gaussian_filter(a * a, sigma) - mu_a**2

@@ -26,6 +26,7 @@ from scripts.data.imageio import read_mask_png
 from scripts.data.schema import unique_case
 from scripts.engine.atomic import write_json
 from scripts.engine.progress import ProgressLogger
+from scripts.model.network import WeightsError, load_state_dict_file
 from scripts.saliency.cam import MALIGNANT, EnsembleCAM
 from scripts.saliency.localisation import BOOTSTRAP_RESAMPLES, localisation_metrics, localisation_table
 from scripts.saliency.render import OUTCOMES, gallery_example, render_overlay, save_gallery, save_map_nifti, save_png
@@ -40,7 +41,6 @@ def load_weights(network: nn.Module, path: str | Path | None) -> nn.Module:
     ``path=None`` (or ``"none"``) returns ``network`` unchanged (weights already loaded by the merged config)."""
     if none_if_off(path) is None:
         return network
-    from scripts.model.network import WeightsError, load_state_dict_file
 
     target = getattr(network, "module", network)
     try:

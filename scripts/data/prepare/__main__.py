@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Callable
 
 from scripts.data.prepare.bounds import DEFAULT_MAX_PIXELS, PITCH_RANGE_MM, check_pitch, set_max_pixels
-from scripts.data.prepare.cbis_tables import INTERMEDIATE_CHOICES, TARGET_CHOICES
+from scripts.data.prepare.cbis_ddsm import prepare_cbis_ddsm
+from scripts.data.prepare.cbis_tables import (
+    INTERMEDIATE_CHOICES,
+    TARGET_CHOICES,
+    describe_selection,
+    find_tables,
+    resolve_selection,
+)
+from scripts.data.prepare.csv_source import prepare_csv, read_csv_rows
 from scripts.data.prepare.errors import ON_ERROR_CHOICES, PreparationFailed, PrepareError
+from scripts.data.prepare.mini_mias import find_films, find_info, parse_info, prepare_mini_mias
 from scripts.data.prepare.roi import PAD_CHOICES, RoiGeometry
 
 MAX_ROI_SIZE = 4096  # px: far beyond any calcification ROI; keeps one output image within tens of MB
@@ -154,8 +163,6 @@ def _check_out(out: Path) -> None:
 
 
 def _check_csv(args: argparse.Namespace) -> None:
-    from scripts.data.prepare.csv_source import read_csv_rows
-
     try:
         read_csv_rows(args.input, required=("image", "label", "patient"), name=str(args.input))
     except PrepareError as e:
@@ -165,8 +172,6 @@ def _check_csv(args: argparse.Namespace) -> None:
 
 
 def _check_mini_mias(root: Path) -> None:
-    from scripts.data.prepare.mini_mias import find_films, find_info, parse_info
-
     if not root.is_dir():
         raise ArgumentProblem("--in", f"{root}: {'not a folder' if root.exists() else 'folder not found'}")
     try:
@@ -178,8 +183,6 @@ def _check_mini_mias(root: Path) -> None:
 
 
 def _check_cbis_ddsm(args: argparse.Namespace) -> None:
-    from scripts.data.prepare.cbis_tables import find_tables, resolve_selection
-
     if args.no_mass:
         if args.intermediate not in (None, "none"):
             raise ArgumentProblem("--no-mass", f"--no-mass contradicts --intermediate {args.intermediate}")
@@ -261,17 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.source == "mini-mias":
-            from scripts.data.prepare.mini_mias import prepare_mini_mias
-
             result = prepare_mini_mias(args.input, **common)
         elif args.source == "cbis-ddsm":
-            from scripts.data.prepare.cbis_ddsm import prepare_cbis_ddsm
-
             selection = dict(target=args.target, intermediate=args.intermediate)
             result = prepare_cbis_ddsm(args.input, tables=args.tables, **selection, **common)
         else:
-            from scripts.data.prepare.csv_source import prepare_csv
-
             result = prepare_csv(args.input, salt=args.salt, default_task=args.task, **common)
     except PreparationFailed as e:
         print(f"error: {e}", file=sys.stderr)
@@ -283,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(result["summary"])
     if "row_selection" in result:
-        from scripts.data.prepare.cbis_tables import describe_selection
-
         for line in describe_selection(result["row_selection"]):
             print(line)
     for task, path in result["datalists"].items():

@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 import re
 
+from pydicom.datadict import tag_for_keyword
+
 from scripts.data.prepare.errors import PrepareError
 
 PITCH_RANGE_MM = (0.01, 1.0)
@@ -112,8 +114,6 @@ def _keep_keywords(m: re.Match) -> str:
     """A quoted DICOM keyword (e.g. 'BitsStored') is kept: it names an attribute, not a value."""
     inner = m.group(2)
     if re.fullmatch(r"[A-Z][A-Za-z0-9]{1,63}", inner):
-        from pydicom.datadict import tag_for_keyword
-
         if tag_for_keyword(inner) is not None:
             return f"{m.group(1)}{inner}{m.group(1)}"
     return "<value>"

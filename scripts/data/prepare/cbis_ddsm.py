@@ -44,7 +44,7 @@ from scripts.data.prepare.dicom_io import read_dicom
 from scripts.data.prepare.errors import ErrorReport, PrepareError
 from scripts.data.prepare.pixels import MappedImage
 from scripts.data.prepare.roi import RoiGeometry, box_centre, crop_mask, crop_roi, mask_box
-from scripts.data.prepare.staging import CaseSpec
+from scripts.data.prepare.staging import CaseSpec, prepare_source
 from scripts.data.schema import read_datalist, write_datalist
 from scripts.engine.atomic import write_json
 
@@ -278,8 +278,6 @@ def prepare_cbis_ddsm(
     out of the intermediate set (:func:`select_rows`). ``mass=False`` is the deprecated spelling of
     ``intermediate="none"``. Returns the report (see ``scripts.data.prepare.staging.prepare_source``) with
     ``row_selection`` added."""
-    from scripts.data.prepare.staging import prepare_source
-
     if mass is not None:
         warnings.warn("mass= is deprecated: use intermediate='mass' or 'none'", DeprecationWarning, stacklevel=2)
         if not mass:

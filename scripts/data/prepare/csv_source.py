@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from scripts.data.prepare.errors import ErrorReport, PrepareError
 from scripts.data.prepare.loaders import LoadedImage, load_image, load_mask
 from scripts.data.prepare.roi import RoiGeometry, box_centre, box_mask, crop_mask, crop_roi, disc_mask, mask_box
-from scripts.data.prepare.staging import CaseSpec, Pseudonymiser
+from scripts.data.prepare.staging import CaseSpec, Pseudonymiser, prepare_source
 from scripts.engine.atomic import file_digest
 
 LABELS = {
@@ -277,8 +277,6 @@ def prepare_csv(
 
     ``options``: ``num_folds``, ``seed``, ``test_fraction``, ``on_error`` and ``overwrite`` of
     ``scripts.data.prepare.staging.prepare_source``."""
-    from scripts.data.prepare.staging import prepare_source
-
     geom = geom or RoiGeometry()
     if not Path(csv_path).is_file():
         raise PrepareError(f"{csv_path}: CSV file not found")

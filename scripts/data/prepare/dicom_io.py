@@ -8,14 +8,31 @@ patient (names, ids, dates) is returned, logged or put into error messages.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_preamble
+from pydicom.uid import UID
+
+try:  # pydicom 3
+    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_voi as voi_lookup
+    from pydicom.pixels import get_decoder
+except ImportError:  # pydicom 2 (the MONAI Label app's environment): pixel data handlers instead of decoders
+    import pydicom.config
+    from pydicom.pixel_data_handlers.util import apply_modality_lut
+    from pydicom.pixel_data_handlers.util import apply_voi as voi_lookup
+
+    get_decoder = None
 
 from scripts.data.prepare.bounds import (
     check_finite,
@@ -25,7 +42,7 @@ from scripts.data.prepare.bounds import (
     header_problem,
     scrub,
 )
-from scripts.data.prepare.errors import PrepareError
+from scripts.data.prepare.errors import PrepareError, printable
 from scripts.data.prepare.pixels import MappedImage, table_image, unused_bits_fix, value_histogram
 
 logger = logging.getLogger(__name__)
@@ -83,16 +100,10 @@ class DicomImage:
 
 def missing_decoder_message(transfer_syntax_uid: str) -> str | None:
     """Return an install hint when pydicom has no working decoder for ``transfer_syntax_uid``, else ``None``."""
-    from pydicom.uid import UID
-
     uid = UID(str(transfer_syntax_uid))
     if not uid.is_compressed:
         return None
-    try:
-        from pydicom.pixels import get_decoder
-    except ImportError:  # pydicom 2 (the MONAI Label app's environment): pixel data handlers instead of decoders
-        import pydicom.config
-
+    if get_decoder is None:  # pydicom 2
         handlers = [h for h in pydicom.config.pixel_data_handlers if h.supports_transfer_syntax(uid)]
         if not handlers:
             return f"transfer syntax {uid} ({uid.name}) has no pixel decoder in pydicom"
@@ -285,12 +296,6 @@ def _intensities(ds, hdr: dict, values: np.ndarray, present: np.ndarray | None, 
     ``values`` are stored values: every value of a lookup table's domain (``present`` marks those in the image) or
     the whole image (``present`` None). The checks (NaN/inf, blank before and after the VOI) look at the values in
     the image only. Returns ``(float32 intensities of values, voi note)``."""
-    try:
-        from pydicom.pixels import apply_modality_lut
-        from pydicom.pixels import apply_voi as voi_lookup
-    except ImportError:  # pydicom 2
-        from pydicom.pixel_data_handlers.util import apply_modality_lut
-        from pydicom.pixel_data_handlers.util import apply_voi as voi_lookup
 
     def seen(a: np.ndarray) -> np.ndarray:
         return a if present is None else a[present]
@@ -394,11 +399,6 @@ def quiet_pydicom(path: str | os.PathLike) -> Iterator[None]:
             )
 
 
-def printable(text: str) -> str:
-    """``text`` with surrogate-escaped bytes (from non-UTF-8 file names) as ``\\xNN`` escapes: safe to write."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) else str(text)
-
-
 def safe_name(path: str | os.PathLike) -> str:
     """A file's name (no folders), printable in any encoding."""
     return printable(Path(os.fspath(path)).name)
@@ -428,12 +428,6 @@ _PEEK_BYTES = 4 << 20
 def _check_deflated_size(path: str | os.PathLike, limit: int | None) -> None:
     """A deflated file is inflated whole by pydicom before any attribute can be read: inflate only its first
     4 MB here, read Rows/Columns from them, and refuse an image above the decode cap before pydicom sees it."""
-    import io
-    import zlib
-
-    import pydicom
-    from pydicom.filereader import read_preamble
-
     with open(path, "rb") as f:
         try:
             read_preamble(f, False)
@@ -469,9 +463,6 @@ def _check_deflated_size(path: str | os.PathLike, limit: int | None) -> None:
 
 
 def _read_dicom(path: str | os.PathLike, apply_voi: bool, limit: int | None, read_spacing: bool) -> DicomImage:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         _check_deflated_size(path, limit)
     except FileNotFoundError:

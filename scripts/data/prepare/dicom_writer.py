@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence as DSequence
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
 def write_dicom(
@@ -33,11 +37,6 @@ def write_dicom(
     ``transfer_syntax`` other than explicit VR little endian stores ``pixels``' bytes encapsulated as is
     (not a valid codestream): enough to test a missing-decoder error, not to decode.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.sequence import Sequence as DSequence
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
     pixels = np.asarray(pixels)
     bits_allocated = 8 if pixels.dtype.itemsize == 1 else 16
     pixels = pixels.astype((np.int16 if signed else np.uint16) if bits_allocated == 16 else np.uint8)

@@ -14,6 +14,11 @@ logger = logging.getLogger(__name__)
 ON_ERROR_CHOICES = ("stop", "skip")
 
 
+def printable(text: str) -> str:
+    """``text`` with surrogate-escaped bytes (from non-UTF-8 file names) as ``\\xNN`` escapes: safe to write."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) else str(text)
+
+
 class PrepareError(ValueError):
     """A problem with one input case (unreadable file, unsupported format, empty or out-of-image ROI)."""
 
@@ -43,8 +48,6 @@ class ErrorReport:
 
     def fail(self, case: str, file: str | os.PathLike | None, reason: str) -> None:
         """Record a failed case; raise when stopping on the first error."""
-        from scripts.data.prepare.dicom_io import printable
-
         entry = {"case": case, "file": None if file is None else printable(str(file)), "reason": printable(reason)}
         self.errors.append(entry)
         logger.error("case %s failed (%s): %s", case, entry["file"], reason)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.data.imageio import ImageFileError, raster_unit_map, read_raster
 from scripts.data.prepare.bounds import check_pitch, check_size
 from scripts.data.prepare.dicom_io import is_dicom, read_dicom
 from scripts.data.prepare.errors import PrepareError
@@ -50,8 +51,6 @@ def _suffix(path: str | os.PathLike) -> str:
 
 
 def _read_raster(path: Path, max_pixels: int | None = None) -> MappedImage:
-    from scripts.data.imageio import ImageFileError, raster_unit_map, read_raster
-
     try:
         arr = read_raster(path, max_pixels)
         return MappedImage(arr, raster_unit_map(arr))
@@ -61,7 +60,7 @@ def _read_raster(path: Path, max_pixels: int | None = None) -> MappedImage:
 
 def _raw_pixdim(path: Path, img) -> list[float] | None:
     """``pixdim[1:]`` as stored in the file (unchecked), or ``None`` when the header cannot be re-read."""
-    from nibabel.openers import ImageOpener
+    from nibabel.openers import ImageOpener  # optional: NIfTI only (the deploy app's environment has no nibabel)
 
     try:
         with ImageOpener(str(path)) as f:
@@ -81,7 +80,7 @@ def _read_nifti(
     Complex-valued, RGB and multi-channel (more than 2 dimensions of more than one element) images are refused
     before any pixel is read: a grayscale reading would drop the imaginary part, the colour or the other channels.
     """
-    import nibabel as nib
+    import nibabel as nib  # optional: NIfTI only (the deploy app's environment has no nibabel)
 
     try:
         img = nib.load(str(path))

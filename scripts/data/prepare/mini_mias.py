@@ -27,7 +27,7 @@ from scripts.data.prepare.errors import ErrorReport, PrepareError
 from scripts.data.prepare.loaders import load_image
 from scripts.data.prepare.pixels import MappedImage
 from scripts.data.prepare.roi import RoiGeometry, crop_roi, disc_mask
-from scripts.data.prepare.staging import CaseSpec
+from scripts.data.prepare.staging import CaseSpec, prepare_source
 from scripts.engine.atomic import file_digest
 
 MIAS_PITCH_MM = 0.2
@@ -192,8 +192,6 @@ def prepare_mini_mias(
 
     ``options``: ``num_folds``, ``seed``, ``test_fraction``, ``on_error`` and ``overwrite`` of
     ``scripts.data.prepare.staging.prepare_source``."""
-    from scripts.data.prepare.staging import prepare_source
-
     geom = geom or RoiGeometry()
     settings = {
         "source_pitch_mm": pitch_mm,

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from scripts.data.prepare.bounds import check_pitch
 from scripts.data.prepare.errors import PrepareError
@@ -90,8 +91,6 @@ def _sample(
     order: int = 1,
 ) -> np.ndarray:
     """Sample ``image`` at the outer product of ``rows`` x ``cols`` after an anti-alias Gaussian (local window)."""
-    from scipy import ndimage
-
     h, w = image.shape
     if max(sigma) > MAX_SIGMA_PX:
         raise PrepareError(
