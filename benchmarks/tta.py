@@ -80,9 +80,15 @@ def arm_row(seed: int, arm: str, root: Path, cases: str, seconds: float) -> dict
 
 
 def run_arms(run: Path) -> list[dict]:
-    settings = json.loads((run / "results" / "main_job.json").read_text())["settings"]
+    record = run / "results" / "main_job.json"
+    if not record.is_file():
+        raise SystemExit(f"{run}: not a main-job work folder (no {record.relative_to(run)})")
+    settings = json.loads(record.read_text())["settings"]
     seed = settings["seed"]
-    datalist = run / "data" / "synthetic" / "target" / "datalist.json"
+    given = settings.get("target_datalist")
+    datalist = Path(given) if given else run / "data" / "synthetic" / "target" / "datalist.json"
+    if not datalist.is_file():
+        raise SystemExit(f"{run}: no target datalist at {datalist} (runs made on synthetic data or --target-datalist)")
     common = {"datalist": str(datalist), "dataset_dir": str(datalist.parents[1]), "seed": seed}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
