@@ -245,18 +245,7 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
             Step(f"target fold {k + 1}/{num_folds}", ("train.json", "stage_target.json"), over, member, inputs)
         )
     member_inputs = {f"member {k}": m for k, m in enumerate(members)}
-    ensemble = models / "model.pt"
-    steps.append(Step("ensemble", ("train.json", "ensemble.json"), common, ensemble, member_inputs))
-
-    evaluate = ("train.json", "evaluate.json")
-    csvs = {}
-    for k, member in enumerate(members):
-        csv = results / f"cases_validation_fold{k}.csv"
-        over = dict(common, eval_split="validation", eval_fold=k)
-        steps.append(
-            Step(f"validation predictions fold {k + 1}", evaluate, over, csv, {"datalist": target_dl, "member": member})
-        )
-        csvs[f"validation {k}"] = csv
+    ensemble, operating_point = models / "model.pt", models / OPERATING_POINT_FILE
     summarize = ("train.json", "summarize.json")
     over = dict(
         common,
@@ -267,9 +256,9 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         **_given(imagenet_weights=s.imagenet_weights, threshold_value=s.threshold_value),
         **_given(intermediate_datalist=str(inter_dl) if inter_dl else None),
     )
-    operating_point = models / OPERATING_POINT_FILE
-    op_inputs = {"datalist": target_dl, "ensemble": ensemble, **csvs}
-    steps.append(Step("operating point", summarize, over, operating_point, op_inputs, run_id="operating_point"))
+    deploy, csvs = ensemble_steps(common, over, members, target_dl, root)
+    steps += deploy
+    evaluate = ("train.json", "evaluate.json")
     deployed = {"ensemble": ensemble, "operating point": operating_point}
     csvs["test"] = results / "cases_test.csv"
     test = dict(common, eval_split="test")
@@ -301,6 +290,40 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
     steps.append(Step("report", summarize, over, results / "report.html", report_inputs, run_id="report"))
     overlays = tuple(f"{name}.json" for name in s.config)
     return [dataclasses.replace(step, configs=step.configs + overlays) for step in steps]
+
+
+def ensemble_steps(
+    common: dict, summarize_over: dict, members: Sequence[Path], target_dl: Path, root: Path
+) -> tuple[list[Step], dict[str, Path]]:
+    """The steps between the folds' training and the test: the ensemble of the fold ``members``
+    (``<root>/models/model.pt``), each member's out-of-fold validation predictions and the operating point chosen on
+    them (``models/operating_point.json``). Returns the steps and the validation tables by role.
+
+    Args:
+        common: the overrides every step takes (``bundle_root``, ``datalist``, ``arch``, ...).
+        summarize_over: ``common`` plus the operating point's settings (``threshold_rule``, ``n_boot``, ...).
+        members: the fold members' weight files, fold by fold.
+        target_dl: the target datalist, whose folds the members were trained on.
+        root: the bundle root the steps write under.
+    """
+    models, results = root / "models", root / "results"
+    member_inputs = {f"member {k}": m for k, m in enumerate(members)}
+    ensemble = models / "model.pt"
+    steps = [Step("ensemble", ("train.json", "ensemble.json"), common, ensemble, member_inputs)]
+    csvs = {}
+    for k, member in enumerate(members):
+        csv = results / f"cases_validation_fold{k}.csv"
+        over = dict(common, eval_split="validation", eval_fold=k)
+        inputs = {"datalist": target_dl, "member": member}
+        steps.append(Step(f"validation predictions fold {k + 1}", ("train.json", "evaluate.json"), over, csv, inputs))
+        csvs[f"validation {k}"] = csv
+    op_inputs = {"datalist": target_dl, "ensemble": ensemble, **csvs}
+    summarize = ("train.json", "summarize.json")
+    operating_point = models / OPERATING_POINT_FILE
+    steps.append(
+        Step("operating point", summarize, summarize_over, operating_point, op_inputs, run_id="operating_point")
+    )
+    return steps, csvs
 
 
 def read_overlay(name: str) -> dict:

@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -445,14 +445,17 @@ def probabilities(body: dict) -> np.ndarray:
 
 @contextlib.contextmanager
 def running_label_server(
-    bundle: Path, inputs: dict[str, Path], work: Path, dicomweb: str | None = None
+    bundle: Path, inputs: dict[str, Path], work: Path, dicomweb: str | None = None, studies: Sequence[Path] = ()
 ) -> Iterator[tuple[str, dict, Path]]:
     """The documented ``start_server`` command, run from ``bundle`` (as documented) on a free port, with a fresh
-    temporary folder (TMPDIR) and studies folder under ``work`` (or, with ``dicomweb``, the documented command for a
-    DICOMweb server at that root URL); yields (base URL, /info/ answer, ``work``); stopped after."""
+    temporary folder (TMPDIR) and studies folder under ``work`` (holding the test's PNG ROI and the files
+    ``studies``; or, with ``dicomweb``, the documented command for a DICOMweb server at that root URL); yields (base
+    URL, /info/ answer, ``work``); stopped after."""
     need_env(LABEL_PY, "monailabel")
     (work / "studies").mkdir(parents=True)
     shutil.copyfile(inputs["png"], work / "studies" / "study_roi.png")  # a datastore image, inferred by its id
+    for path in studies:
+        shutil.copyfile(path, work / "studies" / path.name)
     (work / "tmp").mkdir()
     port = free_port()
     if dicomweb:
@@ -773,6 +776,101 @@ def test_monailabel_output_image_is_the_saliency_overlay(label_server, inputs, r
 
 
 # -- MONAI Deploy --------------------------------------------------------------------------------------------------
+
+
+# -- learning from the radiologist: labels, fine-tuning into a new model version, uncertainty sampling ------------
+
+#: the labelled images of the learning round: enough of each class for the tiny bundle's two folds
+N_LABELLED_PER_CLASS = 3
+
+
+@pytest.fixture(scope="module")
+def learning_round(app_bundle, inputs, tmp_path_factory) -> Iterator[tuple[dict, dict, Path, str]]:
+    """A round of active learning on a copy of the tiny bundle deployed with a sensitivity rule, through MONAI Label's
+    client (``tests.label_learning_client``) against the documented server: ten more synthetic ROIs in the studies,
+    three labelled per class, one fine-tuning run of one epoch, then a label that names no class and a second run.
+    Yields (what the client saw, the labels given, the bundle, the server's work folder)."""
+    from scripts.data.schema import TARGET_CLASSES, load_split
+    from scripts.data.synthetic import generate_dataset
+    from scripts.model.calibration import write_operating_point
+
+    root = tmp_path_factory.mktemp("learning")
+    bundle = root / MODEL
+    shutil.copytree(app_bundle, bundle, symlinks=True)
+    rule = {"rule": "sensitivity", "value": 0.9, "rule_description": "test: sensitivity 0.9 on validation"}
+    write_operating_point(bundle / "models" / "model.pt", {"threshold": 0.5, **rule, "calibration": TINY_CALIBRATION})
+    datalist = generate_dataset(root / "synthetic", "target", n_train=10, n_test=0, num_folds=2, image_size=64, seed=11)
+    rois, labels, per_class = [], {}, {c: 0 for c in TARGET_CLASSES}
+    for i, item in enumerate(load_split(datalist, "training")):
+        rois.append(shutil.copyfile(item["image"], root / f"roi{i:02d}.png"))
+        name = TARGET_CLASSES[int(item["label"])]
+        if per_class[name] < N_LABELLED_PER_CLASS:
+            labels[f"roi{i:02d}"], per_class[name] = name, per_class[name] + 1
+    assert all(n == N_LABELLED_PER_CLASS for n in per_class.values()), per_class
+    (root / "labels.json").write_text(json.dumps(labels))
+    with running_label_server(bundle, inputs, root / "server", studies=rois) as (base, _, work):
+        client = [str(LABEL_PY), "-m", "tests.label_learning_client", base, MODEL, str(root / "labels.json")]
+        done = subprocess.run(
+            client + ["--bad-label", "study_roi"], cwd=REPO, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr[-3000:] + (work / "server.log").read_text()[-3000:]
+        yield json.loads(done.stdout), labels, bundle, work
+
+
+def most_uncertain(predictions: dict, images: Sequence[str]) -> str:
+    return max(images, key=lambda image: predictions[image]["u"])
+
+
+def test_monailabel_offers_a_train_task_and_the_uncertainty_strategy(learning_round):
+    seen, _, _, _ = learning_round
+    assert seen["trainers"] == [MODEL]
+    assert {"random", "uncertainty"} <= set(seen["strategies"])
+
+
+def test_monailabel_uncertainty_strategy_picks_the_unlabelled_image_the_members_disagree_on_most(learning_round):
+    seen, labels, _, _ = learning_round
+    images, before, after = seen["images"], seen["before"], seen["after"]
+    assert len({round(p["u"], 6) for p in before.values()}) > 1, "the members agree equally on every image"
+    assert seen["first_pick"]["id"] == most_uncertain(before, images)
+    unlabelled = [i for i in images if i not in labels]
+    assert seen["next_pick"]["id"] == most_uncertain(before, unlabelled)
+    assert seen["pick_after"]["id"] == most_uncertain(after, unlabelled)  # scored again by the new version
+    assert seen["pick_after"]["model_version"] == seen["after"][images[0]]["version"]["version"]
+    assert seen["random_pick"]["id"] in unlabelled
+
+
+def test_monailabel_training_publishes_a_new_version_that_infer_then_uses(learning_round, app_bundle):
+    seen, labels, bundle, work = learning_round
+    version = json.loads((app_bundle / "configs" / "metadata.json").read_text())["version"]
+    assert seen["training"]["status"] == "DONE", seen["training"]
+    assert {p["version"]["version"] for p in seen["before"].values()} == {version}
+    assert {p["version"]["version"] for p in seen["after"].values()} == {f"{version}+ft1"}
+    change = max(abs(seen["after"][i]["p"] - seen["before"][i]["p"]) for i in seen["images"])
+    assert change > 1e-4, f"no prediction changed after fine-tuning (largest change {change:.2e})"
+    stats = seen["train_stats"]
+    assert stats["current_version"] == f"{version}+ft1"
+    published = stats["versions"][0]
+    assert published["from_version"] == version
+    assert published["labels"] == {"benign": N_LABELLED_PER_CLASS, "malignant": N_LABELLED_PER_CLASS}
+    assert "sensitivity" in published["operating_point"]  # the deployed rule, chosen again on the new model
+    folder = bundle / "models" / "finetuned" / MODEL / "v1"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "operating_point.json", "version.json"]
+    assert not list((work / "tmp").glob("finetune-*")), "the training's work folder was left behind"
+
+
+def test_monailabel_training_with_a_label_naming_no_class_fails_clearly_and_keeps_the_version(
+    learning_round, app_bundle
+):
+    seen, _, bundle, work = learning_round
+    version = json.loads((app_bundle / "configs" / "metadata.json").read_text())["version"]
+    bad = seen["bad_training"]
+    assert bad["status"] == "ERROR", bad
+    assert any("label of image 'study_roi'" in line and "must be one of" in line for line in bad["details"]), "\n".join(
+        bad["details"]
+    )
+    assert {p["version"]["version"] for p in seen["after_bad"].values()} == {f"{version}+ft1"}
+    assert not (bundle / "models" / "finetuned" / MODEL / "v2").exists()
+    assert not list((work / "tmp").glob("finetune-*"))
 
 
 def run_deploy(bundle: Path, dicoms: Path, out: Path, *options: str) -> subprocess.CompletedProcess:

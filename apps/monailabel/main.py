@@ -77,6 +77,8 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from pydicom.errors import InvalidDicomError
 from requests_toolbelt import MultipartEncoder
 
+from lib.learning import FineTuneTask, ModelVersions, Uncertainty  # MONAI Label puts the app folder on the path
+
 logger = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent
@@ -221,13 +223,21 @@ class MicrocalcificationInferTask(BundleInferTask):
       rule's description) and ``uncertainty`` (:class:`MemberDisagreementInferer`) to the stock ``prediction`` list.
     """
 
-    def __init__(self, path: str, conf: Dict[str, str]) -> None:
+    def __init__(self, path: str, conf: Dict[str, str], model_file: str | None = None, version: str | None = None):
         super().__init__(path, conf, type=InferType.CLASSIFICATION, add_post_restore=False, load_strict=True)
         if not self.is_valid():
             raise RuntimeError(f"{path}: not a usable bundle (configs/inference.json and models/model.pt needed)")
         self.bundle_config["on_input_error"] = "record"  # the loader's reason is under "error": see run_pre_transforms
         meta = json.loads((Path(path) / "configs" / "metadata.json").read_text())
-        self.model_info = {"name": meta.get("name", ""), "version": read_version(Path(path))}
+        self.model_info = {"name": meta.get("name", ""), "version": version or read_version(Path(path))}
+        if model_file is not None:  # a fine-tuned version: its weights, and the calibration saved beside them
+            self.bundle_config["model_file"] = model_file
+            self.path = [model_file]
+            sys.path.insert(0, path)
+            try:
+                self.network = self.bundle_config.get_parsed_content("network_def", instantiate=True)
+            finally:
+                sys.path.remove(path)
         self.class_names = [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
         # the decision rule of configs/inference.json: its decision_threshold when set, else the operating point saved
         # beside the weights (models/operating_point.json, whose calibration the network applies), else 0.5
@@ -375,6 +385,9 @@ class MicrocalcificationApp(MONAILabelApp):
         self.infer_lock = threading.Lock()  # one inference at a time (the bundle's config parser is not thread-safe)
         if not (self.bundle / "configs" / "inference.json").is_file():
             raise RuntimeError(f"--conf bundle {self.bundle}: no configs/inference.json there")
+        versions = conf.get("versions") or self.bundle / "models" / "finetuned" / self.model_name
+        self.versions = ModelVersions(versions, self.bundle / "models" / "model.pt", read_version(self.bundle))
+        self.scores: Dict[tuple[str, str], float | None] = {}  # (model version, image id) -> members' disagreement
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -386,11 +399,60 @@ class MicrocalcificationApp(MONAILabelApp):
 
     def init_infers(self) -> Dict[str, InferTask]:
         logger.info("model %s: bundle %s", self.model_name, self.bundle)
-        self.infer_tasks = {self.model_name: MicrocalcificationInferTask(os.fspath(self.bundle), self.conf)}
+        self.infer_tasks = {self.model_name: self.load_task()}
         return dict(self.infer_tasks)
 
+    def load_task(self) -> MicrocalcificationInferTask:
+        """The inference task of the model version in use (:class:`lib.learning.ModelVersions`)."""
+        version, model = self.versions.current()
+        if model == self.versions.base_model:
+            return MicrocalcificationInferTask(os.fspath(self.bundle), self.conf)
+        logger.info("model %s: fine-tuned version %s", self.model_name, version)
+        return MicrocalcificationInferTask(os.fspath(self.bundle), self.conf, os.fspath(model), version)
+
+    def model_task(self, model: str) -> MicrocalcificationInferTask:
+        """``model``'s task, reloaded when a newer version has been published (call with ``infer_lock`` held)."""
+        task = self.infer_tasks[model]
+        if task.model_info["version"] != self.versions.current()[0]:
+            task = self.infer_tasks[model] = self.load_task()
+        return task
+
     def init_trainers(self) -> Dict[str, Any]:
-        return {}
+        class_names = self.infer_tasks[self.model_name].class_names
+        return {self.model_name: FineTuneTask(self.bundle, self.versions, class_names, self.local_image)}
+
+    def init_strategies(self) -> Dict[str, Any]:
+        return {**super().init_strategies(), "uncertainty": Uncertainty(self.uncertainty)}
+
+    def local_image(self, datastore: Datastore, image_id: str, folder: str) -> str:
+        """The datastore image ``image_id`` as a local file: its path in a folder datastore, or (DICOMweb) fetched
+        into ``folder``. An unknown id is an HTTP 404."""
+        if self.dicomweb is not None:
+            return fetch_dicomweb_image(self.dicomweb, image_id, folder)
+        path = datastore.get_image_uri(image_id)
+        if not path or not os.path.isfile(path):
+            raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
+        return path
+
+    def uncertainty(self, image_id: str, datastore: Datastore) -> tuple[str, float | None]:
+        """``(model version, members' disagreement on image_id)`` with the model in use, computed once per version
+        (``None`` for an image the model cannot read, e.g. a DICOM without a pixel pitch)."""
+        with self.infer_lock:
+            task = self.model_task(self.model_name)
+            version = task.model_info["version"]
+            if (version, image_id) not in self.scores:
+                work = tempfile.mkdtemp(prefix="score-")
+                try:
+                    request = {**self.info().get("config", {}).get("infer", {}), "model": self.model_name}
+                    request["image"] = self.local_image(datastore, image_id, work)
+                    request["description"] = task.description
+                    self.scores[(version, image_id)] = task(request)[1].get("uncertainty")
+                except (HTTPException, MONAILabelException) as e:
+                    logger.warning("image %s not scored: %s", image_id, getattr(e, "detail", e))
+                    self.scores[(version, image_id)] = None
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+            return version, self.scores[(version, image_id)]
 
     def init_remote_datastore(self) -> Datastore:
         """A DICOMweb ``--studies`` (e.g. Orthanc's ``/dicom-web``): the stock datastore, without the stock start-up's
@@ -523,18 +585,16 @@ def infer_request(
             if session is None:
                 raise HTTPException(status_code=404, detail=f"no session {session_id!r} on this server")
             name, path = f"session {session_id!r}", session.image
-        elif remote:  # fetched into the private folder, never into the datastore's cache
-            name, path = f"image {image!r}", fetch_dicomweb_image(instance.dicomweb, image, work)
-        else:
-            name, path = f"image {image!r}", instance.datastore().get_image_uri(image)
-            if not path or not os.path.isfile(path):
-                raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+        else:  # a DICOMweb image is fetched into the private folder, never into the datastore's cache
+            name, path = f"image {image!r}", instance.local_image(instance.datastore(), image, work)
         request = {**instance.info().get("config", {}).get("infer", {}), **extra, "model": model, "image": path}
         if saliency:
             request.update(saliency=True, saliency_dir=work)
         try:
             with instance.infer_lock:
-                result = instance.infer(request)
+                task = instance.model_task(model)
+                overlay, params = task({**request, "description": task.description})
+                result = {"file": overlay, "params": params}
         except HTTPException as e:
             raise HTTPException(status_code=e.status_code, detail=f"{name}: {e.detail}") from None
         except MONAILabelException as e:
@@ -585,7 +645,7 @@ def fetch_dicomweb_image(client: DICOMwebClient, image_id: str, folder: str) -> 
 
 def saliency_response(output: str, result: Dict[str, Any]) -> Any:
     """The answer for ``output=image`` (the overlay PNG) or ``output=all`` (multipart: ``params``, the JSON; ``image``,
-    the overlay; ``map``, the NIfTI map: the stock ``all`` with the map added) from ``instance.infer``'s ``result``;
+    the overlay; ``map``, the NIfTI map: the stock ``all`` with the map added) from the task's ``result`` (``file``: the overlay, ``params``: the JSON);
     the files are read now, as their folder is deleted when the request ends."""
     params = result["params"]
     overlay = result.get("file")

@@ -54,6 +54,7 @@ SPLITS = ("training", "validation", "test")
 REFERENCE_STANDARDS = {
     "synthetic": "simulated ground truth (the labels the generator drew the ROIs from; not a clinical verdict)",
     "cbis-ddsm": "histopathology (CBIS-DDSM's verified pathology; BENIGN_WITHOUT_CALLBACK: benign without biopsy)",
+    "labelled": "the labels given with the images for fine-tuning (e.g. a reader's, through the MONAI Label app)",
     "mini-mias": "the severity (B/M) stated in the mini-MIAS Info.txt (the database does not say how each was verified)",
 }
 REFERENCE_NOT_STATED = "not stated by the data source"
