@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -137,7 +135,7 @@ def machine_info(device: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- arguments
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     """Arguments every benchmark takes: ``--out``, ``--device``, ``--smoke``, ``--threads``, quiet-machine knobs."""
-    ap = argparse.ArgumentParser(prog=f"python benchmarks/{name}.py", description=description)
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
     ap.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="JSON result file")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
     ap.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script works, not speed")

@@ -14,21 +14,18 @@ default) and ``PersistentDataset`` (first epoch writes the cache, later epochs r
 the cached epoch's images/s with the training throughput measured by ``train_throughput.py`` (its JSON, when
 present) to say whether loading could limit an epoch.
 
-    python benchmarks/data_path.py
+    python -m benchmarks.data_path
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import RESULTS, LoadMonitor, Run, base_parser, load1, setup, table  # noqa: E402
+from benchmarks._common import RESULTS, LoadMonitor, Run, base_parser, load1, setup, table
 
 NAME = "data_path"
 COLUMNS = ["file", "shape", "loader", "cache", "img_per_s", "ms_per_img", "foreign_cores"]

@@ -13,14 +13,13 @@ Reads each run's ``results/`` (the out-of-fold ``cases_validation_fold<k>.csv``,
 3. **Referral**: error rate and AUC of the cases kept when the most uncertain 10/20/30 % are referred, beside
    random referral.
 
-    python benchmarks/decision_seeds.py --runs /tmp/seed0 /tmp/seed1 /tmp/seed2 [--out results.json]
+    python -m benchmarks.decision_seeds --runs /tmp/seed0 /tmp/seed1 /tmp/seed2 [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -29,14 +28,12 @@ import torch
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import table, write_result  # noqa: E402
-from scripts.evaluation.case_table import read_cases_csv  # noqa: E402
-from scripts.evaluation.intervals import roc_auc  # noqa: E402
-from scripts.evaluation.metrics import brier_score, choose_threshold, reliability_curve  # noqa: E402
-from scripts.evaluation.operating_point import fit_calibration  # noqa: E402
-from scripts.model.calibration import member_logits  # noqa: E402
+from benchmarks._common import table, write_result
+from scripts.evaluation.case_table import read_cases_csv
+from scripts.evaluation.intervals import roc_auc
+from scripts.evaluation.metrics import brier_score, choose_threshold, reliability_curve
+from scripts.evaluation.operating_point import fit_calibration
+from scripts.model.calibration import member_logits
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -164,7 +161,7 @@ def referral_rows(run: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.decision_seeds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="main-job work folders (each with results/)")
     ap.add_argument("--out", default=None, help="JSON result file")
     args = ap.parse_args(argv)

@@ -22,24 +22,20 @@ The three ``predict*`` modes compare the precisions the bundle can run inference
 ``amp`` and ``channels_last``); after the per-configuration rows a precision table puts them side by side with the
 fastest. Networks are randomly initialised (timings do not depend on the weights); the input is one ROI (batch 1).
 
-    python benchmarks/inference_latency.py         # efficientnet_lite0, 128/224 px, K = 1 and 5 (~4 min, 2 cores)
-    python benchmarks/inference_latency.py --arch resnext50_32x4d --sizes 224 512 --modes predict cam cam_amp
+    python -m benchmarks.inference_latency         # efficientnet_lite0, 128/224 px, K = 1 and 5 (~4 min, 2 cores)
+    python -m benchmarks.inference_latency --arch resnext50_32x4d --sizes 224 512 --modes predict cam cam_amp
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     LoadMonitor,
     Run,
     base_parser,
@@ -53,7 +49,7 @@ from benchmarks._common import (  # noqa: E402
     table,
     vm_hwm_mb,
 )
-from scripts.model.inferers import default_amp  # noqa: E402
+from scripts.model.inferers import default_amp
 
 NAME = "inference_latency"
 MODES = ("predict", "predict_fp32", "predict_fp32_nocl", "cam", "cam_last", "cam_nofreeze", "cam_amp")
@@ -204,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                         row = child(size, k, mode, args.arch, device, args.warmup, args.reps, args.batch)
                     else:
                         argv_child = [
-                            str(Path(__file__).resolve()),
+                            "-m",
+                            "benchmarks.inference_latency",
                             "--child",
                             f"{size},{k},{mode}",
                             "--arch",

@@ -13,23 +13,20 @@ own subprocess so that each peak is its own:
 also torch, MONAI and the configuration's modules): what the image itself costs. The ``dicom-tiny`` case
 (256 x 256) is the floor of each mode.
 
-    python benchmarks/input_memory.py                                   # every case, both modes (about 4 minutes)
-    python benchmarks/input_memory.py --cases dicom-8000 dicom-cap --modes prepare
+    python -m benchmarks.input_memory                                   # every case, both modes (about 4 minutes)
+    python -m benchmarks.input_memory --cases dicom-8000 dicom-cap --modes prepare
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     REPO,
     LoadMonitor,
     Run,
@@ -221,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"# {case}: {rows} x {cols} {fmt} written in {time.perf_counter() - t0:.1f} s", flush=True)
             prep_csv, infer_csv = write_tables(folder, image, rows, cols)
             for mode in args.modes:
-                child = [str(Path(__file__).resolve()), "--child", mode]
+                child = ["-m", "benchmarks.input_memory", "--child", mode]
                 if mode == "prepare":
                     child += [str(prep_csv), str(folder / "prepared")]
                 else:

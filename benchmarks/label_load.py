@@ -23,8 +23,8 @@ its request). The invariants (0 lost, 0 wrong, 0 server errors for good uploads,
 warm-up answer right, no entry left in the temporary folder) decide the exit status: 1 when one fails. A benchmark,
 not a timed test: nothing is asserted about speed or memory.
 
-    python benchmarks/label_load.py                         # 4 clients x 50 requests on the tiny bundle (~35 s)
-    python benchmarks/label_load.py --clients 8 --requests 25 --bundle /path/to/bundle
+    python -m benchmarks.label_load                         # 4 clients x 50 requests on the tiny bundle (~35 s)
+    python -m benchmarks.label_load --clients 8 --requests 25 --bundle /path/to/bundle
 """
 
 from __future__ import annotations
@@ -50,15 +50,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import REPO, Run, base_parser, setup, table  # noqa: E402
-from scripts.data.imageio import read_roi_png  # noqa: E402
-from scripts.data.prepare.dicom_writer import write_dicom  # noqa: E402
-from scripts.data.schema import load_split  # noqa: E402
-from scripts.data.synthetic import generate_dataset  # noqa: E402
-from tests.app_bundle import make_app_bundle, run_inference_workflow, write_tiny_operating_point  # noqa: E402
-from tests.servers import free_port, stop_process_group, wait_for_json  # noqa: E402
+from benchmarks._common import REPO, Run, base_parser, setup, table
+from scripts.data.imageio import read_roi_png
+from scripts.data.prepare.dicom_writer import write_dicom
+from scripts.data.schema import load_split
+from scripts.data.synthetic import generate_dataset
+from tests.app_bundle import make_app_bundle, run_inference_workflow, write_tiny_operating_point
+from tests.servers import free_port, stop_process_group, wait_for_json
 
 NAME = "label_load"
 APP = REPO / "apps" / "monailabel"

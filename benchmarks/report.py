@@ -1,18 +1,16 @@
 """Print the saved benchmark results (``benchmarks/results/*.json``) as Markdown tables, with their machine lines.
 
-python benchmarks/report.py [results/x.json ...] > tables.md
+python -m benchmarks.report [results/x.json ...] > tables.md
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import data_path, inference_latency, label_load, scaling, train_throughput  # noqa: E402
-from benchmarks._common import RESULTS, fmt, table  # noqa: E402
+from benchmarks import data_path, inference_latency, label_load, scaling, train_throughput
+from benchmarks._common import RESULTS, fmt, table
 
 COLUMNS = {
     "train_throughput": train_throughput.COLUMNS,
@@ -48,7 +46,9 @@ def render(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or sorted(RESULTS.glob("*.json"))
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="*", type=Path, help="result files (default: every benchmarks/results/*.json)")
+    paths = ap.parse_args(argv).results or sorted(RESULTS.glob("*.json"))
     print("\n\n".join(render(p) for p in paths))
 
 

@@ -15,7 +15,7 @@ step() {  # step <seconds> <name> <args...>
     local cap=$1 name=$2
     shift 2
     echo "== $name (cap ${cap} s)"
-    timeout "$cap" "$PY" "benchmarks/$name.py" "${common[@]}" "$@" || echo "== $name did not finish (exit $?)"
+    timeout "$cap" "$PY" -m "benchmarks.$name" "${common[@]}" "$@" || echo "== $name did not finish (exit $?)"
 }
 # 1. training: bundle vs plain, fp32 vs AMP (bfloat16 autocast + channels_last), 128 and 224 px
 step 150 train_throughput --arch resnext50_32x4d --precisions fp32 amp --sizes 128 224 --batch 32 --warmup 3 \
@@ -35,4 +35,4 @@ step 150 scaling --counts 100 1000 10000 --workers 8 --out "$OUT/gpu_scaling.jso
 # 4. files to tensors (host work), compared with the GPU training throughput measured above
 step 50 data_path --n-roi 100 --n-full 2 --train-json "$OUT/gpu_train_throughput.json" \
     --out "$OUT/gpu_data_path.json"
-echo "GPU benchmarks done in $(($(date +%s) - start)) s; tables: $PY benchmarks/report.py $OUT/gpu_*.json"
+echo "GPU benchmarks done in $(($(date +%s) - start)) s; tables: $PY -m benchmarks.report $OUT/gpu_*.json"

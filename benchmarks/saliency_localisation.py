@@ -6,8 +6,8 @@ The pairs default to the choices that matter for EfficientNet-Lite at 128 px: it
 4 x 4 cells, where Grad-CAM and HiResCAM coincide) and the stride-16 output of ``blocks.4`` (the bundle's default
 layer), each with Grad-CAM, HiResCAM and LayerCAM. Needs the main job's ``models/model.pt`` (or ``--weights``).
 
-    python benchmarks/saliency_localisation.py                       # the main job's ensemble, test split (~6 min)
-    python benchmarks/saliency_localisation.py --pairs hirescam:backbone.layer3 gradcam:backbone.layer4.2 \\
+    python -m benchmarks.saliency_localisation                       # the main job's ensemble, test split (~6 min)
+    python -m benchmarks.saliency_localisation --pairs hirescam:backbone.layer3 gradcam:backbone.layer4.2 \\
         --arch resnext50_32x4d --weights models/model.pt
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +23,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from scripts.data.imageio import read_mask_png, read_roi_png  # noqa: E402
-from scripts.data.schema import load_split  # noqa: E402
-from scripts.model.network import Ensemble, load_state_dict_file  # noqa: E402
-from scripts.saliency import EnsembleCAM, localisation_metrics, localisation_table  # noqa: E402
+from scripts.data.imageio import read_mask_png, read_roi_png
+from scripts.data.schema import load_split
+from scripts.model.network import Ensemble, load_state_dict_file
+from scripts.saliency import EnsembleCAM, localisation_metrics, localisation_table
 
 DEFAULT_PAIRS = [
     "gradcam:backbone.bn2",
@@ -67,7 +65,11 @@ def _mask_ablation(ensemble: torch.nn.Module, x: torch.Tensor, masks: list, labe
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.saliency_localisation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--weights", default=str(ROOT / "models" / "model.pt"), help="the ensemble's state dict")
     ap.add_argument("--datalist", default=str(ROOT / "data" / "synthetic" / "target" / "datalist.json"))
     ap.add_argument("--split", default="test")

@@ -13,24 +13,21 @@ flat. Peak memory (``process_peak_rss_mb``) is the step's subprocess's peak resi
 life, imports included; ``growth_mb`` is that peak minus the resident
 set after imports.
 
-    python benchmarks/scaling.py                                  # 100, 1000, 5000 ROIs, 32 px, resnet18
-    python benchmarks/scaling.py --counts 100 1000 10000          # about 16 minutes on 2 shared cores
-    python benchmarks/scaling.py --counts 100 1000 --arch resnext50_32x4d
+    python -m benchmarks.scaling                                  # 100, 1000, 5000 ROIs, 32 px, resnet18
+    python -m benchmarks.scaling --counts 100 1000 10000          # about 16 minutes on 2 shared cores
+    python -m benchmarks.scaling --counts 100 1000 --arch resnext50_32x4d
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     LoadMonitor,
     Run,
     base_parser,
@@ -138,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                 return child_prep(int(n), Path(root), args.size, args.workers)
             return child_epoch(int(n), Path(root), args.size, args.arch, args.batch, rest[0], device, int(rest[1]))
         argv_child = [
-            str(Path(__file__).resolve()),
+            "-m",
+            "benchmarks.scaling",
             "--child",
             spec,
             "--size",

@@ -19,15 +19,14 @@ warm-up. An untimed first round runs every variant once (whichever network first
 kernel creation: without it, the variant that ran first looked 20-40 % slower); the timed rounds then alternate
 the order of the variants, so that a change in machine load hits all of them.
 
-    python benchmarks/train_throughput.py          # efficientnet_lite0, 128/224 px, 3 precisions (~5 min, 2 cores)
-    python benchmarks/train_throughput.py --arch resnext50_32x4d --precisions fp32 amp    # the paper's network
-    python benchmarks/train_throughput.py --device cuda --batch 32
+    python -m benchmarks.train_throughput          # efficientnet_lite0, 128/224 px, 3 precisions (~5 min, 2 cores)
+    python -m benchmarks.train_throughput --arch resnext50_32x4d --precisions fp32 amp    # the paper's network
+    python -m benchmarks.train_throughput --device cuda --batch 32
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +34,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     LoadMonitor,
     Run,
     base_parser,
@@ -48,7 +45,7 @@ from benchmarks._common import (  # noqa: E402
     table,
     train_workflow,
 )
-from scripts.model.inferers import default_amp  # noqa: E402
+from scripts.model.inferers import default_amp
 
 NAME = "train_throughput"
 VARIANTS = ["bundle", "bundle+tensor", "bundle+tensor+none", "plain", "plain+meta"]

@@ -11,7 +11,7 @@ For each run (a main job's ``--workdir``), in a scratch copy that links the run'
 Per arm: test AUC, expected calibration error and Brier score of the calibrated probability, test sensitivity and
 specificity at the arm's threshold, and seconds per test ROI for the 3-member evaluation (data loading included).
 
-    python benchmarks/tta.py --runs /tmp/seed0 /tmp/seed1 /tmp/seed2 [--out results.json]
+    python -m benchmarks.tta --runs /tmp/seed0 /tmp/seed1 /tmp/seed2 [--out results.json]
 """
 
 from __future__ import annotations
@@ -19,22 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import table, write_result  # noqa: E402
-from scripts.data import schema  # noqa: E402
-from scripts.engine.steps import run_config  # noqa: E402
-from scripts.evaluation.case_table import read_cases_csv  # noqa: E402
-from scripts.evaluation.intervals import roc_auc  # noqa: E402
-from scripts.evaluation.metrics import brier_score, reliability_curve  # noqa: E402
-from scripts.model.calibration import OPERATING_POINT_FILE  # noqa: E402
+from benchmarks._common import table, write_result
+from scripts.data import schema
+from scripts.engine.steps import run_config
+from scripts.evaluation.case_table import read_cases_csv
+from scripts.evaluation.intervals import roc_auc
+from scripts.evaluation.metrics import brier_score, reliability_curve
+from scripts.model.calibration import OPERATING_POINT_FILE
 
 EVALUATE = ("train.json", "evaluate.json")
 
@@ -109,7 +106,7 @@ def run_arms(run: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tta", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="main-job work folders (each with models/ and data/)")
     ap.add_argument("--out", default=None, help="JSON result file")
     args = ap.parse_args(argv)

@@ -6,6 +6,7 @@ Benchmarks measure speed and memory; these runs only keep the scripts working (m
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,14 +18,17 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
 
 SCRIPTS = ["train_throughput", "data_path", "inference_latency", "scaling"]
+# benchmarks run as modules (``python -m benchmarks.x``); from another folder the repository must be on PYTHONPATH
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_smoke(name: str, tmp_path) -> None:
     out = tmp_path / f"{name}.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", "--threads", "1", "--out", str(out)],
+        [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--threads", "1", "--out", str(out)],
         cwd=str(tmp_path),  # the script must find the bundle by itself
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=240,
@@ -51,8 +55,9 @@ def test_label_load_smoke(tmp_path) -> None:
         )
     out = tmp_path / "label_load.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "label_load.py"), "--smoke", "--threads", "1", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.label_load", "--smoke", "--threads", "1", "--out", str(out)],
         cwd=str(tmp_path),
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=900,

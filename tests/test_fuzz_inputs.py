@@ -608,8 +608,8 @@ def test_fuzz_inputs_more_byte_flips(tmp_path, bundle):
     _fuzz(tmp_path, bundle, flips=4)
 
 
-if __name__ == "__main__":  # harness entry: python tests/test_fuzz_inputs.py {prepare,infer} ...
-    sys.path.insert(0, str(REPO))
+# harness entry, as _run starts it: PYTHONPATH=<repository> python tests/test_fuzz_inputs.py {prepare,infer} ...
+if __name__ == "__main__":
     if sys.argv[1] == "prepare":
         _harness_prepare(*sys.argv[2:5])
     else:

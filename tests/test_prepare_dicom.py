@@ -165,3 +165,22 @@ def test_pydicom_messages_never_carry_header_values(tmp_path, caplog):
     with pytest.raises(DicomReadError, match="unsupported PhotometricInterpretation") as err:
         read_dicom(path)
     assert "QZXMARK" not in str(err.value)
+
+
+def test_deflated_file_is_read_and_its_size_checked_before_inflating(tmp_path, monkeypatch):
+    """A deflated DICOM reads like an uncompressed one; above the decode cap it is refused from its first inflated
+    bytes, before pydicom is asked to inflate the whole file."""
+    import pydicom
+
+    from scripts.data.prepare.dicom_io import DEFLATED
+
+    plain = read_dicom(write_dicom(tmp_path / "plain.dcm", RAMP, bits_stored=12)).pixels
+    path = write_dicom(tmp_path / "deflated.dcm", RAMP, bits_stored=12, transfer_syntax=DEFLATED)
+    assert str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID) == DEFLATED
+    np.testing.assert_array_equal(read_dicom(path).pixels, plain)
+    whole_reads = []
+    dcmread = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda fp, *a, **k: whole_reads.append(fp) or dcmread(fp, *a, **k))
+    with pytest.raises(DicomReadError, match="exceeds the decode limit of 0.001 Mpixel"):
+        read_dicom(path, max_pixels=1000)
+    assert not [fp for fp in whole_reads if not hasattr(fp, "read")], whole_reads

@@ -9,6 +9,7 @@ close to the stored size.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -76,10 +77,11 @@ def test_a_crop_maps_only_its_window_and_equals_the_crop_of_the_full_image(image
 
 @pytest.mark.slow  # a subprocess per case
 def test_the_input_memory_benchmark_runs_and_measures(tmp_path):
-    """``benchmarks/input_memory.py --smoke`` (prepare only): a table, a JSON with a peak per case."""
+    """``python -m benchmarks.input_memory --smoke`` (prepare only): a table, a JSON with a peak per case."""
     out = tmp_path / "input_memory.json"
-    argv = [sys.executable, str(REPO / "benchmarks" / "input_memory.py"), "--smoke", "--modes", "prepare"]
-    proc = subprocess.run([*argv, "--out", str(out)], cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    argv = [sys.executable, "-m", "benchmarks.input_memory", "--smoke", "--modes", "prepare", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # run from another folder: the repository must be importable
+    proc = subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| dicom-tiny" in proc.stdout and "|---" in proc.stdout
     (row,) = json.loads(out.read_text())["rows"]

@@ -5,22 +5,17 @@ in seconds on a CPU)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.data.imageio import read_mask_png, write_mask_png, write_roi_png  # noqa: E402
-from scripts.data.inputs import LoadInputd  # noqa: E402
-from scripts.model.inferers import saliency_amp  # noqa: E402
-from scripts.model.network import Ensemble, build_network  # noqa: E402
-from scripts.saliency import (  # noqa: E402
+from scripts.data.imageio import read_mask_png, write_mask_png, write_roi_png
+from scripts.data.inputs import LoadInputd
+from scripts.model.inferers import saliency_amp
+from scripts.model.network import Ensemble, build_network
+from scripts.saliency import (
     EnsembleCAM,
     SaliencySettings,
     TargetLayerCut,
@@ -37,6 +32,7 @@ from scripts.saliency import (  # noqa: E402
     run_saliency,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["resnet18", "efficientnet_lite0"]
 # the saliency target layer, its stride and channels, and the randomisation order (head first), for each family
 TARGET_LAYERS = {"resnet18": "backbone.layer4.1", "efficientnet_lite0": "backbone.blocks.4"}
@@ -476,7 +472,7 @@ def _merged_parser(ensemble, root: Path, **overrides):
 
 
 @pytest.mark.slow
-def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tmp_path, monkeypatch):
+def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tmp_path):
     from scripts.data.schema import make_datalist, write_datalist
 
     items = _write_rois(tmp_path / "data", [(64, 64), (64, 64), (64, 64)])
@@ -487,7 +483,6 @@ def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tm
     write_datalist(tmp_path / "data" / "datalist.json", make_datalist([], items, source="test", task="target"))
     parser = _merged_parser(ensemble, tmp_path, datalist=str(tmp_path / "data" / "datalist.json"))
     assert parser["saliency#method"] == "hirescam" and parser["saliency#target"] == "malignant"
-    monkeypatch.syspath_prepend(str(ROOT))
     summary = parser.get_parsed_content("saliency#summary")
     out = tmp_path / "eval" / "saliency"
     assert (out / "gallery.png").is_file() and (out / "localisation.json").is_file()
@@ -503,7 +498,7 @@ def test_bundle_config_over_a_datalist_gives_the_localisation_table(ensemble, tm
 
 
 @pytest.mark.slow
-def test_bundle_config_over_a_folder_and_a_csv_of_png_and_dicom(ensemble, tmp_path, monkeypatch):
+def test_bundle_config_over_a_folder_and_a_csv_of_png_and_dicom(ensemble, tmp_path):
     from scripts.data.prepare.dicom_writer import write_dicom
 
     folder = tmp_path / "in"
@@ -514,7 +509,6 @@ def test_bundle_config_over_a_folder_and_a_csv_of_png_and_dicom(ensemble, tmp_pa
     stored = np.round(np.clip(0.4 + 0.15 * rng.standard_normal((96, 96)), 0, 1) * 4000).astype(np.uint16)
     write_dicom(folder / "spot.dcm", stored, pixel_spacing=(0.1, 0.1), patient_name="DOE^JANE", patient_id="PID1")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    monkeypatch.syspath_prepend(str(ROOT))
     summary = _merged_parser(ensemble, tmp_path, input_dir=str(folder)).get_parsed_content("saliency#summary")
     out = tmp_path / "eval" / "saliency"
     assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{c}.nii.gz" for c in ("roi_0", "roi_1", "spot")]

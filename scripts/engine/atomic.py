@@ -58,8 +58,12 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def file_digest(path: str | os.PathLike, hash_type: str = "sha256") -> str:
-    """Hex digest (``hash_type``: any :func:`hashlib.new` name, SHA-256 by default) of a file's contents, read in
-    1 MiB chunks."""
+    """Hex digest of a file's contents, read in 1 MiB chunks.
+
+    Args:
+        path: the file.
+        hash_type: any :func:`hashlib.new` name.
+    """
     h = hashlib.new(hash_type)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -32,7 +32,14 @@ RESUME_MODES = ("auto", "true", "false")
 
 
 class RunInfo:
-    """What a training checkpoint records about the run that wrote it (saved under ``"run"``)."""
+    """What a training checkpoint records about the run that wrote it (saved under ``"run"``).
+
+    Args:
+        fingerprint: the digest of the run's configs, settings and inputs (:mod:`scripts.engine.fingerprint`);
+            :class:`ResumeHandler` resumes only a checkpoint with the same one.
+        stage: the name of the run that wrote the checkpoint, recorded for messages.
+        seed: the run's seed.
+    """
 
     def __init__(self, fingerprint: str, stage: str = "", seed: int | None = None) -> None:
         self.fingerprint = fingerprint
@@ -78,9 +85,9 @@ class _AtomicDiskSaver(BaseSaveHandler):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's :class:`~monai.handlers.CheckpointSaver` with atomic writes (same arguments).
+    """MONAI's :class:`~monai.handlers.CheckpointSaver` with atomic writes; the other arguments are MONAI's.
 
-    Extra argument:
+    Args:
         interval_filename: a fixed file name for the ``save_interval`` checkpoints (one file, replaced each time).
 
     ``state_dict()`` returns the best-metric record (the scores and names of the kept best models), so that a
@@ -172,8 +179,14 @@ class LastCheckpointSaver(AtomicCheckpointSaver):
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint with ``weights_only=True``; a clear :class:`CheckpointError` naming the file
-    when it is truncated, corrupt or not a training checkpoint of this bundle."""
+    """Load a training checkpoint with ``weights_only=True``, on the CPU.
+
+    Returns:
+        The checkpoint's dict (with ``run`` and ``trainer`` entries).
+
+    Raises:
+        CheckpointError: the file is truncated, corrupt or not a training checkpoint of this bundle (names it).
+    """
     path = Path(path)
     remedy = "Delete it (or move it away) to start the stage over, or rerun with --resume false."
     try:
@@ -190,8 +203,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def parse_resume(value: Any) -> str:
-    """Normalise the ``resume`` setting to ``"auto"``, ``"true"`` or ``"false"`` (``None``/``"none"`` mean ``"auto"``;
-    anything :func:`scripts.engine.config_values.parse_bool` accepts means true or false)."""
+    """Normalise the ``resume`` setting.
+
+    Args:
+        value: ``"auto"``, ``None`` or ``"none"`` (all mean ``"auto"``), or anything
+            :func:`scripts.engine.config_values.parse_bool` accepts.
+
+    Returns:
+        ``"auto"``, ``"true"`` or ``"false"``.
+
+    Raises:
+        ValueError: any other value.
+    """
     if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "none")):
         return "auto"
     try:

@@ -13,8 +13,16 @@ FALSE_STRINGS = ("0", "false", "no", "off")
 
 
 def parse_bool(value: Any, name: str = "value") -> bool:
-    """``value`` as a bool: a real bool, the integers 0/1, or one of :data:`TRUE_STRINGS`/:data:`FALSE_STRINGS`
-    (any case, surrounding spaces ignored). Anything else is a ``ValueError`` naming ``name`` and the value."""
+    """``value`` as a bool.
+
+    Args:
+        value: a bool (Python's or NumPy's), the integer 0 or 1, or one of :data:`TRUE_STRINGS` /
+            :data:`FALSE_STRINGS` (any case, surrounding spaces ignored).
+        name: the setting's name, for the error message.
+
+    Raises:
+        ValueError: any other value (the message names ``name`` and the value).
+    """
     if isinstance(value, str):
         text = value.strip().lower()
         if text in TRUE_STRINGS:

@@ -59,9 +59,15 @@ class Fingerprint:
 
 
 def describe(obj: Any, depth: int = 3) -> Any:
-    """A JSON-able description of ``obj`` for a fingerprint: numbers, strings and ``None`` as they are, sequences and
-    mappings item by item, other objects as their class name and public attributes (``depth`` levels of objects
-    deep), so that changing any parameter of, say, an augmentation changes the description."""
+    """A JSON-able description of ``obj`` for a fingerprint, so that changing any parameter of, say, an
+    augmentation changes the description.
+
+    Args:
+        obj: numbers, strings and ``None`` are kept as they are, sequences and mappings described item by item,
+            classes by their name, other objects as their class name and public attributes.
+        depth: how many levels of nested objects are described by their attributes; deeper ones by their class
+            name only.
+    """
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, (list, tuple)):
@@ -105,7 +111,15 @@ def record_file(output: PathLike) -> Path:
 
 
 def why_stale(output: PathLike, fp: Fingerprint) -> str | None:
-    """``None`` when ``output`` exists and was recorded with ``fp``; otherwise why it must be made (again)."""
+    """Whether ``output`` must be made (again).
+
+    Args:
+        output: the file a step writes.
+        fp: the fingerprint the step would record now.
+
+    Returns:
+        ``None`` when ``output`` exists and its record holds ``fp``; otherwise the reason, e.g. the changed parts.
+    """
     if not Path(output).is_file():
         return "no output yet"
     rec = record_file(output)

@@ -58,7 +58,10 @@ def rank0_only(handlers: Sequence | None, rank: int | None = None) -> list:
     MLflow handlers. Dropped handlers are still created, so objects other handlers refer to (e.g. a best-model
     saver whose state is part of a resumable checkpoint) exist on every rank; handlers that write when they are
     *created* (TensorBoard's event file) must be disabled in the config instead (``_disabled_``).
-    ``rank=None`` reads the rank from the initialised process group (0 without one).
+
+    Args:
+        handlers: the config's handler list (``None`` entries are dropped).
+        rank: the process's rank; ``None`` reads it from the initialised process group (0 without one).
     """
     handlers = [h for h in (handlers or []) if h is not None]
     if rank is None:

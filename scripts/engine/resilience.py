@@ -62,8 +62,14 @@ def set_deterministic_algorithms(enabled: bool = False) -> bool:
 
     Sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (needed by deterministic cuBLAS; it must be set before the first
     CUDA matrix product) and ``torch.use_deterministic_algorithms(True, warn_only=True)``: operations that have a
-    deterministic implementation use it, the few that have none warn instead of stopping the run. ``False`` leaves
-    PyTorch's setting as it is. Returns ``enabled``.
+    deterministic implementation use it, the few that have none warn instead of stopping the run.
+
+    Args:
+        enabled: turn them on; ``False`` leaves PyTorch's setting as it is. Any value
+            :func:`~scripts.engine.config_values.parse_bool` accepts.
+
+    Returns:
+        Whether they were turned on.
     """
     if parse_bool(enabled, "deterministic_algorithms"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -174,8 +180,19 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_writable(paths: Sequence[str | os.PathLike], stage: str = "") -> list[Path]:
-    """Check that each folder in ``paths`` exists and is writable, or can be created; raise
-    :class:`OutputNotWritableError` otherwise. Creates nothing (a probe file is written and removed)."""
+    """Check that each folder in ``paths`` exists and is writable, or can be created. Creates nothing (a probe
+    file is written and removed).
+
+    Args:
+        paths: the output folders.
+        stage: prefixes the error message (``[stage]``).
+
+    Returns:
+        The folders as absolute paths.
+
+    Raises:
+        OutputNotWritableError: a folder cannot be created or written to.
+    """
     tag = f"[{stage}] " if stage else ""
     checked = []
     for raw in paths:
@@ -207,8 +224,16 @@ def _tensor_bytes(tensors: Any) -> int:
 def estimate_checkpoint_bytes(
     network: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> tuple[int, int]:
-    """(model-only file, full training checkpoint) sizes in bytes; an optimiser without state yet is counted as
-    two tensors per trainable parameter (Adam-family moments)."""
+    """Estimated sizes of the checkpoints of ``network``, in bytes.
+
+    Args:
+        network: the network whose ``state_dict`` is saved.
+        optimizer: the training optimiser (``None``: not counted); one without state yet is counted as two tensors
+            per trainable parameter (Adam-family moments).
+
+    Returns:
+        ``(model-only file, full training checkpoint)``.
+    """
     model = _tensor_bytes(network.state_dict().values())
     opt = 0
     if optimizer is not None:

@@ -62,8 +62,11 @@ class Step:
     def command(self, root: Path | None = None, compact: bool = False) -> str:
         """The step as a shell command run from the bundle folder.
 
-        ``root``: paths under it are written relative to it (``.``). ``compact``: leave out the overrides that equal
-        the configs' own values (evaluated with ``bundle_root`` ``.``), as in the documented sequence."""
+        Args:
+            root: paths under it are written relative to it (``.``); ``None``: paths as they are.
+            compact: leave out the overrides that equal the configs' own values (evaluated with ``bundle_root``
+                ``.``), as in the documented sequence.
+        """
         files = "[" + ",".join(f"'configs/{c}'" for c in self.configs) + "]"
         words = ["python", "-m", "monai.bundle", "run"] + ([self.run_id] if self.run_id != "run" else [])
         words += ["--config_file", files]
@@ -105,7 +108,13 @@ def _quote(word: str) -> str:
 
 
 def run_config(configs: Sequence[str], overrides: dict, run_id: str = "run") -> None:
-    """Run one bundle workflow in this process (``initialize`` -> ``run_id`` -> ``finalize``)."""
+    """Run one bundle workflow in this process (``initialize`` -> ``run_id`` -> ``finalize``).
+
+    Args:
+        configs: config file names under ``configs/``, later ones overriding earlier ones.
+        overrides: config ids and the values that replace the configs' own.
+        run_id: the config id of the workflow to run.
+    """
     wf = ConfigWorkflow(
         config_file=[str(CONFIGS / c) for c in configs],
         meta_file=str(CONFIGS / "metadata.json"),
@@ -129,7 +138,15 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def run_step(step: Step) -> dict:
-    """Run ``step`` unless its output is current; returns what happened (for ``main_job.json``)."""
+    """Run ``step`` unless its output is current.
+
+    Returns:
+        What happened, for ``main_job.json``: ``step``, ``ran``, ``command`` and, when it ran, ``why`` and
+        ``seconds``.
+
+    Raises:
+        RuntimeError: the step finished without writing its output.
+    """
     if step.always:
         logger.info("[%s] (the generator reuses its files when they are current)", step.name)
         before = _stamp(step.output)

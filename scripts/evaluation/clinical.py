@@ -23,7 +23,16 @@ REFERRAL_FRACTIONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 
 
 def net_benefit(labels: np.ndarray, positive: np.ndarray, pt: float) -> float:
-    """Net benefit of acting on ``positive`` calls at threshold probability ``pt``."""
+    """Net benefit of acting on ``positive`` calls at threshold probability ``pt``.
+
+    Args:
+        labels: 0/1 ground truth, one per case.
+        positive: the calls, one bool per case (True: act, e.g. biopsy).
+        pt: the threshold probability, in (0, 1); a false positive weighs ``pt / (1 - pt)`` of a true positive.
+
+    Returns:
+        ``TP/n - FP/n * pt / (1 - pt)``.
+    """
     n = labels.size
     tp = float(np.sum(positive & (labels == 1)))
     fp = float(np.sum(positive & (labels == 0)))
@@ -40,8 +49,19 @@ def decision_curve(
 ) -> dict:
     """Net benefit against threshold probability for the model, BI-RADS >= ``cut`` (rows with BI-RADS), all, none.
 
-    The model's curve needs calibrated probabilities (a threshold probability is a statement about risk). The
-    BI-RADS curve is computed on the rows that carry a category (``None`` when no row does).
+    Args:
+        labels: 0/1 ground truth, one per case.
+        probs: the model's probabilities of malignancy; they must be calibrated (a threshold probability is a
+            statement about risk).
+        birads: each case's BI-RADS category or ``None``; the BI-RADS curve uses the rows that carry one.
+        cut: BI-RADS at or above which the reader recommends biopsy.
+        thresholds: the threshold probabilities of the curve.
+        reader: who gave the BI-RADS categories (names the BI-RADS curve).
+
+    Returns:
+        ``thresholds``, ``n``, ``prevalence`` and one net benefit per threshold for ``model``, ``biopsy_all``,
+        ``biopsy_none`` and ``birads`` (``None`` when no row carries a category, else with ``birads_n`` and
+        ``birads_label``).
     """
     y = np.asarray(list(labels), dtype=int)
     p = np.asarray(list(probs), dtype=float)
@@ -84,10 +104,22 @@ def biopsies_avoided(
 ) -> dict:
     """Model calls at ``threshold`` against BI-RADS >= ``cut`` on the lesions that carry BI-RADS.
 
-    ``benign_biopsies_avoided``: benign lesions the reader would biopsy that the model calls benign (count, fraction of
-    the reader's benign biopsies, Wilson CI, and a patient-clustered bootstrap CI of the fraction);
-    ``cancers_missed_caught_by_reader``: cancers the model calls benign that the reader sends to biopsy (fraction of
-    all cancers); ``cancers_caught_missed_by_reader`` the reverse.
+    Args:
+        labels: 0/1 ground truth, one per lesion.
+        probs: the model's probabilities of malignancy.
+        birads: each lesion's BI-RADS category or ``None`` (such lesions are left out).
+        threshold: the model calls a lesion malignant when its probability is at least this.
+        cut: BI-RADS at or above which the reader recommends biopsy.
+        clusters: each lesion's patient, resampled as a unit by the bootstrap (``None``: lesions are resampled).
+        n_boot: bootstrap resamples (0: no bootstrap CIs).
+        seed: bootstrap seed.
+
+    Returns:
+        ``threshold``, ``cut``, ``n``, ``benign_biopsies_by_reader`` and three counts, each with its fraction, Wilson
+        CI and (with ``n_boot``) a bootstrap CI of the fraction under ``bootstrap``: ``benign_biopsies_avoided``,
+        benign lesions the reader would biopsy that the model calls benign (fraction of the reader's benign
+        biopsies); ``cancers_missed_caught_by_reader``, cancers the model calls benign that the reader sends to
+        biopsy (fraction of all cancers); ``cancers_caught_missed_by_reader``, the reverse.
     """
     y_all = np.asarray(list(labels), dtype=int)
     p_all = np.asarray(list(probs), dtype=float)
@@ -136,8 +168,20 @@ def referral_curve(
 ) -> dict:
     """Error rate (at ``threshold``) and AUC of the cases kept when the most uncertain ``fraction`` is referred.
 
-    Random referral of the same fraction is averaged over ``n_random`` draws. Ties in uncertainty are broken by
-    case order (stable sort)."""
+    Args:
+        labels: 0/1 ground truth, one per case.
+        probs: the ensemble's probabilities of malignancy.
+        uncertainty: one value per case, the highest referred first; ties are broken by case order (stable sort).
+        threshold: the model calls a case malignant when its probability is at least this.
+        fractions: the fractions of cases referred, one row each.
+        n_random: draws of random referral of the same fraction, averaged.
+        seed: seed of the random referral.
+
+    Returns:
+        ``threshold``, ``uncertainty`` (what it measures) and ``rows``: per fraction, ``referred``, ``kept``, the
+        kept cases' ``error_rate`` and ``auc`` (``None`` with one class kept), ``random_error_rate`` and
+        ``random_auc``.
+    """
     y = np.asarray(list(labels), dtype=int)
     p = np.asarray(list(probs), dtype=float)
     u = np.asarray(list(uncertainty), dtype=float)

@@ -36,6 +36,16 @@ def fit_calibration(labels: np.ndarray, member_probs: np.ndarray) -> Calibration
     makes on new data; applied to the mean of the K members' log-odds it keeps that scale (averaging log-odds,
     unlike averaging probabilities, does not pull confident members towards 0.5). docs/evaluation.md compares it
     with the alternatives over 3 seeds.
+
+    Args:
+        labels: 0/1 ground truth of the out-of-fold cases.
+        member_probs: each case's out-of-fold probability of malignancy (from the member that did not train on it).
+
+    Returns:
+        The fitted :class:`~scripts.model.calibration.Calibration`.
+
+    Raises:
+        ValueError: ``labels`` hold one class only.
     """
     x = member_logits(torch.as_tensor(np.asarray(member_probs, dtype=np.float64))).numpy()[:, None]
     y = np.asarray(labels, dtype=int)
@@ -48,8 +58,13 @@ def fit_calibration(labels: np.ndarray, member_probs: np.ndarray) -> Calibration
 def validation_cases(results_dir: PathLike, num_folds: int) -> list[dict]:
     """Join ``cases_validation_fold<k>.csv`` (k < ``num_folds``) into ``cases_validation.csv``; returns its rows.
 
-    Each out-of-fold row was scored by one member: its probability is the case's score (the ``member_0`` column
-    is dropped)."""
+    Each out-of-fold row was scored by one member: its probability is the case's score (the ``member_0`` and
+    ``uncertainty`` columns are dropped).
+
+    Args:
+        results_dir: holds the per-fold tables; ``cases_validation.csv`` is written there.
+        num_folds: the number of folds (tables ``k = 0 .. num_folds - 1``).
+    """
     results_dir = Path(results_dir)
     rows = []
     for k in range(num_folds):
@@ -62,7 +77,15 @@ def validation_cases(results_dir: PathLike, num_folds: int) -> list[dict]:
 
 
 def reader_sensitivity(rows: list[dict], cut: int = 4) -> dict | None:
-    """Sensitivity of ``BI-RADS >= cut`` on the rows that carry a BI-RADS category (``None`` without malignant ones)."""
+    """Sensitivity of ``BI-RADS >= cut`` on the rows that carry a BI-RADS category.
+
+    Args:
+        rows: case rows with ``label`` and ``birads`` (``None`` where the case has no category).
+        cut: BI-RADS at or above which the reader recommends biopsy.
+
+    Returns:
+        ``{"cut", "n_malignant", "sensitivity"}``, or ``None`` when no malignant row carries a category.
+    """
     rated = [r for r in rows if r.get("birads") is not None and int(r["label"]) == 1]
     if not rated:
         return None

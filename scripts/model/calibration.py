@@ -37,7 +37,13 @@ def member_logits(probs: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def calibrated_probability(member_probs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(scale * mean logit + bias)`` over the first dimension of ``member_probs`` ``(K, ...)``, in float64."""
+    """``sigmoid(scale * mean logit + bias)``, in float64.
+
+    Args:
+        member_probs: the members' malignant probabilities ``(K, ...)``; the mean is over ``K``.
+        scale: the Platt slope (a scalar tensor).
+        bias: the Platt intercept (a scalar tensor).
+    """
     z = member_logits(member_probs.double()).mean(0)
     return torch.sigmoid(scale * z + bias)
 
@@ -77,6 +83,10 @@ def operating_point_path(model_file: str | os.PathLike) -> Path:
 def read_operating_point(model_file: str | os.PathLike, required: bool = False) -> dict | None:
     """The operating point saved beside ``model_file``, or ``None`` (logged) when there is none.
 
+    Args:
+        model_file: the ensemble's weights (``models/model.pt``); the operating point is the file beside it.
+        required: raise instead of returning ``None`` when there is no operating point.
+
     Raises:
         FileNotFoundError: ``required`` and no file.
         ValueError: the file is not a valid operating point (names the file).
@@ -103,14 +113,27 @@ def read_operating_point(model_file: str | os.PathLike, required: bool = False) 
 
 
 def threshold_of(operating_point: dict | None, override: Any = None) -> float:
-    """The decision threshold: ``override`` when given, else the operating point's, else 0.5 (none saved)."""
+    """The decision threshold.
+
+    Args:
+        operating_point: as :func:`read_operating_point` returns it (``None``: none saved).
+        override: a threshold given at run time (``None``: none).
+
+    Returns:
+        ``override`` when given, else the operating point's threshold, else 0.5.
+    """
     if override is not None:
         return float(override)
     return 0.5 if operating_point is None else float(operating_point["threshold"])
 
 
 def operating_point_name(operating_point: dict | None, override: Any = None) -> str:
-    """A short description of the decision rule in use, for output tables and app answers."""
+    """A short description of the decision rule in use, for output tables and app answers.
+
+    Args:
+        operating_point: as :func:`read_operating_point` returns it (``None``: none saved).
+        override: a threshold given at run time, which takes precedence (``None``: none).
+    """
     if override is not None:
         return f"fixed threshold {float(override):g} (given at run time)"
     if operating_point is None:

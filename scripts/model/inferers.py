@@ -45,7 +45,8 @@ def native_cpu_bf16(flags: set[str] | None = None, environ: Mapping[str, str] | 
     Native means the CPU has AVX-512 BF16 or AMX-BF16 (``flags``, default :func:`cpu_flags`), PyTorch uses its
     AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` can lower) and
     oneDNN is not capped below its bf16 ISA (``ONEDNN_MAX_CPU_ISA`` in ``environ``). Without native support bf16
-    autocast is emulated and far slower than float32 (docs/performance.md).
+    autocast is emulated and slower than float32 (measured in docs/performance.md, "The precision default, native
+    bf16 and AVX2 kernels").
     """
     flags = cpu_flags() if flags is None else flags
     environ = os.environ if environ is None else environ
@@ -65,9 +66,10 @@ def precision_choice(arch: str, device: torch.device | str, image_size: int = 12
     """The default precision for ``arch`` on ``device`` at ``image_size`` px, and why: ``{"amp": bool, "reason": str}``.
 
     bf16 autocast on CUDA. On a CPU, float32 (+ channels_last) unless bf16 is native (:func:`native_cpu_bf16`); with
-    native bf16, bf16 for ResNet/ResNeXt and for EfficientNet-Lite from 224 px, where it trained faster than float32
-    in ``benchmarks/train_throughput.py`` (docs/performance.md). The choice depends on the machine's features only,
-    never on a timing, so the same machine always makes the same choice (and the same weights).
+    native bf16, bf16 for ResNet/ResNeXt and for EfficientNet-Lite from 224 px, where it trained at least as fast as
+    float32 (measured in docs/performance.md, "The precision default, native bf16 and AVX2 kernels"). The choice
+    depends on the machine's features only, never on a timing, so the same machine always makes the same choice (and
+    the same weights).
     """
     if str(device).startswith("cuda"):
         return {"amp": True, "reason": "CUDA device: bf16 autocast"}
@@ -86,9 +88,9 @@ def default_amp(arch: str, device: torch.device | str, image_size: int = 128) ->
 
 
 def saliency_amp(arch: str, amp: bool | str) -> bool:
-    """Whether saliency maps may use bf16 autocast: as ``amp`` for ResNets (maps correlate > 0.99 with float32
-    ones), never for EfficientNet-Lite, whose bf16 maps at its stride-16 target layer correlated less well with
-    float32 ones (tests/test_saliency.py)."""
+    """Whether saliency maps may use bf16 autocast: as ``amp`` for ResNets, whose bf16 maps match float32 ones,
+    never for EfficientNet-Lite, whose bf16 maps at its stride-16 target layer match them less well (correlations in
+    docs/saliency.md, "Methods", "Precision"; checked in tests/test_saliency.py)."""
     return parse_bool(amp, "amp") and not is_lite(arch)
 
 
@@ -118,8 +120,8 @@ class AutocastInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if isinstance(inputs, MetaTensor):
-            # the network needs no metadata, and MetaTensor inputs make bf16 + channels-last backward passes about
-            # 2x slower on CPU (benchmarks/train_throughput.py)
+            # the network needs no metadata, and MetaTensor inputs slow bf16 + channels-last backward passes down
+            # on CPU (measured in docs/performance.md, "Training: bundle vs plain loop")
             inputs = inputs.as_tensor()
         if self.channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)

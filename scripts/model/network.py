@@ -94,9 +94,9 @@ class GrayClassifier(nn.Module):
     The grayscale input (``(B, 1, H, W)`` in [0, 1]) is repeated to three channels and normalised as the
     family's ImageNet weights expect (torchvision: ImageNet mean/std; EfficientNet-Lite: mean 0.5, std 0.5).
     The saliency target layer (:attr:`target_layer`) is ``backbone.layer4[-1]`` for the ResNet family (stride 32)
-    and ``backbone.blocks[4]`` for EfficientNet-Lite (stride 16, 112 channels in Lite0): at 128 px its last
-    feature map (``bn2``, 4 x 4 cells) gave maps at chance against the calcification masks, the stride-16 map with
-    HiResCAM well above (docs/saliency.md).
+    and ``backbone.blocks[4]`` for EfficientNet-Lite (stride 16, 112 channels in Lite0), chosen over its last feature
+    map (``bn2``, 4 x 4 cells at 128 px) by the localisation measured in docs/saliency.md ("Which layer and method
+    localise: measured").
 
     Args:
         arch: ``efficientnet_lite0``, ``efficientnet_lite1``, or a torchvision ResNet-family constructor name

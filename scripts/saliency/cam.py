@@ -60,7 +60,16 @@ def ensemble_members(ensemble: nn.Module) -> list[nn.Module]:
 
 
 def target_layer(member: nn.Module, name: str | None = None) -> nn.Module:
-    """The module ``name`` of ``member`` (e.g. ``"backbone.blocks.4"``), or its ``target_layer`` for ``None``."""
+    """The saliency target layer of one ensemble member.
+
+    Args:
+        member: a :class:`~scripts.model.network.GrayClassifier` (DDP-wrapped or not).
+        name: a module name in ``member`` (e.g. ``"backbone.blocks.4"``); ``None`` or empty: its ``target_layer``.
+
+    Raises:
+        ValueError: ``member`` has no module ``name``.
+        TypeError: no ``name`` and ``member`` has no ``target_layer``.
+    """
     member = getattr(member, "module", member)
     if name:
         modules = dict(member.named_modules())
@@ -87,8 +96,17 @@ def ensemble_probabilities(ensemble: nn.Module, member_probs: torch.Tensor) -> t
 def predicted_classes(
     members: Sequence[nn.Module], x: torch.Tensor, threshold: float, ensemble: nn.Module | None = None
 ) -> list[int]:
-    """The ensemble's predicted class per image of ``x`` ``(B, 1, H, W)``: malignant when its P(malignant)
-    (:func:`ensemble_probabilities`) >= ``threshold``."""
+    """The ensemble's predicted class per image, without gradients.
+
+    Args:
+        members: the member networks (:func:`ensemble_members`).
+        x: the images ``(B, 1, H, W)``, moved to the members' device.
+        threshold: malignant when the ensemble's P(malignant) (:func:`ensemble_probabilities`) is at least this.
+        ensemble: combines the members' probabilities (``None``: their mean).
+
+    Returns:
+        One class index per image (1: malignant).
+    """
     with torch.no_grad():
         x = x.to(next(members[0].parameters()).device).float()
         member_probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in members])
@@ -105,6 +123,10 @@ class TargetLayerCut:
     ``torch`` forward hook, registered before the CAM objects' own hooks (hooks run in registration order, so the
     library stores the cut tensor and its gradient). Use as a context manager around the CAM objects' lifetime;
     ``feature_hw`` is the target layer's last output ``(h, w)`` in cells.
+
+    Args:
+        layers: the target layer of each member.
+        freeze: detach the target layers' outputs, so that the backward pass computes the head's gradients only.
     """
 
     def __init__(self, layers: Sequence[nn.Module], freeze: bool) -> None:

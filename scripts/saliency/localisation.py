@@ -39,8 +39,16 @@ def distance_to_mask(mask: np.ndarray) -> np.ndarray:
 
 def pointing_game(cam: np.ndarray, mask: np.ndarray, tolerance_px: float = FEATURE_STRIDE) -> bool:
     """Pointing game (Zhang et al., ECCV 2016): a hit if the map's maximum lies within ``tolerance_px`` pixels
-    (Euclidean) of the mask. Default tolerance: one feature-map cell, 32 px at the network input. A flat map
-    points nowhere and is a miss; ties take the first maximum in row-major order."""
+    (Euclidean) of the mask. A flat map points nowhere and is a miss; ties take the first maximum in row-major order.
+
+    Args:
+        cam: the map ``(H, W)``.
+        mask: the lesion mask ``(H, W)``, not empty.
+        tolerance_px: the largest distance of a hit; default one cell of a stride-32 feature map.
+
+    Raises:
+        ValueError: ``cam`` and ``mask`` differ in shape or are not 2-D, or the mask is empty.
+    """
     cam, mask = _check_pair(cam, mask)
     if cam.max() - cam.min() <= _EPS:
         return False
@@ -59,18 +67,31 @@ def energy_in_mask(cam: np.ndarray, mask: np.ndarray) -> float:
 
 
 def iou_at(cam: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
-    """IoU of the binarised map ``cam >= threshold`` (maps are normalised so this is relative to the peak) with
-    the mask (Saporta et al., 2022)."""
+    """IoU of the binarised map ``cam >= threshold`` with the mask (Saporta et al., 2022).
+
+    Args:
+        cam: the map ``(H, W)``, normalised to [0, 1] (so ``threshold`` is relative to the peak).
+        mask: the lesion mask ``(H, W)``, not empty.
+        threshold: the binarisation threshold.
+    """
     cam, mask = _check_pair(cam, mask)
     pred = cam >= threshold
     return float(np.logical_and(pred, mask).sum() / np.logical_or(pred, mask).sum())
 
 
 def chance_levels(mask: np.ndarray, tolerance_px: float = FEATURE_STRIDE) -> dict[str, float]:
-    """What uninformative maps score: ``area_fraction`` (energy-in-mask of a uniform map, and IoU of a map
-    selecting every pixel), ``pointing`` (hit probability of a uniformly random point: the fraction of pixels
-    within ``tolerance_px`` of the mask) and ``centre`` (1.0 if a map peaking at the ROI's centre is a hit: a
-    location prior, since ROIs are usually cropped around the lesion)."""
+    """What uninformative maps score against ``mask``.
+
+    Args:
+        mask: the lesion mask ``(H, W)``, not empty.
+        tolerance_px: the pointing game's tolerance (:func:`pointing_game`).
+
+    Returns:
+        ``area_fraction`` (energy-in-mask of a uniform map, and IoU of a map selecting every pixel), ``pointing``
+        (hit probability of a uniformly random point: the fraction of pixels within ``tolerance_px`` of the mask)
+        and ``centre`` (1.0 if a map peaking at the ROI's centre is a hit: a location prior, since ROIs are usually
+        cropped around the lesion).
+    """
     mask = np.asarray(mask) > 0
     dist = distance_to_mask(mask)
     h, w = mask.shape
@@ -82,8 +103,18 @@ def chance_levels(mask: np.ndarray, tolerance_px: float = FEATURE_STRIDE) -> dic
 def localisation_metrics(
     cam: np.ndarray, mask: np.ndarray, tolerance_px: float = FEATURE_STRIDE, iou_threshold: float = 0.5
 ) -> dict[str, float]:
-    """All metrics of one map against its mask, with chance levels: ``hit``, ``energy``, ``iou``,
-    ``chance_area``, ``chance_pointing``, ``centre_hit`` (the centre prior's hit), ``tolerance_px``."""
+    """All metrics of one map against its mask, with chance levels.
+
+    Args:
+        cam: the map ``(H, W)`` in [0, 1].
+        mask: the lesion mask ``(H, W)``, not empty.
+        tolerance_px: the pointing game's tolerance (:func:`pointing_game`).
+        iou_threshold: the map's binarisation threshold for the IoU (:func:`iou_at`).
+
+    Returns:
+        ``hit``, ``energy``, ``iou``, ``chance_area``, ``chance_pointing``, ``centre_hit`` (the centre prior's hit)
+        and ``tolerance_px``.
+    """
     chance = chance_levels(mask, tolerance_px)
     return {
         "hit": pointing_game(cam, mask, tolerance_px),
@@ -146,12 +177,18 @@ def _summarise(records: Sequence[dict], seed: int = 0) -> dict[str, Any]:
 
 
 def localisation_table(records: Sequence[dict], class_names: Sequence[str] = TARGET_CLASSES) -> dict[str, dict]:
-    """Aggregate per-ROI records (keys ``label``, ``correct`` and those of :func:`localisation_metrics`).
+    """Aggregate per-ROI records into groups.
 
-    Groups: ``all``, ``correct``, ``misclassified``, each class name, and ``<class>/correct``,
-    ``<class>/misclassified``. Each group gives ``n``, the mean of each metric with its 95 % bootstrap CI and its
-    chance level, whether it is above chance (see :func:`_summarise`) and the centre prior's pointing game
-    (``None`` for an empty group). Records without a label count only in ``all``.
+    Args:
+        records: one per ROI, with ``label`` (a class index or ``None``), ``correct`` and the keys of
+            :func:`localisation_metrics`. Records without a label or ``correct`` count only in ``all``.
+        class_names: the names of the class indices.
+
+    Returns:
+        Per group (``all``, ``correct``, ``misclassified``, each class name, ``<class>/correct`` and
+        ``<class>/misclassified``): ``n``, the mean of each metric with its 95 % bootstrap CI and its chance
+        level, whether it is above chance (see :func:`_summarise`) and the centre prior's pointing game (``None``
+        for an empty group).
     """
     groups: dict[str, list[dict]] = {"all": list(records), "correct": [], "misclassified": []}
     for name in class_names:

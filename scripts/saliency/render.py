@@ -32,6 +32,11 @@ def save_map_nifti(path: str | Path, cam: np.ndarray, spacing_mm: float | Sequen
 
     NIfTI's first axis is x (columns), so the array is stored as ``(W, H)`` with the affine
     ``diag(col_pitch, row_pitch, 1, 1)`` in mm; ``np.asarray(nib.load(path).dataobj).T`` gives the ``(H, W)`` map.
+
+    Args:
+        path: the ``.nii.gz`` file to write.
+        cam: the map ``(H, W)``.
+        spacing_mm: the map's pixel pitch in mm: one value, ``(row, column)``, or ``None``.
     """
     import nibabel as nib  # optional: NIfTI only (the deploy app's environment has no nibabel)
 
@@ -61,7 +66,12 @@ def render_overlay(
 ) -> np.ndarray:
     """RGB uint8 image: a text band over [ROI in gray | ROI with the heat map (and the mask's outline)].
 
-    Small ROIs are enlarged by an integer factor (nearest neighbour) to at least ``min_size`` pixels.
+    Args:
+        roi: the ROI ``(H, W)`` in [0, 1].
+        cam: its map ``(H, W)`` in [0, 1].
+        lines: the text lines of the band.
+        mask: the lesion mask ``(H, W)``, outlined on the map (``None``: no outline).
+        min_size: smaller ROIs are enlarged by an integer factor (nearest neighbour) to at least this many pixels.
     """
     scale = max(1, math.ceil(min_size / max(roi.shape)))
     if scale > 1:
@@ -121,9 +131,18 @@ def gallery_example(roi: np.ndarray, cam: np.ndarray, mask: np.ndarray | None, c
 
 
 def save_gallery(path: str | Path, groups: dict[str, list[dict]], per_group: int, title: str = "") -> Path:
-    """Figure with one row per non-empty outcome group (``{name: [{"roi", "cam", "mask" or None, "case", "prob"},
-    ...]}``); groups without cases get no row but are named under the title. The mask's outline is drawn in green.
-    Returns the path."""
+    """Save a figure with one row per non-empty outcome group; the mask's outline is drawn in green.
+
+    Args:
+        path: the image file to write.
+        groups: ``{name: [entry, ...]}``, each entry from :func:`gallery_example`; groups without cases get no row
+            but are named under the title.
+        per_group: the most entries drawn per row.
+        title: the figure's title.
+
+    Returns:
+        ``path``.
+    """
     from matplotlib.backends.backend_agg import (
         FigureCanvasAgg,  # optional heavy dependency: loaded only when a figure is drawn
     )

@@ -47,8 +47,12 @@ def _ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
 
 
 def map_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Similarity of two ``(H, W)`` maps: Spearman rank correlation, Pearson correlation and mean SSIM.
-    Correlations with a flat map are 0 (1 if both maps are identical)."""
+    """Similarity of two ``(H, W)`` maps.
+
+    Returns:
+        ``spearman`` (rank correlation), ``pearson`` and ``ssim`` (mean SSIM). Correlations with a flat map are 0
+        (all three are 1 if both maps are identical).
+    """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if np.array_equal(a, b):

@@ -37,8 +37,16 @@ logger = logging.getLogger(__name__)
 
 
 def load_weights(network: nn.Module, path: str | Path | None) -> nn.Module:
-    """Load a state-dict file (e.g. the bundle's ``models/model.pt``) strictly into ``network`` and return it;
-    ``path=None`` (or ``"none"``) returns ``network`` unchanged (weights already loaded by the merged config)."""
+    """Load a state-dict file strictly into ``network`` and return it.
+
+    Args:
+        network: the ensemble (DDP-wrapped or not).
+        path: the state-dict file (e.g. the bundle's ``models/model.pt``); ``None`` or ``"none"`` leaves
+            ``network`` unchanged (weights already loaded by the merged config).
+
+    Raises:
+        WeightsError: the file's weights do not match ``network``.
+    """
     if none_if_off(path) is None:
         return network
 
@@ -57,7 +65,13 @@ def _safe_name(case: str, used: set[str]) -> str:
 
 
 def load_mask(path: str | Path, shape: tuple[int, int], case: str) -> np.ndarray | None:
-    """The mask PNG at ``path`` as ``(H, W)`` bool at the network input's ``shape``, or ``None`` if it is empty."""
+    """The mask PNG at ``path`` as ``(H, W)`` bool at the network input's ``shape``, or ``None`` if it is empty.
+
+    Args:
+        path: the mask PNG.
+        shape: the network input's ``(H, W)``; a mask of another size is resized by area.
+        case: the case's name, for the warning about an empty mask.
+    """
     mask = read_mask_png(path)
     if tuple(mask.shape) != tuple(shape):
         frac = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=shape, mode="area")[0, 0]

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_preamble
+from pydicom.filereader import read_dataset, read_file_meta_info, read_preamble
 from pydicom.uid import UID
 
 try:  # pydicom 3
@@ -425,16 +425,25 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 _PEEK_BYTES = 4 << 20
 
 
+def _after_file_meta(tag: int, vr: str | None, length: int) -> bool:
+    """``read_dataset``'s stop condition: the first element after the file meta group (group 0002)."""
+    return tag >> 16 != 2
+
+
 def _check_deflated_size(path: str | os.PathLike, limit: int | None) -> None:
     """A deflated file is inflated whole by pydicom before any attribute can be read: inflate only its first
     4 MB here, read Rows/Columns from them, and refuse an image above the decode cap before pydicom sees it."""
     with open(path, "rb") as f:
         try:
-            read_preamble(f, False)
-            meta = pydicom.filereader._read_file_meta_info(f)
+            meta = read_file_meta_info(path)
         except Exception:
             return  # not a well-formed file meta group: dcmread reports it
         if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+            return
+        try:  # the deflated data set starts right after the file meta group (explicit VR little endian)
+            read_preamble(f, False)
+            read_dataset(f, is_implicit_VR=False, is_little_endian=True, stop_when=_after_file_meta)
+        except Exception:
             return
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         prefix = b""
