@@ -75,6 +75,7 @@ def main() -> int:
         client.train_start(a.model, {"max_epochs": 1})
         out["bad_training"] = wait_for_training(client)
         out["after_bad"] = predictions(client, a.model, images[:1])
+        out["stats_after_bad"] = client.info()["trainers"][a.model]
     json.dump(out, sys.stdout, default=str)
     return 0
 

@@ -77,11 +77,16 @@ def documented_commands(doc: Path) -> dict[str, list[str]]:
     """The app commands in ``doc``'s bash blocks (continuation lines joined, ``[optional]`` parts dropped, comments
     after ``  #`` dropped): ``label_server`` (a studies folder), ``label_server_dicomweb`` (a DICOMweb server),
     ``label_curl`` (an upload, JSON), ``label_curl_saliency`` (an upload, the overlay), ``label_curl_id`` (an image
-    id), ``deploy``, ``deploy_send`` (``--send-to``) and ``storescu``."""
+    id), ``deploy``, ``deploy_send`` (``--send-to``), ``storescu`` and ``label_learning`` (the block of the learning
+    round, as one script)."""
     kinds = ("label_server", "label_server_dicomweb", "label_curl", "label_curl_saliency", "label_curl_id", "deploy",
-             "deploy_send", "storescu")  # fmt: skip
+             "deploy_send", "storescu", "label_learning")  # fmt: skip
     found: dict[str, list[str]] = {kind: [] for kind in kinds}
     for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
+        if "/activelearning/" in block:  # the learning round: one script
+            lines = [" ".join(ln.split()) for ln in block.replace("\\\n", " ").splitlines()]
+            found["label_learning"].append("\n".join(ln for ln in lines if ln and not ln.startswith("#")))
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s*\[[^\]]*\]", "", " ".join(line.split()))
             line = re.sub(r"\s+#\s.*$", "", line)
@@ -112,6 +117,7 @@ PLACEHOLDERS = {
     "dicomweb": "http://127.0.0.1:8042/dicom-web",
     "dicom_port": "4242",
     "series": "SERIES_UID",
+    "image_id": "IMAGE_ID",
 }
 
 
@@ -814,7 +820,7 @@ def learning_round(app_bundle, inputs, tmp_path_factory) -> Iterator[tuple[dict,
             client + ["--bad-label", "study_roi"], cwd=REPO, capture_output=True, text=True, timeout=900
         )
         assert done.returncode == 0, done.stderr[-3000:] + (work / "server.log").read_text()[-3000:]
-        yield json.loads(done.stdout), labels, bundle, work
+        yield json.loads(done.stdout), labels, bundle, work, base
 
 
 def most_uncertain(predictions: dict, images: Sequence[str]) -> str:
@@ -822,13 +828,13 @@ def most_uncertain(predictions: dict, images: Sequence[str]) -> str:
 
 
 def test_monailabel_offers_a_train_task_and_the_uncertainty_strategy(learning_round):
-    seen, _, _, _ = learning_round
+    seen = learning_round[0]
     assert seen["trainers"] == [MODEL]
     assert {"random", "uncertainty"} <= set(seen["strategies"])
 
 
 def test_monailabel_uncertainty_strategy_picks_the_unlabelled_image_the_members_disagree_on_most(learning_round):
-    seen, labels, _, _ = learning_round
+    seen, labels = learning_round[:2]
     images, before, after = seen["images"], seen["before"], seen["after"]
     assert len({round(p["u"], 6) for p in before.values()}) > 1, "the members agree equally on every image"
     assert seen["first_pick"]["id"] == most_uncertain(before, images)
@@ -840,7 +846,7 @@ def test_monailabel_uncertainty_strategy_picks_the_unlabelled_image_the_members_
 
 
 def test_monailabel_training_publishes_a_new_version_that_infer_then_uses(learning_round, app_bundle):
-    seen, labels, bundle, work = learning_round
+    seen, labels, bundle, work, _ = learning_round
     version = json.loads((app_bundle / "configs" / "metadata.json").read_text())["version"]
     assert seen["training"]["status"] == "DONE", seen["training"]
     assert {p["version"]["version"] for p in seen["before"].values()} == {version}
@@ -861,7 +867,7 @@ def test_monailabel_training_publishes_a_new_version_that_infer_then_uses(learni
 def test_monailabel_training_with_a_label_naming_no_class_fails_clearly_and_keeps_the_version(
     learning_round, app_bundle
 ):
-    seen, _, bundle, work = learning_round
+    seen, _, bundle, work, _ = learning_round
     version = json.loads((app_bundle / "configs" / "metadata.json").read_text())["version"]
     bad = seen["bad_training"]
     assert bad["status"] == "ERROR", bad
@@ -869,8 +875,39 @@ def test_monailabel_training_with_a_label_naming_no_class_fails_clearly_and_keep
         bad["details"]
     )
     assert {p["version"]["version"] for p in seen["after_bad"].values()} == {f"{version}+ft1"}
-    assert not (bundle / "models" / "finetuned" / MODEL / "v2").exists()
+    assert seen["stats_after_bad"]["current_version"] == f"{version}+ft1"
+    assert len(seen["stats_after_bad"]["versions"]) == 1
     assert not list((work / "tmp").glob("finetune-*"))
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_monailabel_documented_learning_commands(learning_round, app_bundle):
+    """README's and this page's learning round, run as written from the bundle folder (after the client's round):
+    it labels ``study_roi`` malignant (replacing the label that named no class), trains, and the next version
+    answers."""
+    _, _, bundle, _, base = learning_round
+    version = json.loads((app_bundle / "configs" / "metadata.json").read_text())["version"]
+    port = base.rsplit(":", 1)[1]
+    for number, script in enumerate(commands("label_learning"), start=2):
+        done = subprocess.run(
+            ["bash", "-ec", fill(script, port=port, image_id="study_roi")], cwd=bundle, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        first = json.JSONDecoder().raw_decode(done.stdout)[0]  # the uncertainty pick
+        assert "id" in first and "uncertainty" in first, done.stdout
+        t0 = time.time()
+        while get_json(f"{base}/train/").get("status") in ("SUBMITTED", "RUNNING") and time.time() - t0 < 300:
+            time.sleep(1)
+        assert get_json(f"{base}/train/")["status"] == "DONE", get_json(f"{base}/train/")
+        with urllib.request.urlopen(f"{base}/datastore/label?label=study_roi&tag=final", timeout=60) as r:
+            assert json.loads(r.read()) == {"label": "malignant"}
+        status, body = post(f"{base}/infer/{MODEL}?image=study_roi&output=json")
+        assert status == 200 and body["model"]["version"] == f"{version}+ft{number}", body
 
 
 def run_deploy(bundle: Path, dicoms: Path, out: Path, *options: str) -> subprocess.CompletedProcess:

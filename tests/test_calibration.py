@@ -40,6 +40,17 @@ def test_platt_fit_recovers_a_known_calibration():
         fit_calibration(np.ones(5, int), np.full(5, 0.7))
 
 
+def test_platt_fit_never_reverses_the_members_ranking(caplog):
+    # out-of-fold scores that rank the cases backwards (few labels, an unlucky fold): a fitted slope would be
+    # negative and turn every call around; the calibration stays the identity and says why
+    y = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([0.9, 0.8, 0.6, 0.3, 0.2, 0.4])
+    with caplog.at_level("WARNING"):
+        cal = fit_calibration(y, probs)
+    assert (cal.scale, cal.bias) == (1.0, 0.0)
+    assert cal.method.startswith("none") and "slope" in caplog.text
+
+
 def test_network_transform_and_calibration_give_the_same_probability():
     torch.manual_seed(0)
     cal = {"scale": 0.6, "bias": -0.4}

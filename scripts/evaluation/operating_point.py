@@ -27,6 +27,7 @@ from scripts.model.calibration import Calibration, member_logits, write_operatin
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 CALIBRATION_METHOD = "platt on out-of-fold member log-odds, applied to the mean member log-odds"
+NOT_FITTED = "none: the Platt slope on the out-of-fold cases was not positive (identity on the mean member log-odds)"
 
 
 def fit_calibration(labels: np.ndarray, member_probs: np.ndarray) -> Calibration:
@@ -42,7 +43,9 @@ def fit_calibration(labels: np.ndarray, member_probs: np.ndarray) -> Calibration
         member_probs: each case's out-of-fold probability of malignancy (from the member that did not train on it).
 
     Returns:
-        The fitted :class:`~scripts.model.calibration.Calibration`.
+        The fitted :class:`~scripts.model.calibration.Calibration`; the identity (method :data:`NOT_FITTED`, logged)
+        when the fitted slope is not positive, which would reverse the members' ranking (few or uninformative
+        out-of-fold cases, e.g. a fine-tuning on a handful of labels).
 
     Raises:
         ValueError: ``labels`` hold one class only.
@@ -52,7 +55,14 @@ def fit_calibration(labels: np.ndarray, member_probs: np.ndarray) -> Calibration
     if len(np.unique(y)) < 2:
         raise ValueError("calibration needs both classes in the out-of-fold validation predictions")
     model = LogisticRegression(C=np.inf).fit(x, y)
-    return Calibration(float(model.coef_[0, 0]), float(model.intercept_[0]), CALIBRATION_METHOD)
+    scale = float(model.coef_[0, 0])
+    if scale <= 0:  # out-of-fold scores that rank no better than chance: the fit would reverse the model's ranking
+        logger.warning(
+            "Platt slope %.3g <= 0 on %d out-of-fold cases: the members' scores do not rank them; the calibration is "
+            "left as the identity (mean member log-odds)", scale, y.size
+        )  # fmt: skip
+        return Calibration(1.0, 0.0, NOT_FITTED)
+    return Calibration(scale, float(model.intercept_[0]), CALIBRATION_METHOD)
 
 
 def validation_cases(results_dir: PathLike, num_folds: int) -> list[dict]:
