@@ -73,19 +73,21 @@ def read_labelled_csv(csv_path: str | Path, class_names: Sequence[str] = schema.
     return items
 
 
-def stratified_folds(labels: Sequence[int], num_folds: int) -> list[int]:
+def stratified_folds(
+    labels: Sequence[int], num_folds: int, class_names: Sequence[str] = schema.TARGET_CLASSES
+) -> list[int]:
     """A fold per item: the items of each class dealt round-robin in their order, so that every fold validates on
     every class.
 
     Raises:
         LabelError: a class with fewer items than folds.
     """
-    counts = {c: list(labels).count(c) for c in sorted(set(labels))}
-    short = {c: n for c, n in counts.items() if n < num_folds}
-    if len(counts) < 2 or short:
+    counts = {c: list(labels).count(c) for c in range(len(class_names))}
+    if any(n < num_folds for n in counts.values()):
+        named = {class_names[c]: n for c, n in counts.items()}
         raise LabelError(
             f"fine-tuning a {num_folds}-member ensemble needs at least {num_folds} labelled images of each class (one "
-            f"per fold to validate on); labelled per class: {counts}"
+            f"per fold to validate on); labelled per class: {named}"
         )
     seen = {c: 0 for c in counts}
     folds = []

@@ -29,6 +29,13 @@ stock endpoint does for ``all``, a ``multipart/form-data`` body with the JSON (f
 network input's geometry, as the bundle's saliency workflow writes it). The map is ``configs/saliency.json``'s method,
 layer and target (HiResCAM of P(malignant) by default), computed by the bundle's own engine (``scripts.saliency``).
 
+Learning from the radiologist (:mod:`lib.learning`): a class label saved with ``PUT /datastore/label`` (tag
+``final``; a JSON file ``{"label": "malignant"}``) is used by ``POST /train/{model}``, which fine-tunes the model in use
+on every labelled image (``python -m scripts.finetune``, the bundle's target-stage recipe) and publishes the next
+version under ``<bundle>/models/finetuned/<model>/`` (``--conf versions DIR`` elsewhere); ``/infer`` uses the newest
+version from its next request and names it in ``model.version``. ``POST /activelearning/uncertainty`` answers the
+unlabelled image with the highest members' disagreement under the model in use (``random`` stays beside it).
+
 Studies: ``--studies`` is a folder of ROI images, or a DICOMweb server (``--studies http://HOST:PORT/dicom-web``, e.g.
 Orthanc with its DICOMweb plugin), whose image ids are series instance UIDs (one ROI image per series). An image of a
 DICOMweb server is fetched into the request's private temporary folder and deleted with it; the stock datastore's
