@@ -240,21 +240,13 @@ class MicrocalcificationInferTask(BundleInferTask):
         if model_file is not None:  # a fine-tuned version: its weights, and the calibration saved beside them
             self.bundle_config["model_file"] = model_file
             self.path = [model_file]
-            sys.path.insert(0, path)
-            try:
-                self.network = self.bundle_config.get_parsed_content("network_def", instantiate=True)
-            finally:
-                sys.path.remove(path)
+            self.network = self.bundle_config.get_parsed_content("network_def", instantiate=True)
         self.class_names = [name for name, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
         # the decision rule of configs/inference.json: its decision_threshold when set, else the operating point saved
         # beside the weights (models/operating_point.json, whose calibration the network applies), else 0.5
-        sys.path.insert(0, path)
-        try:
-            self.threshold = float(self.bundle_config.get_parsed_content("threshold"))
-            self.operating_point = str(self.bundle_config.get_parsed_content("operating_point_name"))
-            self.saliency = saliency_settings(Path(path), self.bundle_config)
-        finally:
-            sys.path.remove(path)
+        self.threshold = float(self.bundle_config.get_parsed_content("threshold"))
+        self.operating_point = str(self.bundle_config.get_parsed_content("operating_point_name"))
+        self.saliency = saliency_settings(Path(path), self.bundle_config)
         logger.info("decision rule: %s", self.operating_point)
 
     def check_pitch(self, request: Dict[str, Any]) -> Dict[str, Any]:
@@ -283,13 +275,7 @@ class MicrocalcificationInferTask(BundleInferTask):
         return request
 
     def __call__(self, request: Dict[str, Any], callbacks: Any = None) -> Any:
-        # The stock task puts the bundle on sys.path only while it builds transforms; the bundle's transforms import
-        # their helpers (scripts.data.prepare...) when they run, so keep it there for the whole request.
-        sys.path.insert(0, self.bundle_path)
-        try:
-            return super().__call__(self.check_pitch(request), callbacks)
-        finally:
-            sys.path.remove(self.bundle_path)
+        return super().__call__(self.check_pitch(request), callbacks)
 
     def inferer(self, data: Optional[Dict[str, Any]] = None) -> Inferer:
         """The bundle's inferer; for a request, wrapped to record the members' disagreement in its data (and, when the
@@ -392,6 +378,10 @@ class MicrocalcificationApp(MONAILabelApp):
         self.infer_lock = threading.Lock()  # one inference at a time (the bundle's config parser is not thread-safe)
         if not (self.bundle / "configs" / "inference.json").is_file():
             raise RuntimeError(f"--conf bundle {self.bundle}: no configs/inference.json there")
+        # The bundle's ``scripts`` package (its readers, transforms, network) is imported by the stock task while it
+        # builds them, and by the bundle's transforms while they run: it stays importable for the server's life (the
+        # stock task puts the bundle on the path only while it builds, then removes its own entry).
+        sys.path.insert(0, os.fspath(self.bundle))
         versions = conf.get("versions") or self.bundle / "models" / "finetuned" / self.model_name
         self.versions = ModelVersions(versions, self.bundle / "models" / "model.pt", read_version(self.bundle))
         self.scores: Dict[tuple[str, str], float | None] = {}  # (model version, image id) -> members' disagreement
