@@ -7,7 +7,8 @@
 members' disagreement and probability of every image, the labels saved (``PUT /datastore/label``, tag ``final``),
 the next pick, a fine-tuning run (``POST /train/MODEL``, the client's background task, polled to its end), and every
 image's probability and the model version after it. With ``--bad-label``, that image gets a label that names no
-class after that round, and a second training run is made (it is expected to fail).
+class after that round, and a second training run is made, in the background and then synchronously (both are
+expected to fail: the synchronous one with HTTP 422).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import requests
 from monailabel.client import MONAILabelClient
 
 
@@ -76,6 +78,8 @@ def main() -> int:
         out["bad_training"] = wait_for_training(client)
         out["after_bad"] = predictions(client, a.model, images[:1])
         out["stats_after_bad"] = client.info()["trainers"][a.model]
+        answer = requests.post(f"{a.url}/train/{a.model}?run_sync=true", json={"max_epochs": 1}, timeout=600)
+        out["bad_training_sync"] = {"status": answer.status_code, "body": answer.json()}
     json.dump(out, sys.stdout, default=str)
     return 0
 

@@ -876,6 +876,8 @@ def test_monailabel_training_with_a_label_naming_no_class_fails_clearly_and_keep
     )
     assert {p["version"]["version"] for p in seen["after_bad"].values()} == {f"{version}+ft1"}
     assert seen["stats_after_bad"]["current_version"] == f"{version}+ft1"
+    sync = seen["bad_training_sync"]  # POST /train/...?run_sync=true: a 4xx with the reason, not a 500
+    assert sync["status"] == 422 and "label of image 'study_roi'" in sync["body"]["detail"], sync
     assert len(seen["stats_after_bad"]["versions"]) == 1
     assert not list((work / "tmp").glob("finetune-*"))
 

@@ -74,6 +74,7 @@ from monailabel.app import app as server
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.endpoints.infer import ResultType
+from monailabel.endpoints.train import run_model as stock_train
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -84,7 +85,12 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from pydicom.errors import InvalidDicomError
 from requests_toolbelt import MultipartEncoder
 
-from lib.learning import FineTuneTask, ModelVersions, Uncertainty  # MONAI Label puts the app folder on the path
+from lib.learning import (  # MONAI Label puts the app folder on the path
+    FineTuneTask,
+    LabelledSetError,
+    ModelVersions,
+    Uncertainty,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -489,7 +495,7 @@ class MicrocalcificationApp(MONAILabelApp):
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
-        install_infer_endpoint()
+        install_endpoints()
 
 
 def remove_at_exit(path: str) -> None:
@@ -666,15 +672,43 @@ def saliency_response(output: str, result: Dict[str, Any]) -> Any:
     return Response(content=body.to_string(), media_type=body.content_type)
 
 
-def install_infer_endpoint() -> None:
-    """Put :func:`infer_request` in place of the stock ``POST /infer/{model}`` of the running server."""
+def train_request(
+    model: str,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    enqueue: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+) -> Any:
+    """The stock ``POST /train/{model}`` (same parameters and answer), with a user's mistake as a 4xx: an unknown
+    model is a 404, and a synchronous run (``run_sync=true``) on labels it cannot use a 422 with the reason
+    (:class:`lib.learning.LabelledSetError`; a background run's status says the same)."""
+    instance = app_instance()
+    trainers = instance.info().get("trainers", {})
+    if model not in trainers:
+        raise HTTPException(status_code=404, detail=f"no model {model!r} to train (models: {', '.join(trainers)})")
+    try:
+        return stock_train(model, params, run_sync, enqueue)
+    except LabelledSetError as e:
+        raise HTTPException(status_code=422, detail=str(e)) from None
+
+
+def install_endpoints() -> None:
+    """Put :func:`infer_request` and :func:`train_request` in place of the stock ``POST /infer/{model}`` and ``POST
+    /train/{model}`` of the running server."""
+    ours = {
+        "/infer/{model}": (infer_request, "Run Inference for a model"),
+        "/train/{model}": (train_request, "Run Training Task for specific model"),
+    }
     router = APIRouter(prefix=settings.MONAI_LABEL_API_STR)
-    router.add_api_route(
-        "/infer/{model}", infer_request, methods=["POST"], summary="Run Inference for a model", response_model=None
-    )
-    ours = router.routes[0]
-    for i, route in enumerate(server.router.routes):
-        if isinstance(route, APIRoute) and route.path == ours.path and "POST" in route.methods:
-            server.router.routes[i] = ours
-            return
-    server.router.routes.insert(0, ours)
+    for path, (endpoint, summary) in ours.items():
+        router.add_api_route(path, endpoint, methods=["POST"], summary=summary, response_model=None)
+    for route in router.routes:
+        stock = [
+            i
+            for i, r in enumerate(server.router.routes)
+            if isinstance(r, APIRoute) and r.path == route.path and "POST" in r.methods
+        ]
+        if stock:
+            server.router.routes[stock[0]] = route
+        else:
+            server.router.routes.insert(0, route)

@@ -39,8 +39,13 @@ VERSION_FILE = "version.json"
 VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
-class ClassLabelError(ValueError):
-    """A datastore label that is not a class label; the message names the image and what is wrong."""
+class LabelledSetError(ValueError):
+    """Labels that cannot fine-tune the model: a label that is not a class label (naming its image), or too few
+    labelled images of a class; the message says which and why."""
+
+
+#: ``python -m scripts.finetune``'s exit status for a labelled set it cannot use
+FINETUNE_INPUT_ERROR = 2
 
 
 def read_class_label(path: str, class_names: Sequence[str]) -> tuple[int, float | None]:
@@ -159,7 +164,7 @@ class FineTuneTask(TrainTask):
         """One row per image with a ``final`` label: its local path, class name and optional pitch.
 
         Raises:
-            ClassLabelError: a label file that is not a class label (naming the image).
+            LabelledSetError: a label file that is not a class label (naming the image).
         """
         rows = []
         for image_id in sorted(datastore.get_labeled_images(LABEL_TAG)):
@@ -167,7 +172,7 @@ class FineTuneTask(TrainTask):
             try:
                 index, spacing = read_class_label(label_file, self.class_names)
             except ValueError as e:
-                raise ClassLabelError(f"label of image {image_id!r}: {e}") from None
+                raise LabelledSetError(f"label of image {image_id!r}: {e}") from None
             image = self.local_image(datastore, image_id, folder)
             rows.append({"image": image, "label": self.class_names[index], "spacing_mm": spacing or ""})
         return rows
@@ -192,7 +197,10 @@ class FineTuneTask(TrainTask):
                 logger.info("finetune: %s", line)
             if done.returncode != 0:
                 tail = [ln for ln in done.stdout.splitlines() if "ERROR" in ln][-1:] or done.stdout.splitlines()[-1:]
-                raise RuntimeError(f"fine-tuning failed: {' '.join(tail)}")
+                reason = " ".join(tail).split(" ERROR: ", 1)[-1]
+                if done.returncode == FINETUNE_INPUT_ERROR:
+                    raise LabelledSetError(f"cannot fine-tune on the labelled images: {reason}")
+                raise RuntimeError(f"fine-tuning failed: {reason}")
             model = Path(work) / "run" / "models" / MODEL_FILE
             op = json.loads(model.with_name(OPERATING_POINT_FILE).read_text())
             counts = {c: sum(r["label"] == c for r in rows) for c in self.class_names}
