@@ -27,7 +27,7 @@ from tests.conftest import REPO, tiny_settings
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
 
 CONFIGS = REPO / "configs"
-STAGE = [str(CONFIGS / "train.json"), str(CONFIGS / "stage_target.json")]
+STAGE = [str(CONFIGS / f) for f in ("train.json", "stage_target.json", "resilience.json")]
 TINY = {"init": "scratch", "arch": "resnet18", "image_size": 64, "batch_size": 8}
 
 
