@@ -229,7 +229,8 @@ class ResumeHandler:
     Args:
         checkpoint: the rolling checkpoint written by :class:`LastCheckpointSaver`.
         load_dict: the objects to restore (network, optimizer, lr_scheduler, trainer, best-model saver).
-        fingerprint: this run's fingerprint (``run_fingerprint`` in ``configs/train.json``, :func:`scripts.engine.fingerprint.compute`); a checkpoint with another one is stale.
+        fingerprint: this run's fingerprint (``run_fingerprint`` in ``configs/resilience.json``,
+            :func:`scripts.engine.fingerprint.compute`); a checkpoint with another one is stale.
         mode: ``"auto"`` resumes when the checkpoint exists and is current (a stale one is ignored, with a warning,
             and overwritten after the first epoch); ``"true"`` requires a current checkpoint; ``"false"`` starts
             over. A checkpoint that cannot be read is an error in every mode but ``"false"``.
