@@ -160,3 +160,22 @@ def test_class_names_have_one_definition():
     assert inference["class_names"] == list(TARGET_CLASSES)
     assert inference["num_classes"] == len(TARGET_CLASSES)
     assert make_datalist([], [], source="synthetic", task="target")["metadata"]["class_names"] == list(TARGET_CLASSES)
+
+
+def test_every_training_step_merges_the_resilience_overlay_after_its_stage(tmp_path):
+    """The main job's and the fine-tuning task's training steps resume, guard and check: the overlay follows the stage
+    config (and precedes --config overlays such as paper_resnext, which may override its settings too)."""
+    from pathlib import Path
+
+    from scripts import finetune
+    from scripts.main_job import data_steps, parse_args, plan
+
+    s, _ = parse_args(["--workdir", str(tmp_path), "--config", "paper_resnext"])
+    steps = plan(s, data_steps(s, tmp_path))
+    members = [Path(f"m{k}.pt") for k in range(3)]
+    steps += finetune.plan(tmp_path / "datalist.json", members, tmp_path, "resnet18", 64, "youden", None)
+    training = [step for step in steps if any(c.startswith("stage_") for c in step.configs)]
+    assert len(training) == 1 + s.folds + len(members)
+    for step in training:
+        assert step.configs[0] == "train.json" and step.configs[2] == "resilience.json", step
+    assert not any("resilience.json" in step.configs for step in steps if step not in training)
