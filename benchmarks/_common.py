@@ -240,8 +240,9 @@ def run_json_subprocess(argv: Sequence[str], timeout: float | None = None) -> di
 def train_workflow(
     data_root: Path, out_dir: Path, size: int, arch: str, batch: int, device: str, **overrides: Any
 ) -> Any:
-    """The bundle's train workflow (``configs/train.json`` through ``ConfigWorkflow``), initialised, with validation
-    pushed out of the way (``val_interval`` of 10**9); ``overrides`` are config ids (``"a#b": value``)."""
+    """The bundle's train workflow (``configs/train.json`` with the ``configs/resilience.json`` overlay, as the main
+    job trains, through ``ConfigWorkflow``), initialised, with validation pushed out of the way (``val_interval`` of
+    10**9); ``overrides`` are config ids (``"a#b": value``)."""
     from monai.bundle import ConfigWorkflow
 
     settings: dict[str, Any] = dict(
@@ -258,7 +259,7 @@ def train_workflow(
     )
     settings.update(overrides)
     wf = ConfigWorkflow(
-        config_file=str(REPO / "configs" / "train.json"),
+        config_file=[str(REPO / "configs" / f) for f in ("train.json", "resilience.json")],
         meta_file=str(REPO / "configs" / "metadata.json"),
         logging_file=False,
         workflow_type="train",

@@ -1,9 +1,10 @@
 """Training throughput: the bundle's trainer against a plain PyTorch loop, side by side.
 
-The bundle's trainer is the ``SupervisedTrainer`` that ``configs/train.json`` builds (through
-``monai.bundle.ConfigWorkflow``: its CacheDataset of loaded ROIs, random augmentation, DataLoader, AutocastInferer,
-postprocessing and handlers; validation is pushed past the measured window). The plain loop trains the same network
-(same architecture, seed, optimiser, loss, batch and input size) on the same ROIs, held in one tensor in memory.
+The bundle's trainer is the ``SupervisedTrainer`` that ``configs/train.json`` with the ``configs/resilience.json``
+overlay builds, as the main job trains (through ``monai.bundle.ConfigWorkflow``: its CacheDataset of loaded ROIs,
+random augmentation, DataLoader, AutocastInferer, postprocessing and handlers; validation is pushed past the measured
+window). The plain loop trains the same network (same architecture, seed, optimiser, loss, batch and input size) on
+the same ROIs, held in one tensor in memory.
 Two more variants separate the cost of MONAI's metadata tracking from the rest of the trainer: ``plain+meta`` is
 the plain loop fed ``MetaTensor`` batches (what the trainer's network sees), and ``bundle+tensor`` is the bundle's
 trainer with an inferer that drops the metadata before the network: ``scripts.model.inferers.AutocastInferer`` now does

@@ -1,10 +1,11 @@
 """Fine-tune a trained ensemble on newly labelled ROIs with the bundle's own target-stage recipe.
 
 Member k of the ensemble in ``--from`` starts from its own weights and trains as fold k of the labelled set
-(``configs/train.json`` + ``configs/stage_target.json``, as the main job trains its folds); then the new ensemble, its
-members' out-of-fold validation predictions and its operating point (fitted calibration and threshold, by the rule
-the ``--from`` model was deployed with) are made by the main job's own steps. The new model is
-``<workdir>/models/model.pt`` with ``operating_point.json`` beside it; the MONAI Label app's train task publishes it.
+(``configs/train.json`` + ``configs/stage_target.json`` + ``configs/resilience.json``, as the main job trains its
+folds); then the new ensemble, its members' out-of-fold validation predictions and its operating point (fitted
+calibration and threshold, by the rule the ``--from`` model was deployed with) are made by the main job's own steps.
+The new model is ``<workdir>/models/model.pt`` with ``operating_point.json`` beside it; the MONAI Label app's train
+task publishes it.
 
     python -m scripts.finetune --input-csv labels.csv --from models/model.pt --workdir runs/finetune
 
@@ -176,7 +177,7 @@ def plan(
             over["train#trainer#max_epochs"] = int(epochs)
         inputs = {"datalist": datalist, "init_weights": init}
         name = f"fine-tune member {k + 1}/{len(members)}"
-        steps.append(Step(name, ("train.json", "stage_target.json"), over, member, inputs))
+        steps.append(Step(name, ("train.json", "stage_target.json", "resilience.json"), over, member, inputs))
     rule = dict(common, threshold_rule=threshold_rule, threshold_value=threshold_value, n_boot=int(n_boot))
     return steps + ensemble_steps(common, rule, members, datalist, root)[0]
 

@@ -226,7 +226,9 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         )
         stage1 = models / "intermediate" / "model.pt"
         inputs = {"datalist": inter_dl, "init_weights": s.imagenet_weights}
-        steps.append(Step("intermediate", ("train.json", "stage_intermediate.json"), over, stage1, inputs))
+        steps.append(
+            Step("intermediate", ("train.json", "stage_intermediate.json", "resilience.json"), over, stage1, inputs)
+        )
         target_init, init_file = {"init_weights": str(stage1)}, stage1
     else:  # init_weights given even when None: stage_target.json's default is the stage-1 model
         target_init, init_file = {"init": s.init, "init_weights": s.imagenet_weights}, s.imagenet_weights
@@ -241,9 +243,8 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
             **_given(**{"train#trainer#max_epochs": s.epochs_target}),
         )
         inputs = {"datalist": target_dl, "init_weights": init_file}
-        steps.append(
-            Step(f"target fold {k + 1}/{num_folds}", ("train.json", "stage_target.json"), over, member, inputs)
-        )
+        configs = ("train.json", "stage_target.json", "resilience.json")
+        steps.append(Step(f"target fold {k + 1}/{num_folds}", configs, over, member, inputs))
     member_inputs = {f"member {k}": m for k, m in enumerate(members)}
     ensemble, operating_point = models / "model.pt", models / OPERATING_POINT_FILE
     summarize = ("train.json", "summarize.json")

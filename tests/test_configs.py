@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.data.schema import TARGET_CLASSES
 from tests.conftest import REPO
@@ -19,6 +19,7 @@ CONFIGS = REPO / "configs"
         (["train.json"], "train"),
         (["train.json", "stage_intermediate.json"], "train"),
         (["train.json", "stage_target.json"], "train"),
+        (["train.json", "stage_target.json", "resilience.json"], "train"),
         (["inference.json"], "infer"),
     ],
 )
@@ -45,6 +46,56 @@ def test_check_properties_is_empty(files, workflow_type, tiny_data, tmp_path):
     assert wf.check_properties() == []
     if infer:
         assert len(wf.network_def.members) == 2
+
+
+RECIPE_HANDLERS = [
+    "scripts.engine.progress.ProgressLogger",
+    "LrScheduleHandler",
+    "ValidationHandler",
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+]
+RESILIENCE_HANDLERS = [
+    "scripts.engine.resilience.ReseedHandler",
+    "scripts.engine.resilience.DiskSpaceCheck",
+    "scripts.engine.checkpoints.ResumeHandler",
+    "scripts.engine.resilience.NonFiniteLossGuard",
+    "scripts.engine.checkpoints.LastCheckpointSaver",
+]
+
+
+def _merged(*files: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in files])
+    return parser
+
+
+def test_train_json_alone_is_the_plain_recipe():
+    """train.json holds the recipe and MONAI's own handlers; resume, guards and checks are resilience.json's."""
+    parser = _merged("train.json")
+    assert [h["_target_"] for h in parser["train#handlers"]] == RECIPE_HANDLERS
+    assert parser["validate#best_model_saver#_target_"] == "CheckpointSaver"
+    assert parser["initialize"] == ["$monai.utils.set_determinism(seed=@seed)"]
+    text = (CONFIGS / "train.json").read_text()
+    for word in ("scripts.engine.resilience", "scripts.engine.checkpoints", "run_fingerprint", "resume"):
+        assert word not in text, word
+
+
+@pytest.mark.parametrize("stage", ["intermediate", "target"])
+@pytest.mark.parametrize("multi_gpu", [False, True])
+def test_the_resilience_overlay_appends_its_handlers_after_the_recipe(stage, multi_gpu):
+    """Merged after a stage (and before or after multi_gpu_train.json), resilience.json appends its handlers to the
+    recipe's, which attach nothing at STARTED: ResumeHandler restores the state at STARTED before any handler reads
+    it, after only the disk check; the best-model saver becomes the atomic one whose record is resumed."""
+    files = ["train.json", f"stage_{stage}.json", "resilience.json"] + (["multi_gpu_train.json"] * multi_gpu)
+    parser = _merged(*files)
+    assert [h["_target_"] for h in parser["train#handlers"]] == RECIPE_HANDLERS + RESILIENCE_HANDLERS
+    assert parser["validate#best_model_saver#_target_"] == "scripts.engine.checkpoints.AtomicCheckpointSaver"
+    assert "check_writable" in parser["initialize"][1] and "set_deterministic_algorithms" in parser["initialize"][2]
+    if multi_gpu:  # the overlays commute (up to the order of the imports)
+        files[-2:] = files[-1], files[-2]
+        a, b = _merged(*files).get(), parser.get()
+        assert sorted(a.pop("imports")) == sorted(b.pop("imports")) and a == b
 
 
 def test_metadata_has_the_mandatory_keys():
@@ -109,3 +160,22 @@ def test_class_names_have_one_definition():
     assert inference["class_names"] == list(TARGET_CLASSES)
     assert inference["num_classes"] == len(TARGET_CLASSES)
     assert make_datalist([], [], source="synthetic", task="target")["metadata"]["class_names"] == list(TARGET_CLASSES)
+
+
+def test_every_training_step_merges_the_resilience_overlay_after_its_stage(tmp_path):
+    """The main job's and the fine-tuning task's training steps resume, guard and check: the overlay follows the stage
+    config (and precedes --config overlays such as paper_resnext, which may override its settings too)."""
+    from pathlib import Path
+
+    from scripts import finetune
+    from scripts.main_job import data_steps, parse_args, plan
+
+    s, _ = parse_args(["--workdir", str(tmp_path), "--config", "paper_resnext"])
+    steps = plan(s, data_steps(s, tmp_path))
+    members = [Path(f"m{k}.pt") for k in range(3)]
+    steps += finetune.plan(tmp_path / "datalist.json", members, tmp_path, "resnet18", 64, "youden", None)
+    training = [step for step in steps if any(c.startswith("stage_") for c in step.configs)]
+    assert len(training) == 1 + s.folds + len(members)
+    for step in training:
+        assert step.configs[0] == "train.json" and step.configs[2] == "resilience.json", step
+    assert not any("resilience.json" in step.configs for step in steps if step not in training)

@@ -67,14 +67,15 @@ def test_digest_of_is_order_independent_and_stable():
 
 
 def test_training_fingerprint_sees_every_augmentation_parameter():
-    """train.json's resume fingerprint changes with a parameter of one augmentation, not only with its class."""
+    """The resume fingerprint (resilience.json over train.json) changes with a parameter of one augmentation, not only
+    with its class."""
     from monai.bundle import ConfigParser
 
     from tests.conftest import REPO
 
     def digest(**overrides) -> str:
         parser = ConfigParser()
-        parser.read_config(str(REPO / "configs" / "train.json"))
+        parser.read_config([str(REPO / "configs" / f) for f in ("train.json", "resilience.json")])
         parser.update(overrides)
         return parser.get_parsed_content("run_fingerprint")
 

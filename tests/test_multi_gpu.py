@@ -30,9 +30,14 @@ SAVE_RANK_STATE = {
 }
 
 
+def _files(stage: str) -> list[str]:
+    """A stage's configs for multi-GPU training, in the documented order: the overlays after the stage."""
+    return [str(CONFIGS / f) for f in ("train.json", f"stage_{stage}.json", "resilience.json", "multi_gpu_train.json")]
+
+
 def _merged(stage: str) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / f) for f in ("train.json", f"stage_{stage}.json", "multi_gpu_train.json")])
+    parser.read_config(_files(stage))
     return parser
 
 
@@ -77,7 +82,7 @@ def test_both_stages_resolve_in_a_one_process_group(stage, other_rank, tiny_data
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in ("train.json", f"stage_{stage}.json", "multi_gpu_train.json")],
+        config_file=_files(stage),
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
         workflow_type="train",
@@ -108,7 +113,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tiny_data, tmp_path):
     extra = tmp_path / "save_rank_state.json"
     extra.write_text(json.dumps(SAVE_RANK_STATE))
     bundle = tmp_path / "bundle"
-    configs = [str(CONFIGS / f) for f in ("train.json", "stage_target.json", "multi_gpu_train.json")] + [str(extra)]
+    configs = _files("target") + [str(extra)]
     cmd = [
         sys.executable,
         "-m",

@@ -190,7 +190,8 @@ def test_paper_resnext_overlay_sets_the_recipe_and_trains_from_a_local_weights_f
     torch.manual_seed(0)
     weights = tmp_path / "resnext50_32x4d-local.pth"  # a local weights file in torchvision's format
     torch.save(torchvision.models.resnext50_32x4d().state_dict(), weights)
-    configs = "['configs/train.json','configs/stage_intermediate.json','configs/paper_resnext.json']"
+    files = ("train.json", "stage_intermediate.json", "resilience.json", "paper_resnext.json")
+    configs = "[" + ",".join(f"'configs/{f}'" for f in files) + "]"  # as the README writes it
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(tmp_path / "b"),
         "--dataset_dir", str(tiny_data), "--init_weights", str(weights), "--image_size", "64", "--batch_size", "8",

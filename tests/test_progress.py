@@ -46,7 +46,7 @@ def test_a_terminal_gets_ignites_progress_bar(capsys):
 @pytest.mark.slow
 def test_a_training_stage_logs_progress_and_warns_nothing_of_our_own(tiny_data: Path, tmp_path: Path, caplog):
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "stage_target.json")],
+        config_file=[str(CONFIGS / f) for f in ("train.json", "stage_target.json", "resilience.json")],
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
         workflow_type="train",

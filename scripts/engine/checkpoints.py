@@ -1,8 +1,8 @@
 """Checkpoints that survive interruption: atomic saves, the full training state after every epoch, and resume.
 
 - :class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` whose files are written to a temporary name and renamed
-  (MONAI's own saver passes ``atomic=False`` to ignite's ``DiskSaver``, and with a fixed file name it deletes the old
-  file before writing the new one), and whose best-metric record can be saved and restored.
+  (ignite's ``DiskSaver(atomic=True)``; MONAI's own saver passes ``atomic=False``, and with a fixed file name it
+  deletes the old file before writing the new one), and whose best-metric record can be saved and restored.
 - :class:`LastCheckpointSaver`: the full training state (network, optimiser, scheduler, trainer counters, the
   best-model saver's record and the run's fingerprint) in ``<output_dir>/last.pt`` after every epoch; renamed to
   ``final.pt`` when the run completes, so that ``last.pt`` exists only while a run is unfinished.
@@ -19,10 +19,9 @@ from typing import Any, Mapping
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers.checkpoint import BaseSaveHandler
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from scripts.engine.atomic import torch_save
 from scripts.engine.config_values import parse_bool
 from scripts.engine.resilience import CheckpointError, ResilienceError
 
@@ -58,21 +57,24 @@ class RunInfo:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _AtomicDiskSaver(BaseSaveHandler):
-    """Write ``torch.save`` output to a temporary file in ``dirname`` and rename it onto the final name.
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's ``DiskSaver`` with ``atomic=True`` (``torch.save`` to a temporary file in ``dirname``, renamed onto
+    the final name), saving under a fixed ``filename`` when one is given.
 
-    With a fixed ``filename``, ``remove`` does nothing: the rename replaces the old file in one step, so there is
-    never a moment without a complete file under that name.
+    With a fixed ``filename``, ``remove`` does nothing: ignite's ``Checkpoint`` removes the old file before it saves
+    the new one, whereas the rename replaces it in one step, so there is never a moment without a complete file under
+    that name. A failed write raises :class:`~scripts.engine.resilience.ResilienceError` naming the file.
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
-        self.dirname = Path(dirname)
+        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False)
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        path = self.dirname / (self.filename or filename)
+        name = self.filename or filename
+        path = self.dirname / name
         try:
-            torch_save(dict(checkpoint), path)
+            super().__call__(dict(checkpoint), name, metadata)
         except OSError as e:
             raise ResilienceError(
                 f"cannot write checkpoint {path}: {e}. The previous file under that name (if any) is intact; "
@@ -229,7 +231,8 @@ class ResumeHandler:
     Args:
         checkpoint: the rolling checkpoint written by :class:`LastCheckpointSaver`.
         load_dict: the objects to restore (network, optimizer, lr_scheduler, trainer, best-model saver).
-        fingerprint: this run's fingerprint (``run_fingerprint`` in ``configs/train.json``, :func:`scripts.engine.fingerprint.compute`); a checkpoint with another one is stale.
+        fingerprint: this run's fingerprint (``run_fingerprint`` in ``configs/resilience.json``,
+            :func:`scripts.engine.fingerprint.compute`); a checkpoint with another one is stale.
         mode: ``"auto"`` resumes when the checkpoint exists and is current (a stale one is ignored, with a warning,
             and overwritten after the first epoch); ``"true"`` requires a current checkpoint; ``"false"`` starts
             over. A checkpoint that cannot be read is an error in every mode but ``"false"``.

@@ -6,7 +6,7 @@ an output, :func:`record` keeps the parts (``<output>.fingerprint``, JSON), so t
 part changed: ``"fold 2 reruns: setting learning_rate 0.001 -> 0.002"``.
 
 Users: the main job (:mod:`scripts.main_job`, one record per stage output), training resume
-(``run_fingerprint`` in ``configs/train.json``: a ``last.pt`` of another run is not resumed) and data preparation
+(``run_fingerprint`` in ``configs/resilience.json``: a ``last.pt`` of another run is not resumed) and data preparation
 (:func:`digest_of` of the preparation settings).
 """
 

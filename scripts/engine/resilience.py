@@ -1,6 +1,7 @@
 """Training that survives bad numerics and bad machines: the errors, reseeding, guards and preflight checks.
 
-The training config (``configs/train.json``) wires these pieces in (checkpoints and resume: :mod:`scripts.engine.checkpoints`):
+The overlay ``configs/resilience.json``, merged after a stage config, wires these pieces into the training recipe
+(``configs/train.json``; checkpoints and resume: :mod:`scripts.engine.checkpoints`):
 
 - :class:`ReseedHandler`: reseed every random source from ``seed + epoch`` when an epoch starts, so that an epoch's
   data order and augmentations do not depend on whether the run was interrupted before it.
