@@ -31,6 +31,7 @@ import torch
 from scripts.data import schema
 from scripts.engine.atomic import write_json
 from scripts.engine.steps import Step, run_config, run_step
+from scripts.evaluation.headline import print_headline
 from scripts.evaluation.metrics import THRESHOLD_RULES
 from scripts.evaluation.summarize import read_localisation
 from scripts.model.calibration import OPERATING_POINT_FILE
@@ -198,10 +199,11 @@ def find_datalist(dataset_dir: Path, task: str) -> Path:
 
 
 def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[Step]:
-    """Every step of the main job after the data, in order, with the overrides ``s`` gives."""
+    """Every step of the main job after the data, in order, with the overrides ``s`` gives: the training stages
+    (:func:`training_steps`), then the ensemble, its operating point and the evaluation (:func:`evaluation_steps`),
+    each with the ``--config`` overlays merged last."""
     root = Path(s.workdir).resolve()
     _, inter_dl, target_dl, synthetic = data
-    models, results = root / "models", root / "results"
     dataset_dir = root / "data" / "synthetic" if synthetic else target_dl.parent
     common = {
         "bundle_root": str(root),
@@ -214,6 +216,24 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         **_given(learning_rate=s.learning_rate, amp=s.amp),
         **s.extra_overrides,
     }
+    num_folds = s.folds if synthetic else schema.num_folds(target_dl)
+    steps, members = training_steps(s, common, root, inter_dl, target_dl, num_folds)
+    steps += evaluation_steps(s, common, root, inter_dl, target_dl, members)
+    overlays = tuple(f"{name}.json" for name in s.config)
+    return [dataclasses.replace(step, configs=step.configs + overlays) for step in steps]
+
+
+def training_steps(
+    s: Settings, common: dict, root: Path, inter_dl: Path | None, target_dl: Path, num_folds: int
+) -> tuple[list[Step], list[Path]]:
+    """Stage 1 on the intermediate task (unless ``--no-intermediate``) and the ``num_folds`` target folds, each
+    initialised from the stage-1 model (or from ``--init`` without stage 1). Returns the steps and the folds' weight
+    files (the ensemble's members).
+
+    Raises:
+        ValueError: stage 1 asked for without an intermediate datalist.
+    """
+    models = root / "models"
     steps = []
     init = {"init": s.init, **_given(init_weights=s.imagenet_weights)}
     if s.intermediate:
@@ -232,7 +252,6 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         target_init, init_file = {"init_weights": str(stage1)}, stage1
     else:  # init_weights given even when None: stage_target.json's default is the stage-1 model
         target_init, init_file = {"init": s.init, "init_weights": s.imagenet_weights}, s.imagenet_weights
-    num_folds = s.folds if synthetic else schema.num_folds(target_dl)
     members = [models / f"target_fold{k}" / "model.pt" for k in range(num_folds)]
     for k, member in enumerate(members):
         over = dict(
@@ -245,6 +264,15 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         inputs = {"datalist": target_dl, "init_weights": init_file}
         configs = ("train.json", "stage_target.json", "resilience.json")
         steps.append(Step(f"target fold {k + 1}/{num_folds}", configs, over, member, inputs))
+    return steps, members
+
+
+def evaluation_steps(
+    s: Settings, common: dict, root: Path, inter_dl: Path | None, target_dl: Path, members: Sequence[Path]
+) -> list[Step]:
+    """The ensemble of ``members`` and its operating point (:func:`ensemble_steps`), the test predictions, the
+    metrics, the saliency maps (unless ``--no-saliency``) and the report."""
+    models, results = root / "models", root / "results"
     member_inputs = {f"member {k}": m for k, m in enumerate(members)}
     ensemble, operating_point = models / "model.pt", models / OPERATING_POINT_FILE
     summarize = ("train.json", "summarize.json")
@@ -257,8 +285,7 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
         **_given(imagenet_weights=s.imagenet_weights, threshold_value=s.threshold_value),
         **_given(intermediate_datalist=str(inter_dl) if inter_dl else None),
     )
-    deploy, csvs = ensemble_steps(common, over, members, target_dl, root)
-    steps += deploy
+    steps, csvs = ensemble_steps(common, over, members, target_dl, root)
     evaluate = ("train.json", "evaluate.json")
     deployed = {"ensemble": ensemble, "operating point": operating_point}
     csvs["test"] = results / "cases_test.csv"
@@ -277,20 +304,11 @@ def plan(s: Settings, data: tuple[list[Step], Path | None, Path, bool]) -> list[
             output_dir=str(results),
             **{"saliency#method": s.saliency_method},
         )
-        steps.append(
-            Step(
-                "saliency",
-                ("inference.json", "saliency.json"),
-                sal,
-                loc,
-                {"datalist": target_dl, **deployed},
-                run_id="saliency",
-            )
-        )
+        inputs = {"datalist": target_dl, **deployed}
+        steps.append(Step("saliency", ("inference.json", "saliency.json"), sal, loc, inputs, run_id="saliency"))
         report_inputs["localisation"] = loc
     steps.append(Step("report", summarize, over, results / "report.html", report_inputs, run_id="report"))
-    overlays = tuple(f"{name}.json" for name in s.config)
-    return [dataclasses.replace(step, configs=step.configs + overlays) for step in steps]
+    return steps
 
 
 def ensemble_steps(
@@ -395,81 +413,8 @@ def run_pipeline(s: Settings) -> Path:
         },
     )
     metrics_file = results / "metrics.json"
-    _print_headline(json.loads(metrics_file.read_text()), read_localisation(results) or {}, results)
+    print_headline(json.loads(metrics_file.read_text()), read_localisation(results) or {}, results)
     return metrics_file
-
-
-def _print_localisation(saliency: dict) -> None:
-    """One line per localisation metric of the saliency maps on all masked test ROIs: mean [CI] vs chance."""
-    table, st = (saliency.get("table") or {}).get("all") or {}, saliency.get("settings") or {}
-    if not table.get("n"):
-        return
-    print(f"saliency {st.get('method')} at {st.get('layer')} ({table['n']} ROIs with masks):")
-    for key, name, d in (("pointing_game", "pointing game", 3), ("energy_in_mask", "energy in mask", 4)):
-        lo, hi = table[f"{key}_ci"]
-        verdict = "above chance" if table[f"{key}_above_chance"] else "NOT above chance"
-        chance = table[key + "_chance"]
-        print(f"  {name:15s} {table[key]:.{d}f} (95% CI {lo:.{d}f}-{hi:.{d}f}), chance {chance:.{d}f}: {verdict}")
-    if table.get("pointing_game_centre") is not None:
-        print(
-            f"  {'centre prior':15s} {table['pointing_game_centre']:.3f} (pointing game of a map fixed at the ROI centre)"
-        )
-
-
-def _print_reader(summary: dict) -> None:
-    """The model beside the reader's BI-RADS >= 4 at the reader-matched threshold, with biopsies avoided."""
-    rad, matched = summary.get("radiologist"), summary.get("reader_matched")
-    if not rad or "error" in rad or not matched:
-        return
-    reader, r, mm = rad.get("reader", "radiologist"), rad["birads_at_cut"], matched["metrics"]
-    av, miss = matched["biopsies"]["benign_biopsies_avoided"], matched["biopsies"]["cancers_missed_caught_by_reader"]
-    boot = av.get("bootstrap") or {}
-    print(
-        f"{reader} (BI-RADS >= {rad['cut']}): AUC {rad['birads_auc']['auc']:.3f}, sensitivity "
-        f"{r['sensitivity']['value']:.3f}, specificity {r['specificity']['value']:.3f}, PPV {r['ppv']['value']:.3f}"
-    )
-    print(
-        f"model at the {reader}'s validation sensitivity (threshold {matched['threshold']:.3f}): sensitivity "
-        f"{mm['sensitivity']['value']:.3f}, specificity {mm['specificity']['value']:.3f}, PPV {mm['ppv']['value']:.3f}"
-    )
-    print(
-        f"  benign biopsies avoided: {av['count']}/{av['of']} ({av['fraction']:.2f}, 95% CI "
-        f"{boot.get('ci_low', float('nan')):.2f}-{boot.get('ci_high', float('nan')):.2f}); cancers missed that the "
-        f"{reader} catches: {miss['count']}/{miss['of']}"
-    )
-
-
-def _print_headline(summary: dict, saliency: dict, results: Path) -> None:
-    auc, thr, m = summary["auc"], summary["threshold"], summary["metrics"]
-    print("\n=== ensemble on the test split ===", flush=True)
-    print(f"AUC {auc['auc']:.3f} (95% CI {auc['ci_low']:.3f}-{auc['ci_high']:.3f}, DeLong)")
-    print(f"threshold {thr['threshold']:.3f}: {thr.get('description', thr['rule'])}")
-    for name in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
-        v = m.get(name, {})
-        if isinstance(v, dict) and v.get("value") is not None:
-            ci = f" (95% CI {v['ci_low']:.3f}-{v['ci_high']:.3f})" if v.get("ci_low") is not None else ""
-            print(f"{name:12s} {v['value']:.3f}{ci}")
-    cal = summary.get("calibration")
-    if cal:
-        before, after = cal["before"]["reliability"]["ece"], cal["after"]["reliability"]["ece"]
-        print(f"calibration: expected calibration error {before:.3f} -> {after:.3f} ({cal['method']})")
-    _print_reader(summary)
-    net = summary.get("network") or {}
-    w = net.get("imagenet_weights")
-    if w:
-        sha = f", SHA-256 {w['sha256'][:12]}..." if w.get("sha256") else ""
-        print(f"network {net.get('arch')}: ImageNet weights from {w['source']}{sha}")
-    else:
-        print(f"network {net.get('arch')}: initialised {net.get('init')}")
-    _print_localisation(saliency)
-    if summary.get("data", {}).get("source") == "synthetic":
-        print("NOTE: synthetic data; these numbers are not clinical evidence.")
-    if net.get("init") == "scratch":
-        print(
-            "NOTE: stage 1 started from random weights, not ImageNet (the full recipe); see README.md, "
-            "'What to expect from the default run'."
-        )
-    print(f"results: {results}/metrics.json, {results}/cases_test.csv, {results}/report.html", flush=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:

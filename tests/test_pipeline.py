@@ -130,15 +130,15 @@ def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
 
 
 def test_headline_says_synthetic_and_random_initialisation(tiny_run, capsys):
-    from scripts.main_job import _print_headline
+    from scripts.evaluation.headline import print_headline
 
     _, work, metrics_file = tiny_run
     summary = json.loads(metrics_file.read_text())
-    _print_headline(summary, {}, work / "results")
+    print_headline(summary, {}, work / "results")
     out = capsys.readouterr().out
     assert "not clinical evidence" in out and "started from random weights" in out
     summary["network"]["init"] = "imagenet"
-    _print_headline(summary, {}, work / "results")
+    print_headline(summary, {}, work / "results")
     assert "started from random weights" not in capsys.readouterr().out
 
 
