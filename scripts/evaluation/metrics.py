@@ -402,6 +402,49 @@ def class_counts(rows: Sequence[dict], class_names: Sequence[str] = TARGET_CLASS
     }
 
 
+def summary_threshold(
+    rule: str, value: float | None, val_rows: Sequence[dict] | None, operating_point: dict | None
+) -> dict:
+    """The test's decision threshold: the saved ``operating_point``'s (rule ``"operating_point"``), a ``fixed``
+    ``value``, or ``rule`` chosen on the validation rows (:func:`choose_threshold`)."""
+    if operating_point is not None:
+        return {
+            "threshold": float(operating_point["threshold"]),
+            "rule": operating_point["rule"],
+            "value": operating_point.get("value"),
+            "description": f"{operating_point['rule_description']} (models/operating_point.json)",
+            "validation": operating_point.get("validation"),
+        }
+    if rule == "fixed":
+        return choose_threshold([], [], rule="fixed", value=value)
+    yv = [int(r["label"]) for r in val_rows or []]
+    pv = [float(r["prob"]) for r in val_rows or []]
+    return choose_threshold(yv, pv, rule=rule, value=value, data_name="validation")
+
+
+def member_aucs(test_rows: Sequence[dict], y: np.ndarray, alpha: float) -> dict:
+    """Each member's AUC with its DeLong interval (``{"auc": None}`` when its rows hold one class) and row count,
+    from the table's ``member_<k>`` columns."""
+    members = {}
+    for k in member_keys(test_rows):
+        sel = [i for i, r in enumerate(test_rows) if r.get(k) is not None and r.get(k) != ""]
+        ym = y[sel]
+        pm = np.array([float(test_rows[i][k]) for i in sel])
+        members[k] = delong_ci(ym, pm, alpha) if has_both_classes(ym) else {"auc": None}
+        members[k]["n"] = len(sel)
+    return members
+
+
+def validation_summary(val_rows: Sequence[dict], threshold: float, alpha: float, with_metrics: bool) -> dict:
+    """The validation rows' AUC (``validation_auc``) and, ``with_metrics``, their metrics at ``threshold``
+    (``validation_metrics``; the saved operating point carries its own)."""
+    yv = [int(r["label"]) for r in val_rows]
+    pv = [float(r["prob"]) for r in val_rows]
+    out = {"validation_metrics": binary_metrics(yv, pv, threshold, alpha=alpha)} if with_metrics else {}
+    out["validation_auc"] = delong_ci(yv, pv, alpha)
+    return out
+
+
 def summarize(
     test_rows: Sequence[dict],
     val_rows: Sequence[dict] | None = None,
@@ -445,20 +488,7 @@ def summarize(
     p = as_scores([float(r["prob"]) for r in test_rows], y.size)
     patients = [str(r.get("patient")) for r in test_rows]
 
-    if operating_point is not None:
-        thr = {
-            "threshold": float(operating_point["threshold"]),
-            "rule": operating_point["rule"],
-            "value": operating_point.get("value"),
-            "description": f"{operating_point['rule_description']} (models/operating_point.json)",
-            "validation": operating_point.get("validation"),
-        }
-    elif rule == "fixed":
-        thr = choose_threshold([], [], rule="fixed", value=threshold_value)
-    else:
-        yv = [int(r["label"]) for r in val_rows]
-        pv = [float(r["prob"]) for r in val_rows]
-        thr = choose_threshold(yv, pv, rule=rule, value=threshold_value, data_name="validation")
+    thr = summary_threshold(rule, threshold_value, val_rows, operating_point)
 
     names = [str(c) for c in (class_names or TARGET_CLASSES)]
     out: dict[str, Any] = {
@@ -475,23 +505,10 @@ def summarize(
     auc = delong_ci(y, p, alpha)
     auc["bootstrap"] = bootstrap_auc_ci(y, p, patients, n_boot=n_boot, seed=seed, alpha=alpha) if n_boot else None
     out["auc"] = auc
-    members = {}
-    for k in member_keys(test_rows):
-        sel = [i for i, r in enumerate(test_rows) if r.get(k) is not None and r.get(k) != ""]
-        ym = y[sel]
-        pm = np.array([float(test_rows[i][k]) for i in sel])
-        members[k] = delong_ci(ym, pm, alpha) if has_both_classes(ym) else {"auc": None}
-        members[k]["n"] = len(sel)
-    out["members"] = members
+    out["members"] = member_aucs(test_rows, y, alpha)
     out["metrics"] = binary_metrics(y, p, thr["threshold"], clusters=patients, n_boot=n_boot, seed=seed, alpha=alpha)
-    if val_rows and operating_point is None:
-        yv = [int(r["label"]) for r in val_rows]
-        pv = [float(r["prob"]) for r in val_rows]
-        out["validation_metrics"] = binary_metrics(yv, pv, thr["threshold"], alpha=alpha)
     if val_rows:
-        out["validation_auc"] = delong_ci(
-            [int(r["label"]) for r in val_rows], [float(r["prob"]) for r in val_rows], alpha
-        )
+        out.update(validation_summary(val_rows, thr["threshold"], alpha, with_metrics=operating_point is None))
     out["brier"] = brier_score(y, p)
     out["reliability"] = reliability_curve(y, p)
     b = [None if r.get("birads") in (None, "") else int(r["birads"]) for r in test_rows]
