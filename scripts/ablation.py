@@ -45,9 +45,10 @@ from scripts.model.network import WeightsError, build_network
 
 logger = logging.getLogger("ablation")
 
+# each arm's main-job settings; the learning rates are the stage configs' own
 ARMS = {
-    "scratch": {"intermediate": False, "init": "scratch", "learning_rate": 1e-3},
-    "imagenet": {"intermediate": False, "init": "imagenet", "learning_rate": 1e-3},
+    "scratch": {"intermediate": False, "init": "scratch"},
+    "imagenet": {"intermediate": False, "init": "imagenet"},
     "intermediate": {"intermediate": True, "init": "scratch"},
     "dtl": {"intermediate": True, "init": "imagenet"},
 }
@@ -125,6 +126,42 @@ def _paired_tests(runs: list[dict], reference: str = "dtl") -> None:
         r[f"vs_{reference}"] = {"diff": test["diff"], "p": test["p"]}
 
 
+def arms_not_run(arms: Sequence[str], base: Settings) -> dict[str, str]:
+    """The ImageNet arms among ``arms`` and why, when ImageNet weights cannot be had for ``base``'s network."""
+    if not any(ARMS[a]["init"] == "imagenet" for a in arms):
+        return {}
+    ok, why = imagenet_available(base.arch, base.imagenet_weights)
+    if ok:
+        return {}
+    logger.warning("ImageNet arms not run: %s", why)
+    return {a: why for a in arms if ARMS[a]["init"] == "imagenet"}
+
+
+def run_arm(arm: str, size: int | str, shared: Settings, workdir: Path, inter_dl: Path, subset: Path) -> dict:
+    """One main job of ``arm`` (its :data:`ARMS` settings over ``shared``) on the target ``subset``, in ``workdir``,
+    without saliency; returns its row (test AUC, training-set size, the case table's path)."""
+    s = Settings(
+        **{
+            **shared.__dict__,
+            **ARMS[arm],
+            "workdir": str(workdir),
+            "dataset_dir": None,
+            "intermediate_datalist": str(inter_dl),
+            "target_datalist": str(subset),
+            "saliency": False,
+        }
+    )
+    summary = json.loads(run_pipeline(s).read_text())
+    return {
+        "arm": arm,
+        "size": str(size),
+        "n_train": summary["counts"]["validation"]["cases"],  # out-of-fold rows = the training set
+        "seed": shared.seed,
+        "auc": summary["auc"]["auc"],
+        "cases_csv": str(workdir / "results" / "cases_test.csv"),
+    }
+
+
 def run_ablation(
     out_dir: str | Path,
     sizes: Sequence[int | str] = (50, 100, 200, FULL),
@@ -139,14 +176,7 @@ def run_ablation(
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
     sizes = [FULL if str(n) == FULL else int(n) for n in sizes]
-    not_run: dict[str, str] = {}
-    if any(ARMS[a]["init"] == "imagenet" for a in arms):
-        ok, why = imagenet_available(base.arch, base.imagenet_weights)
-        if not ok:
-            for a in arms:
-                if ARMS[a]["init"] == "imagenet":
-                    not_run[a] = why
-            logger.warning("ImageNet arms not run: %s", why)
+    not_run = arms_not_run(arms, base)
     runs = []
     t0 = time.time()
     for seed in seeds:
@@ -161,30 +191,9 @@ def run_ablation(
                     continue
                 workdir = out / "runs" / arm / f"n{size}_seed{seed}"
                 _reuse_stage1(stage1.get(arm), workdir)
-                s = Settings(
-                    **{
-                        **shared.__dict__,
-                        **ARMS[arm],
-                        "workdir": str(workdir),
-                        "dataset_dir": None,
-                        "intermediate_datalist": str(inter_dl),
-                        "target_datalist": str(subset),
-                        "saliency": False,
-                    }
-                )
                 logger.info("arm %s, target size %s, seed %d (%.0f s so far)", arm, size, seed, time.time() - t0)
-                summary = json.loads(run_pipeline(s).read_text())
+                runs.append(run_arm(arm, size, shared, workdir, inter_dl, subset))
                 stage1.setdefault(arm, workdir)
-                runs.append(
-                    {
-                        "arm": arm,
-                        "size": str(size),
-                        "n_train": summary["counts"]["validation"]["cases"],  # out-of-fold rows = the training set
-                        "seed": seed,
-                        "auc": summary["auc"]["auc"],
-                        "cases_csv": str(workdir / "results" / "cases_test.csv"),
-                    }
-                )
     if "dtl" in arms and "dtl" not in not_run:
         _paired_tests(runs)
     table = summarise_runs(runs, arms, [str(n) for n in sizes], not_run)
