@@ -1221,9 +1221,16 @@ def test_monailabel_serves_orthanc_studies_over_dicomweb(
     """The documented Label command with ``--studies`` Orthanc's DICOMweb root: the datastore lists Orthanc's
     mammography series; ``/infer`` by image id (a series instance UID) gives the bundle's probability, uncertainty and
     call for that ROI (the documented ``curl`` too) and, with ``output=all``, its saliency map; an unknown series is a
-    404, a series of two images a 422; nothing fetched from the PACS (nor the datastore's cache) is left in the temporary folder after the server
+    404, a series of two images a 422; no train task is offered (a 404 for ``/train``); nothing fetched from the PACS (nor the datastore's cache) is left in the temporary folder after the server
     stops, and no log holds a patient identifier."""
-    with running_label_server(app_bundle, inputs, tmp_path / "label", dicomweb=orthanc.dicomweb) as (base, _, work):
+    with running_label_server(app_bundle, inputs, tmp_path / "label", dicomweb=orthanc.dicomweb) as (base, info, work):
+        assert info["trainers"] == {}  # class labels need a --studies folder (a DICOMweb datastore stores DICOM SEG)
+        request = urllib.request.Request(
+            f"{base}/train/{MODEL}?run_sync=true", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=60)
+        assert answer.value.code == 404 and "no model" in json.loads(answer.value.read())["detail"]
         before = {p.name for p in (work / "tmp").iterdir()}
         assert any(name.startswith("dicomweb-cache-") for name in before), before  # the private cache
         with urllib.request.urlopen(f"{base}/datastore/?output=stats", timeout=60) as r:

@@ -421,6 +421,9 @@ class MicrocalcificationApp(MONAILabelApp):
         return task
 
     def init_trainers(self) -> Dict[str, Any]:
+        if self.dicomweb is not None:  # its datastore stores labels as DICOM SEG objects, not classes
+            logger.info("no train task: training needs a --studies folder (class labels saved as JSON files)")
+            return {}
         class_names = self.infer_tasks[self.model_name].class_names
         return {self.model_name: FineTuneTask(self.bundle, self.versions, class_names, self.local_image)}
 
