@@ -34,26 +34,25 @@ from scripts.data import schema
 from scripts.data.synthetic import generate_dataset
 from scripts.data.transforms import LoadROId
 from scripts.evaluation.intervals import roc_auc
-from scripts.finetune import finetune, inference_config
+from scripts.finetune import finetune
 from scripts.model.calibration import CalibratedEnsembled, read_operating_point
 from scripts.model.network import Ensemble, count_members, load_state_dict_file
 
 STRATEGIES = ("random", "uncertainty")
 
 
-def load_model(model_file: Path) -> Ensemble:
+def load_model(model_file: Path, arch: str) -> Ensemble:
     """The ensemble in ``model_file`` with the calibration saved beside it, as ``configs/inference.json`` builds it."""
-    config = inference_config()
     op = read_operating_point(model_file)
-    net = Ensemble(count_members(model_file), config.get_parsed_content("arch"), 2, op and op["calibration"])
+    net = Ensemble(count_members(model_file), arch, 2, op and op["calibration"])
     net.load_state_dict(load_state_dict_file(model_file))
     return net.eval()
 
 
-def score(model_file: Path, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def score(model_file: Path, images: torch.Tensor, arch: str) -> tuple[np.ndarray, np.ndarray]:
     """``(calibrated probability of malignancy, members' disagreement)`` of each image, with the uncertainty of the
     bundle's evaluation (:class:`scripts.model.calibration.CalibratedEnsembled`)."""
-    net = load_model(model_file)
+    net = load_model(model_file, arch)
     with torch.no_grad():
         members = torch.cat([net.member_probabilities(x) for x in images.split(64)], dim=1)  # (K, N, 2)
     keys = [f"member_{k}" for k in range(members.shape[0])]
@@ -89,8 +88,8 @@ def write_labels(path: Path, pool: list[dict], chosen: list[int]) -> Path:
 def run_strategies(run: Path, budgets: list[int], cnr: float, n_pool: int, n_test: int, epochs: int | None) -> list:
     """The AUC rows of both strategies on one run."""
     base = run / "models" / "model.pt"
-    seed = int(json.loads((run / "results" / "main_job.json").read_text())["settings"]["seed"])
-    image_size = int(inference_config().get_parsed_content("image_size"))
+    settings = json.loads((run / "results" / "main_job.json").read_text())["settings"]
+    seed, arch, image_size = int(settings["seed"]), str(settings["arch"]), int(settings["image_size"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="active-learning-") as tmp:
         work = Path(tmp)
@@ -104,7 +103,7 @@ def run_strategies(run: Path, budgets: list[int], cnr: float, n_pool: int, n_tes
         y_test = np.array([int(it["label"]) for it in test])
         rng = np.random.default_rng(seed)
         start = seed_set(y_pool, budgets[0], count_members(base), rng)
-        auc0 = roc_auc(y_test, score(base, test_x)[0])
+        auc0 = roc_auc(y_test, score(base, test_x, arch)[0])
         rows.append({"seed": seed, "labels": 0, "random": auc0, "uncertainty": auc0})
         state = {s: {"model": base, "chosen": list(start)} for s in STRATEGIES}
         trained: dict = {}  # (model, labels) -> fine-tuned model: the shared seed set is fine-tuned once
@@ -118,7 +117,7 @@ def run_strategies(run: Path, budgets: list[int], cnr: float, n_pool: int, n_tes
                     if name == "random":
                         picked = rng.choice(free, extra, replace=False)
                     else:
-                        u = score(st["model"], pool_x[free])[1]
+                        u = score(st["model"], pool_x[free], arch)[1]
                         picked = free[np.argsort(-u, kind="stable")[:extra]]
                     st["chosen"] += [int(i) for i in picked]
                 key = (st["model"], tuple(sorted(st["chosen"])))
@@ -127,9 +126,11 @@ def run_strategies(run: Path, budgets: list[int], cnr: float, n_pool: int, n_tes
                     folder = work / name / f"labels{budget}"
                     folder.mkdir(parents=True)
                     labels = write_labels(folder / "labels.csv", pool, st["chosen"])
-                    trained[key] = finetune(labels, st["model"], folder / "run", epochs=epochs, seed=seed)
+                    trained[key] = finetune(
+                        labels, st["model"], folder / "run", epochs, seed, arch=arch, image_size=image_size
+                    )
                 st["model"] = trained[key]
-                row[name] = roc_auc(y_test, score(st["model"], test_x)[0])
+                row[name] = roc_auc(y_test, score(st["model"], test_x, arch)[0])
                 row[f"{name}_malignant"] = int(y_pool[st["chosen"]].sum())
                 print(f"[seed {seed}] {name}, {budget} labels: test AUC {row[name]:.3f} ({time.time() - t0:.0f} s)")
             rows.append(row)

@@ -44,10 +44,14 @@ class LabelError(ValueError):
     """A labelled set that cannot fine-tune the ensemble; the message says which file or row and why."""
 
 
-def inference_config() -> ConfigParser:
-    """``configs/inference.json``, parsed: the network and the reading of images a fine-tuned model must share."""
+def inference_config(arch: str | None = None, image_size: int | None = None) -> ConfigParser:
+    """``configs/inference.json``, parsed, with ``arch`` and ``image_size`` when given (as a main job run with
+    ``--arch``/``--image-size`` is served): the network and the reading of images a fine-tuned model must share."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
+    for key, value in (("arch", arch), ("image_size", image_size)):
+        if value is not None:
+            parser[key] = value
     return parser
 
 
@@ -98,15 +102,18 @@ def stratified_folds(
     return folds
 
 
-def write_labelled_datalist(items: Sequence[dict], out_dir: str | Path, num_folds: int) -> Path:
-    """Read each labelled item as inference does and write it as a ROI PNG with a datalist (its training split, in
-    ``num_folds`` stratified folds) under ``out_dir``; returns the datalist's path.
+def write_labelled_datalist(
+    items: Sequence[dict], out_dir: str | Path, num_folds: int, parser: ConfigParser | None = None
+) -> Path:
+    """Read each labelled item as inference does (``parser``: :func:`inference_config`) and write it as a ROI PNG
+    with a datalist (its training split, in ``num_folds`` stratified folds) under ``out_dir``; returns the
+    datalist's path.
 
     Raises:
         LabelError: an image the inference reader cannot use (its reason), or too few images of a class.
     """
     out_dir = Path(out_dir)
-    parser = inference_config()
+    parser = parser or inference_config()
     parser["on_input_error"] = "record"
     preprocessing = parser.get_parsed_content("preprocessing")
     folds = stratified_folds([int(it["label"]) for it in items], num_folds)
@@ -190,15 +197,17 @@ def finetune(
     seed: int = 0,
     threshold_rule: str | None = None,
     threshold_value: float | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Fine-tune the ensemble ``base_model`` on the labelled images of ``input_csv`` (module docstring); returns the
     new ``<workdir>/models/model.pt``. The operating point's rule defaults to ``base_model``'s (else the summary
-    config's)."""
+    config's); ``arch`` and ``image_size`` default to ``configs/inference.json``'s."""
     root = Path(workdir).resolve()
     base = Path(base_model).resolve()
-    network = inference_config()
+    network = inference_config(arch, image_size)
     num_members = count_members(base)
-    datalist = write_labelled_datalist(read_labelled_csv(input_csv), root / "data", num_members)
+    datalist = write_labelled_datalist(read_labelled_csv(input_csv), root / "data", num_members, network)
     weights = split_members(base, root / "models" / "from")
     deployed = read_operating_point(base) or {}
     summarize = ConfigParser.load_config_file(str(CONFIGS / "summarize.json"))
@@ -229,10 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold-rule", default=None, help="the operating point's rule (default: the --from model's)")
     p.add_argument("--threshold-value", type=float, default=None)
+    p.add_argument("--arch", default=None, help="the members' network (default: configs/inference.json's)")
+    p.add_argument("--image-size", type=int, default=None, help="the network input (default: inference.json's)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
     try:
-        model = finetune(a.input_csv, a.base, a.workdir, a.epochs, a.seed, a.threshold_rule, a.threshold_value)
+        model = finetune(
+            a.input_csv, a.base, a.workdir, a.epochs, a.seed, a.threshold_rule, a.threshold_value, a.arch, a.image_size
+        )
     except (LabelError, schema.DatalistError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2

@@ -32,6 +32,24 @@ def tiny_run(tmp_path_factory):
     return s, work, metrics_file
 
 
+def test_active_learning_benchmark_fine_tunes_both_strategies_on_a_main_job_run(tiny_run, tmp_path):
+    """``python -m benchmarks.active_learning`` on the tiny run (resnet18 at 64 px, as its main_job.json says):
+    budget 0 is the run's model for both strategies, the shared random seed set gives both the same model, and
+    each strategy's later budget is a fine-tuning of its own (the labels counted per budget)."""
+    _, work, _ = tiny_run
+    out = tmp_path / "al.json"
+    cmd = [sys.executable, "-m", "benchmarks.active_learning", "--runs", str(work), "--budgets", "6", "9"]
+    cmd += ["--pool", "24", "--test", "24", "--epochs", "1", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Mean over runs" in done.stdout
+    rows = {r["labels"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == [0, 6, 9]
+    assert rows[0]["random"] == rows[0]["uncertainty"] and rows[6]["random"] == rows[6]["uncertainty"]
+    assert all(0.0 <= rows[9][k] <= 1.0 for k in ("random", "uncertainty"))
+    assert rows[6]["random_malignant"] >= 3 and 6 - rows[6]["random_malignant"] >= 3  # the seed set: 3 of each
+
+
 def html_text(work: Path) -> str:
     return (work / "results" / "report.html").read_text()
 
