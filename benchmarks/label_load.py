@@ -274,7 +274,7 @@ def label_server(bundle: Path, work: Path, threads: int | None, timeout_s: float
         raise SystemExit(f"{LABEL_PY.relative_to(REPO)} absent: run `bash apps/monailabel/setup.sh` first")
     app = Path(
         shutil.copytree(
-            APP, work / "app", ignore=shutil.ignore_patterns(".venv", "logs", "model", "lib", "bin", "__pycache__")
+            APP, work / "app", ignore=shutil.ignore_patterns(".venv", "logs", "model", "bin", "__pycache__")
         )
     )
     for name in ("studies", "tmp", "sessions"):
