@@ -278,11 +278,11 @@ def evaluation_steps(
     summarize = ("train.json", "summarize.json")
     over = dict(
         common,
-        stage1_init=s.init,
+        init=s.init,
         intermediate_stage=bool(s.intermediate),
         threshold_rule=s.threshold_rule,
         n_boot=s.n_boot,
-        **_given(imagenet_weights=s.imagenet_weights, threshold_value=s.threshold_value),
+        **_given(init_weights=s.imagenet_weights, threshold_value=s.threshold_value),
         **_given(intermediate_datalist=str(inter_dl) if inter_dl else None),
     )
     steps, csvs = ensemble_steps(common, over, members, target_dl, root)

@@ -136,12 +136,12 @@ def test_requirements_match_metadata_versions():
 
 
 def test_summarize_records_the_stage_configs_own_defaults():
-    """``summarize.json`` states what stage 1 starts from; its defaults are stage_intermediate.json's, not a copy
-    that could drift."""
+    """``summarize.json`` states what stage 1 starts from, under stage 1's own names (``init``, ``init_weights``); its
+    defaults are stage_intermediate.json's, not a copy that could drift."""
     summarize = json.loads((CONFIGS / "summarize.json").read_text())
     stage1 = json.loads((CONFIGS / "stage_intermediate.json").read_text())
-    assert summarize["stage1_init"] == stage1["init"]
-    assert summarize["imagenet_weights"] == stage1["init_weights"]
+    assert summarize["init"] == stage1["init"]
+    assert summarize["init_weights"] == stage1["init_weights"]
     assert summarize["intermediate_datalist"] == stage1["datalist"]
     synthetic = json.loads((CONFIGS / "synthetic.json").read_text())
     assert stage1["datalist"].endswith(f"'/{synthetic['intermediate_data']['task']}/datalist.json'")
