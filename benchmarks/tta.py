@@ -6,7 +6,7 @@ For each run (a main job's ``--workdir``), in a scratch copy that links the run'
 * ``tta, saved operating point``: the same with ``--tta true``: what a user gets by switching TTA on for a bundle
   whose calibration and threshold were chosen without it;
 * ``tta throughout``: the out-of-fold evaluations with ``--tta true``, a new operating point from them (same rule),
-  then the test evaluation with ``--tta true``: what ``python -m scripts.main_job --override tta=true`` gives.
+  then the test evaluation with ``--tta true``: what ``python -m scripts.main_job --tta true`` gives.
 
 Per arm: test AUC, expected calibration error and Brier score of the calibrated probability, test sensitivity and
 specificity at the arm's threshold, and seconds per test ROI for the 3-member evaluation (data loading included).

@@ -417,9 +417,59 @@ def run_pipeline(s: Settings) -> Path:
     return metrics_file
 
 
+def config_ids() -> set[str]:
+    """Every id of the bundle's configs (``configs/*.json``; nested ones as ``a#b``)."""
+    ids: set[str] = set()
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                key = key.lstrip("+")  # a "+key" merge in an overlay names the key it extends
+                ids.add(prefix + key)
+                walk(item, prefix + key + "#")
+
+    for path in CONFIGS.glob("*.json"):
+        walk(json.loads(path.read_text()), "")
+    return ids
+
+
+def config_overrides(words: Sequence[str]) -> dict:
+    """``--<config id> <value>`` pairs (as ``monai.bundle run`` takes them) as overrides; a value is read as JSON,
+    else kept as text.
+
+    Raises:
+        ValueError: a word that is not such a pair, or an id no config has (a mistyped flag is not passed on).
+    """
+    known = config_ids()
+    out: dict = {}
+    if len(words) % 2:
+        raise ValueError(f"unrecognised arguments: {' '.join(words)} (config overrides are --<id> <value> pairs)")
+    for flag, value in zip(words[::2], words[1::2]):
+        key = flag[2:] if flag.startswith("--") else ""
+        parts = key.split("#")
+        n = next((n for n in range(len(parts), 0, -1) if "#".join(parts[:n]) in known), 0)
+        if not key or n == 0 or (n < len(parts) and not parts[n].isdigit()):  # past a known id: only a list index
+            raise ValueError(
+                f"unrecognised argument {flag}: neither an option of this job (see --help) nor an id of the "
+                "bundle's configs"
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
     """``(settings, dry_run)`` from the command line."""
-    p = argparse.ArgumentParser(prog="python -m scripts.main_job", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.main_job",
+        description=__doc__.splitlines()[0],
+        epilog="Any id of the bundle's configs is overridden as in `python -m monai.bundle run`, for every step whose "
+        "configs use it: --<id> <value>, e.g. --tta true or --train#dataloader#num_workers 2 (values as JSON, else "
+        "text).",
+        allow_abbrev=False,  # a shortened option would hide a config id of the same start
+    )
     p.add_argument("--quick", action="store_true", help="small sizes and 2 epochs per stage, for trying it out")
     p.add_argument("--dry-run", action="store_true", help="print the bundle commands of each step, run nothing")
     defaults = Settings()
@@ -445,15 +495,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
         help="a config overlay, configs/NAME.json, merged after every step's configs; its settings become this job's "
         "defaults (paper_resnext: the paper's ResNeXt50 recipe) (repeatable)",
     )
-    p.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="ID=JSON",
-        help="extra config override, e.g. --override 'train#dataloader#num_workers=2' (repeatable)",
-    )
-    a = p.parse_args(argv)
-    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "override", "dry_run", "config")}
+    a, rest = p.parse_known_args(argv)
+    try:
+        extra = config_overrides(rest)
+    except ValueError as e:
+        p.error(str(e))
+    given = {k: v for k, v in vars(a).items() if v is not None and k not in ("quick", "dry_run", "config")}
     overlaid: dict = {}
     for name in a.config:  # a later overlay wins, as in a config_file list
         try:
@@ -463,13 +510,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
     # an overlay's settings are the defaults of this job's flags of the same name; a flag given still wins
     fields = set(asdict(defaults)) - {"config", "extra_overrides"}
     given = {**{k: v for k, v in overlaid.items() if k in fields}, **given, "config": tuple(a.config)}
-    extra = {}
-    for o in a.override:
-        key, _, val = o.partition("=")
-        try:
-            extra[key] = json.loads(val)
-        except json.JSONDecodeError:
-            extra[key] = val
     given["extra_overrides"] = extra
     if given.get("init") not in (None, "scratch", "imagenet"):
         p.error("--init must be 'scratch' or 'imagenet'")

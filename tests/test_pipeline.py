@@ -229,6 +229,15 @@ def _recipe_block(text: str) -> str:
     return block.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
+def test_config_ids_are_overridden_as_monai_bundle_run_takes_them_and_a_mistyped_option_is_refused(capsys):
+    s, _ = parse_args(["--tta", "true", "--train#dataloader#num_workers", "2", "--train#handlers#0#name", "x"])
+    assert s.extra_overrides == {"tta": True, "train#dataloader#num_workers": 2, "train#handlers#0#name": "x"}
+    for wrong in (["--epoch-target", "3"], ["--train#no_such_id", "1"], ["--tta"], ["--see", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(wrong)
+        assert "unrecognised argument" in capsys.readouterr().err, wrong
+
+
 def test_readme_gives_the_main_jobs_bundle_commands(capsys):
     """The documented sequence is what ``--dry-run`` prints for the default main job: they cannot drift apart."""
     from scripts.main_job import BUNDLE_DIR, main
