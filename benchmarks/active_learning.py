@@ -113,7 +113,8 @@ def run_strategies(run: Path, budgets: list[int], cnr: float, n_pool: int, n_tes
                 st = state[name]
                 extra = budget - len(st["chosen"])
                 if extra > 0:
-                    free = np.array([i for i in range(len(pool)) if i not in set(st["chosen"])])
+                    taken = set(st["chosen"])
+                    free = np.array([i for i in range(len(pool)) if i not in taken])
                     if name == "random":
                         picked = rng.choice(free, extra, replace=False)
                     else:

@@ -18,7 +18,8 @@ and ``u`` is the members' disagreement (the population standard deviation of the
 field) may give ``spacing_mm``, the pixel pitch of an image that states none (a DICOM without
 ``PixelSpacing``/``ImagerPixelSpacing``): ``-F 'params={"spacing_mm": 0.05}'``.
 
-The app answers its own ``POST /infer/{model}`` (in place of the stock endpoint, same parameters): an upload is
+The app answers its own ``POST /infer/{model}`` and ``POST /train/{model}`` (in place of the stock endpoints, same
+parameters): an upload is
 written to a private temporary folder that is deleted whatever the outcome, and a user's mistake is a 4xx naming the
 file and what is wrong (400 bad request, 404 unknown model or image, 422 unusable image), never a 500.
 
@@ -391,6 +392,7 @@ class MicrocalcificationApp(MONAILabelApp):
         versions = conf.get("versions") or self.bundle / "models" / "finetuned" / self.model_name
         self.versions = ModelVersions(versions, self.bundle / "models" / "model.pt", read_version(self.bundle))
         self.scores: Dict[tuple[str, str], float | None] = {}  # (model version, image id) -> members' disagreement
+        self._infer_defaults: Dict[str, Any] | None = None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -419,6 +421,13 @@ class MicrocalcificationApp(MONAILabelApp):
         if task.model_info["version"] != self.versions.current()[0]:
             task = self.infer_tasks[model] = self.load_task()
         return task
+
+    def infer_defaults(self) -> Dict[str, Any]:
+        """The inference tasks' request defaults as ``/info`` lists them (``device``, ``model_filename``, ...), read
+        once: they do not change while the server runs."""
+        if self._infer_defaults is None:
+            self._infer_defaults = dict(self.info().get("config", {}).get("infer", {}))
+        return self._infer_defaults
 
     def init_trainers(self) -> Dict[str, Any]:
         if self.dicomweb is not None:  # its datastore stores labels as DICOM SEG objects, not classes
@@ -449,7 +458,7 @@ class MicrocalcificationApp(MONAILabelApp):
             if (version, image_id) not in self.scores:
                 work = tempfile.mkdtemp(prefix="score-")
                 try:
-                    request = {**self.info().get("config", {}).get("infer", {}), "model": self.model_name}
+                    request = {**self.infer_defaults(), "model": self.model_name}
                     request["image"] = self.local_image(datastore, image_id, work)
                     request["description"] = task.description
                     self.scores[(version, image_id)] = task(request)[1].get("uncertainty")
@@ -593,7 +602,7 @@ def infer_request(
             name, path = f"session {session_id!r}", session.image
         else:  # a DICOMweb image is fetched into the private folder, never into the datastore's cache
             name, path = f"image {image!r}", instance.local_image(instance.datastore(), image, work)
-        request = {**instance.info().get("config", {}).get("infer", {}), **extra, "model": model, "image": path}
+        request = {**instance.infer_defaults(), **extra, "model": model, "image": path}
         if saliency:
             request.update(saliency=True, saliency_dir=work)
         try:

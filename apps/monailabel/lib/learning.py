@@ -148,9 +148,12 @@ class FineTuneTask(TrainTask):
         self.versions = versions
         self.class_names = list(class_names)
         self.local_image = local_image
+        # the target stage's epochs: the default of a fine-tuning run, read from the bundle's own config
+        stage = json.loads((bundle / "configs" / "stage_target.json").read_text())
+        self.defaults = {"max_epochs": int(stage["train#trainer#max_epochs"]), "seed": 0}
 
     def config(self) -> Dict[str, Any]:
-        return {"max_epochs": 10, "seed": 0}
+        return dict(self.defaults)
 
     def stats(self) -> Dict[str, Any]:
         version, _ = self.versions.current()
@@ -179,6 +182,7 @@ class FineTuneTask(TrainTask):
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore) -> Dict[str, Any]:
         t0 = time.time()
+        epochs, seed = (int(request.get(k, v)) for k, v in self.defaults.items())
         base_version, base_model = self.versions.current()
         work = tempfile.mkdtemp(prefix="finetune-")  # image paths and ROIs: removed whatever the outcome
         try:
@@ -190,7 +194,7 @@ class FineTuneTask(TrainTask):
                 writer.writerows(rows)
             cmd = [sys.executable, "-m", "scripts.finetune", "--input-csv", str(labels_csv)]
             cmd += ["--from", str(base_model), "--workdir", str(Path(work) / "run")]
-            cmd += ["--epochs", str(int(request.get("max_epochs", 10))), "--seed", str(int(request.get("seed", 0)))]
+            cmd += ["--epochs", str(epochs), "--seed", str(seed)]
             logger.info("fine-tuning %s on %d labelled images", base_version, len(rows))
             done = subprocess.run(cmd, cwd=self.bundle, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for line in done.stdout.splitlines()[-40:]:
@@ -208,8 +212,8 @@ class FineTuneTask(TrainTask):
                 "from_version": base_version,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "labels": counts,
-                "max_epochs": int(request.get("max_epochs", 10)),
-                "seed": int(request.get("seed", 0)),
+                "max_epochs": epochs,
+                "seed": seed,
                 "operating_point": op.get("rule_description"),
                 "threshold": op.get("threshold"),
                 "validation": op.get("validation"),
