@@ -312,13 +312,15 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, mon
 
 
 def test_pipeline_reruns_exactly_the_affected_stages_and_resumes_a_killed_one(tmp_path, caplog):
-    s = tiny_settings(workdir=str(tmp_path), saliency=False)
+    s = tiny_settings(bundle_root=str(tmp_path), saliency=False)
     run_pipeline(s)
     models = tmp_path / "models"
     inter = models / "intermediate" / "model.pt"
     inter_mtime = inter.stat().st_mtime_ns
 
-    s.epochs_target = 2  # one value changed: the target folds and what depends on them rerun, not stage 1
+    s["stage_target#train#trainer#max_epochs"] = (
+        2  # one value changed: the target folds and what depends on them rerun, not stage 1
+    )
     with caplog.at_level(logging.INFO):
         run_pipeline(s)
     assert "[intermediate] up to date, skipped" in caplog.text
@@ -358,9 +360,10 @@ def test_a_resumed_best_model_record_without_its_file_is_reset(tmp_path):
 
 
 def test_the_monai_checkpoint_saver_internals_the_atomic_savers_rely_on_are_still_there(tmp_path):
-    """AtomicCheckpointSaver swaps the save handler of MONAI CheckpointSaver's inner ignite checkpoints and reads the
-    best-metric record of one (attributes without a public accessor). A MONAI or ignite release that renames them
-    fails here, by name, instead of silently losing atomic saves or the best-metric record on resume."""
+    """AtomicCheckpointSaver swaps the save handler of MONAI CheckpointSaver's inner ignite checkpoints (MONAI gives
+    them no public accessor) and reads the best-metric record of one through ignite's public state_dict/reset. A
+    MONAI or ignite release that renames them fails here, by name, instead of silently losing atomic saves or the
+    best-metric record on resume."""
     net = torch.nn.Linear(1, 1)
     saver = checkpoints.AtomicCheckpointSaver(
         save_dir=str(tmp_path), save_dict={"net": net}, save_final=True, save_key_metric=True, key_metric_n_saved=1
@@ -369,9 +372,8 @@ def test_the_monai_checkpoint_saver_internals_the_atomic_savers_rely_on_are_stil
         assert hasattr(
             saver, attr
         ), f"monai.handlers.CheckpointSaver no longer has {attr}: update AtomicCheckpointSaver"
-    for attr in ("save_handler", "_saved"):
-        assert hasattr(
-            saver._key_metric_checkpoint, attr
-        ), f"ignite's Checkpoint no longer has {attr}: update AtomicCheckpointSaver"
+    assert hasattr(
+        saver._key_metric_checkpoint, "save_handler"
+    ), "ignite's Checkpoint no longer has save_handler: update AtomicCheckpointSaver"
     assert isinstance(saver._key_metric_checkpoint.save_handler, checkpoints._AtomicDiskSaver)
     assert isinstance(saver._final_checkpoint.save_handler, checkpoints._AtomicDiskSaver)

@@ -113,21 +113,20 @@ class AtomicCheckpointSaver(CheckpointSaver):
         """Drop a (restored) best-metric record whose model file is gone, e.g. deleted by hand, so that the next
         validation writes a best model again instead of never writing one. Returns whether it was dropped."""
         ckpt = self._key_metric_checkpoint
-        if ckpt is None or not ckpt._saved:
+        if ckpt is None:
             return False
+        saved = ckpt.state_dict()["_saved"]  # ignite's public record: (priority, filename) pairs
         fixed = getattr(ckpt.save_handler, "filename", None)
-        missing = [
-            fixed or it.filename for it in ckpt._saved if not (Path(self.save_dir) / (fixed or it.filename)).is_file()
-        ]
+        missing = [fixed or name for _, name in saved if not (Path(self.save_dir) / (fixed or name)).is_file()]
         if missing:
             logger.warning("best model file(s) %s missing in %s: best-metric record reset", missing, self.save_dir)
-            ckpt._saved = []
+            ckpt.reset()
         return bool(missing)
 
     def state_dict(self) -> dict:
         ckpt = self._key_metric_checkpoint
-        saved = [] if ckpt is None else [[float(item.priority), str(item.filename)] for item in ckpt._saved]
-        return {"_saved": saved}
+        saved = [] if ckpt is None else ckpt.state_dict()["_saved"]
+        return {"_saved": [[float(priority), str(name)] for priority, name in saved]}
 
 
 class LastCheckpointSaver(AtomicCheckpointSaver):
