@@ -1,6 +1,6 @@
 """Uncertainty-ranked against random choice of the images to label, at equal label budgets, over main-job runs.
 
-For each run (a main job's ``--workdir``: its ``models/model.pt`` and operating point are the model in use), a new
+For each run (a main job's ``--bundle_root``: its ``models/model.pt`` and operating point are the model in use), a new
 site's data are generated: the synthetic target task at another contrast-to-noise ratio (``--cnr``) and another seed,
 as a pool of unlabelled ROIs and a test split. Both strategies start from one random seed set of labels (the first
 budget, with at least as many images of each class as the ensemble has members); at each later budget each adds the

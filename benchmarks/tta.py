@@ -1,6 +1,6 @@
 """Test-time augmentation (the 8 flips and 90-degree rotations) against the plain ensemble, over main-job runs.
 
-For each run (a main job's ``--workdir``), in a scratch copy that links the run's weights and data:
+For each run (a main job's ``--bundle_root``), in a scratch copy that links the run's weights and data:
 
 * ``plain``: the test evaluation as the main job ran it (``configs/evaluate.json``);
 * ``tta, saved operating point``: the same with ``--tta true``: what a user gets by switching TTA on for a bundle
@@ -85,7 +85,7 @@ def run_arms(run: Path) -> list[dict]:
     given = settings.get("target_datalist")
     datalist = Path(given) if given else run / "data" / "synthetic" / "target" / "datalist.json"
     if not datalist.is_file():
-        raise SystemExit(f"{run}: no target datalist at {datalist} (runs made on synthetic data or --target-datalist)")
+        raise SystemExit(f"{run}: no target datalist at {datalist} (runs made on synthetic data or --target_datalist)")
     common = {"datalist": str(datalist), "dataset_dir": str(datalist.parents[1]), "seed": seed}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Ablation: how much does each transfer step add, as the target training set grows?
 
-Arms (each is the main job, :func:`scripts.main_job.run_pipeline`, with one setting changed):
+Arms (``configs/ablation.json``: each is the main job, :func:`scripts.main_job.run_pipeline`, with its settings):
 
 ================  =======================================  ==========================================
 arm               stage 1 (intermediate task)              target folds initialised from
@@ -20,7 +20,7 @@ networks); when they cannot be had, those arms are reported as "not run" with th
 
     python -m scripts.ablation                         # the main job's recipe, 2 folds, sizes 50/100/200/full, 3 seeds
     python -m scripts.ablation --sizes 100 full --seeds 0 --arms imagenet dtl
-    python -m scripts.ablation --arch resnext50_32x4d --imagenet-weights FILE     # the paper's network (a GPU's job)
+    python -m scripts.ablation --config paper_resnext --init_weights FILE   # the paper's network (a GPU's job)
 """
 
 from __future__ import annotations
@@ -33,25 +33,22 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from scripts.data.schema import assign_folds, read_datalist, write_datalist
 from scripts.engine.atomic import atomic_path, write_json, write_text
+from scripts.engine.steps import CONFIGS, config_value, run_step
 from scripts.evaluation.metrics import delong_paired_test, read_cases_csv
-from scripts.main_job import Settings, prepare_synthetic, run_pipeline
+from scripts.main_job import run_pipeline
 from scripts.model.network import WeightsError, build_network
+from scripts.plan import load_plan, settings_from_words, steps_of
 
 logger = logging.getLogger("ablation")
 
-# each arm's main-job settings; the learning rates are the stage configs' own
-ARMS = {
-    "scratch": {"intermediate": False, "init": "scratch"},
-    "imagenet": {"intermediate": False, "init": "imagenet"},
-    "intermediate": {"intermediate": True, "init": "scratch"},
-    "dtl": {"intermediate": True, "init": "imagenet"},
-}
+ABLATION = json.loads((CONFIGS / "ablation.json").read_text())  # the arms (main-job settings), sizes, seeds
+ARMS: dict[str, dict] = ABLATION["arms"]
 FULL = "full"
 
 
@@ -126,37 +123,38 @@ def _paired_tests(runs: list[dict], reference: str = "dtl") -> None:
         r[f"vs_{reference}"] = {"diff": test["diff"], "p": test["p"]}
 
 
-def arms_not_run(arms: Sequence[str], base: Settings) -> dict[str, str]:
+def arms_not_run(arms: Sequence[str], base: Mapping[str, Any]) -> dict[str, str]:
     """The ImageNet arms among ``arms`` and why, when ImageNet weights cannot be had for ``base``'s network."""
     if not any(ARMS[a]["init"] == "imagenet" for a in arms):
         return {}
-    ok, why = imagenet_available(base.arch, base.imagenet_weights)
+    plan = load_plan(base)
+    configs = plan.get_parsed_content("intermediate_configs") + plan.get_parsed_content("overlays")
+    arch = config_value(configs, "arch", plan.get_parsed_content("overrides"))
+    ok, why = imagenet_available(arch, plan.get_parsed_content("init_weights"))
     if ok:
         return {}
     logger.warning("ImageNet arms not run: %s", why)
     return {a: why for a in arms if ARMS[a]["init"] == "imagenet"}
 
 
-def run_arm(arm: str, size: int | str, shared: Settings, workdir: Path, inter_dl: Path, subset: Path) -> dict:
-    """One main job of ``arm`` (its :data:`ARMS` settings over ``shared``) on the target ``subset``, in ``workdir``,
-    without saliency; returns its row (test AUC, training-set size, the case table's path)."""
-    s = Settings(
-        **{
-            **shared.__dict__,
-            **ARMS[arm],
-            "workdir": str(workdir),
-            "dataset_dir": None,
-            "intermediate_datalist": str(inter_dl),
-            "target_datalist": str(subset),
-            "saliency": False,
-        }
-    )
-    summary = json.loads(run_pipeline(s).read_text())
+def prepare_synthetic(settings: Mapping[str, Any], data_dir: Path) -> tuple[Path, Path]:
+    """Generate (or reuse) the main job's synthetic intermediate and target datalists under ``data_dir``."""
+    plan = load_plan({**settings, "synthetic_dir": str(data_dir), "intermediate": True})
+    for step in steps_of(plan, "data_steps"):
+        run_step(step)
+    return Path(plan.get_parsed_content("intermediate_dl")), Path(plan.get_parsed_content("target"))
+
+
+def run_arm(arm: str, size: int | str, shared: Mapping[str, Any], workdir: Path, inter_dl: Path, subset: Path) -> dict:
+    """One main job of ``arm`` (its ``configs/ablation.json`` settings over ``shared``) on the target ``subset``, in
+    ``workdir``, without saliency; returns its row (test AUC, training-set size, the case table's path)."""
+    files = {"bundle_root": str(workdir), "intermediate_datalist": str(inter_dl), "target_datalist": str(subset)}
+    summary = json.loads(run_pipeline({**shared, **ARMS[arm], **files, "saliency": False}).read_text())
     return {
         "arm": arm,
         "size": str(size),
         "n_train": summary["counts"]["validation"]["cases"],  # out-of-fold rows = the training set
-        "seed": shared.seed,
+        "seed": shared["seed"],
         "auc": summary["auc"]["auc"],
         "cases_csv": str(workdir / "results" / "cases_test.csv"),
     }
@@ -164,14 +162,19 @@ def run_arm(arm: str, size: int | str, shared: Settings, workdir: Path, inter_dl
 
 def run_ablation(
     out_dir: str | Path,
-    sizes: Sequence[int | str] = (50, 100, 200, FULL),
-    seeds: Sequence[int] = (0, 1, 2),
+    sizes: Sequence[int | str] = tuple(ABLATION["sizes"]),
+    seeds: Sequence[int] = tuple(ABLATION["seeds"]),
     arms: Sequence[str] = tuple(ARMS),
-    base: Settings | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Run every arm × size × seed; write ``ablation.json``, ``ablation.md`` and ``ablation.png`` in ``out_dir``."""
+    """Run every arm × size × seed; write ``ablation.json``, ``ablation.md`` and ``ablation.png`` in ``out_dir``.
+
+    Args:
+        base: main-job settings every arm shares (:func:`scripts.main_job.load_plan`); ``None``:
+            ``configs/ablation.json``'s.
+    """
     out = Path(out_dir).resolve()
-    base = base or Settings()
+    base = dict(ABLATION["settings"] if base is None else base)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
@@ -181,11 +184,11 @@ def run_ablation(
     t0 = time.time()
     for seed in seeds:
         data_dir = out / "data" / f"seed{seed}"
-        shared = Settings(**{**base.__dict__, "seed": seed})
+        shared = {**base, "seed": seed}
         inter_dl, target_dl = prepare_synthetic(shared, data_dir)
         stage1: dict[str, Path] = {}
         for size in sizes:
-            subset = write_subset_datalist(target_dl, size, shared.folds, seed)
+            subset = write_subset_datalist(target_dl, size, load_plan(shared).get_parsed_content("num_folds"), seed)
             for arm in arms:
                 if arm in not_run:
                     continue
@@ -198,7 +201,7 @@ def run_ablation(
         _paired_tests(runs)
     table = summarise_runs(runs, arms, [str(n) for n in sizes], not_run)
     result = {
-        "settings": {k: v for k, v in base.__dict__.items() if k != "extra_overrides"},
+        "settings": base,
         "sizes": [str(n) for n in sizes],
         "seeds": list(seeds),
         "arms": list(arms),
@@ -287,43 +290,36 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    defaults = Settings()
-    p = argparse.ArgumentParser(prog="python -m scripts.ablation", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="results/ablation")
-    p.add_argument("--sizes", nargs="+", default=["50", "100", "200", FULL], help=f"target training sizes or {FULL!r}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--arch", default=defaults.arch)
-    p.add_argument("--image-size", type=int, default=defaults.image_size)
-    p.add_argument(
-        "--folds", type=int, default=2, help="folds = ensemble members (default 2, not the main job's 3: fits 60 min)"
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """The ablation's own options and the main-job settings every arm shares, checked before any work."""
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.ablation",
+        description=__doc__.splitlines()[0],
+        epilog="Any other --<id> <value> is a main-job setting every arm shares (python -m scripts.main_job --help "
+        "lists them); configs/ablation.json gives the defaults, the arms and the shared settings "
+        f"({ABLATION['settings']}).",
+        allow_abbrev=False,
     )
-    p.add_argument("--n-train", type=int, default=defaults.n_target_train, help="target training ROIs ('full')")
-    p.add_argument("--n-test", type=int, default=defaults.n_target_test)
-    p.add_argument("--n-intermediate", type=int, default=defaults.n_intermediate)
-    p.add_argument("--intermediate-task", default=defaults.intermediate_task, choices=("film", "masses"))
-    p.add_argument("--epochs-intermediate", type=int, default=None, help="default: configs/stage_intermediate.json")
-    p.add_argument("--epochs-target", type=int, default=None, help="default: configs/stage_target.json")
-    p.add_argument("--imagenet-weights", default=None)
-    a = p.parse_args(argv)
+    p.add_argument("--out", default="results/ablation")
+    p.add_argument("--sizes", nargs="+", default=[str(n) for n in ABLATION["sizes"]], help=f"sizes or {FULL!r}")
+    p.add_argument("--seeds", type=int, nargs="+", default=ABLATION["seeds"])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--config", action="append", default=[], metavar="NAME", help="as the main job's (paper_resnext)")
+    a, rest = p.parse_known_args(argv)
     for n in a.sizes:
         if n != FULL and not n.isdigit():
             p.error(f"--sizes: {n!r} is neither a number nor {FULL!r}")
+    try:
+        base = {**ABLATION["settings"], **({"config": a.config} if a.config else {}), **settings_from_words(rest)}
+        load_plan(base)
+    except ValueError as e:
+        p.error(str(e))
+    return a, base
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a, base = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
-    base = Settings(
-        arch=a.arch,
-        image_size=a.image_size,
-        folds=a.folds,
-        n_target_train=a.n_train,
-        n_target_test=a.n_test,
-        n_intermediate=a.n_intermediate,
-        intermediate_task=a.intermediate_task,
-        epochs_intermediate=a.epochs_intermediate,
-        epochs_target=a.epochs_target,
-        imagenet_weights=a.imagenet_weights,
-        n_boot=200,
-    )
     result = run_ablation(a.out, a.sizes, a.seeds, a.arms, base)
     print(format_table(result))
     print(f"written: {Path(a.out) / 'ablation.json'}, ablation.md, ablation.png")

@@ -32,9 +32,9 @@ from scripts.data.inputs import items_from_csv
 from scripts.data.prepare.csv_source import read_csv_rows
 from scripts.engine.atomic import torch_save
 from scripts.engine.steps import CONFIGS, Step, run_step
-from scripts.main_job import ensemble_steps
 from scripts.model.calibration import read_operating_point
 from scripts.model.network import count_members, load_state_dict_file
+from scripts.plan import load_plan, steps_of
 
 logger = logging.getLogger("finetune")
 SOURCE = "labelled"  # the datalist's metadata.source
@@ -156,7 +156,8 @@ def plan(
     n_boot: int = 200,
 ) -> list[Step]:
     """The fine-tuning steps: member k trains from ``member_weights[k]`` as fold k of ``datalist`` (the target stage's
-    config), then :func:`scripts.main_job.ensemble_steps` (ensemble, out-of-fold predictions, operating point).
+    config), then the main job's ``ensemble_steps`` (``configs/main_job.json``: ensemble, out-of-fold predictions,
+    operating point).
 
     Args:
         datalist: the labelled datalist (:func:`write_labelled_datalist`).
@@ -185,8 +186,10 @@ def plan(
         inputs = {"datalist": datalist, "init_weights": init}
         name = f"fine-tune member {k + 1}/{len(members)}"
         steps.append(Step(name, ("train.json", "stage_target.json", "resilience.json"), over, member, inputs))
-    rule = dict(common, threshold_rule=threshold_rule, threshold_value=threshold_value, n_boot=int(n_boot))
-    return steps + ensemble_steps(common, rule, members, datalist, root)[0]
+    settings = {"bundle_root": str(root), "target_datalist": str(datalist), "members": [str(m) for m in members]}
+    settings.update(intermediate=False, arch=arch, image_size=int(image_size), seed=int(seed), n_boot=int(n_boot))
+    settings.update(threshold_rule=threshold_rule, threshold_value=threshold_value)
+    return steps + steps_of(load_plan(settings), "ensemble_steps")
 
 
 def finetune(

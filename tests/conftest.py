@@ -30,12 +30,12 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_settings(**overrides):
-    """Main-job settings small enough for a test: resnet18 from scratch, 64 px, one epoch per stage, small sets."""
-    from scripts.main_job import Settings
-
-    base = dict(
-        arch="resnet18", init="scratch", image_size=64, folds=2, n_intermediate=16, n_target_train=24, n_target_test=8,
-        epochs_intermediate=1, epochs_target=1, batch_size=8, n_boot=20,
-    )  # fmt: skip
-    return Settings(**{**base, **overrides})
+def tiny_settings(**overrides) -> dict:
+    """Main-job settings small enough for a test (as ``--<id> <value>``): resnet18 from scratch, 64 px, one epoch per
+    stage, small sets."""
+    base = {
+        "arch": "resnet18", "init": "scratch", "image_size": 64, "num_folds": 2, "intermediate_data#n_train": 16,
+        "target_data#n_train": 24, "target_data#n_test": 8, "stage_intermediate#train#trainer#max_epochs": 1,
+        "stage_target#train#trainer#max_epochs": 1, "batch_size": 8, "n_boot": 20,
+    }  # fmt: skip
+    return {**base, **overrides}

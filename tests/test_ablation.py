@@ -34,7 +34,7 @@ def test_ablation_shares_data_and_stage1_and_reports_unavailable_imagenet_arms(t
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    base = tiny_settings(n_target_train=24, n_target_test=12)
+    base = tiny_settings(**{"target_data#n_train": 24, "target_data#n_test": 12})
     with caplog.at_level(logging.INFO, logger="main_job"):
         result = run_ablation(
             tmp_path, sizes=[12, "full"], seeds=[0], arms=["scratch", "intermediate", "dtl"], base=base
@@ -83,7 +83,9 @@ def _paired_delong_p(csv_a: str, csv_b: str) -> float:
 
 
 def test_paired_p_values_against_dtl(tmp_path):
-    base = tiny_settings(arch="efficientnet_lite0", n_target_train=24, n_target_test=12, folds=2)
+    base = tiny_settings(
+        arch="efficientnet_lite0", num_folds=2, **{"target_data#n_train": 24, "target_data#n_test": 12}
+    )
     result = run_ablation(tmp_path, sizes=["full"], seeds=[0], arms=["imagenet", "dtl"], base=base)
     (run,) = [r for r in result["runs"] if r["arm"] == "imagenet"]
     (dtl,) = [r for r in result["runs"] if r["arm"] == "dtl"]

@@ -260,7 +260,7 @@ def test_the_main_job_refuses_an_unknown_rule_before_any_work(capsys):
     from scripts.main_job import parse_args
 
     with pytest.raises(SystemExit) as e:
-        parse_args(["--threshold-rule", "median"])
+        parse_args(["--threshold_rule", "median"])
     assert e.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
-    settings, _ = parse_args(["--threshold-rule", "radiologist"])
-    assert settings.threshold_rule == "radiologist"
+    settings, _, _ = parse_args(["--threshold_rule", "radiologist"])
+    assert settings["threshold_rule"] == "radiologist"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 
 import pytest
 from monai.bundle import ConfigParser, ConfigWorkflow
@@ -168,14 +170,58 @@ def test_every_training_step_merges_the_resilience_overlay_after_its_stage(tmp_p
     from pathlib import Path
 
     from scripts import finetune
-    from scripts.main_job import data_steps, parse_args, plan
+    from scripts.main_job import parse_args
+    from scripts.plan import load_plan, steps_of
 
-    s, _ = parse_args(["--workdir", str(tmp_path), "--config", "paper_resnext"])
-    steps = plan(s, data_steps(s, tmp_path))
+    s, _, _ = parse_args(["--bundle_root", str(tmp_path), "--config", "paper_resnext"])
+    steps = steps_of(load_plan(s), "steps")
     members = [Path(f"m{k}.pt") for k in range(3)]
     steps += finetune.plan(tmp_path / "datalist.json", members, tmp_path, "resnet18", 64, "youden", None)
     training = [step for step in steps if any(c.startswith("stage_") for c in step.configs)]
-    assert len(training) == 1 + s.folds + len(members)
+    assert len(training) == 1 + load_plan(s).get_parsed_content("num_folds") + len(members)
     for step in training:
         assert step.configs[0] == "train.json" and step.configs[2] == "resilience.json", step
     assert not any("resilience.json" in step.configs for step in steps if step not in training)
+
+
+def _documented_commands(module: str) -> list[list[str]]:
+    """The arguments of every ``python -m <module>`` command in README.md and docs/*.md (code blocks, with their
+    ``\\`` continuations, and inline code)."""
+    commands = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text().replace("\\\n", " ")
+        lines = re.findall(rf"python -m {re.escape(module)}(?: [^`\n]*)?", text)
+        commands += [shlex.split(re.split(r"\s#", line)[0])[3:] for line in lines]  # less a trailing comment
+    return commands
+
+
+def test_every_documented_main_job_and_ablation_command_is_accepted(capsys):
+    """Each documented command's settings are ids the main job knows (parsed, not run: most train for minutes)."""
+    from scripts import ablation
+    from scripts.main_job import parse_args
+
+    main_job = _documented_commands("scripts.main_job")
+    assert len(main_job) >= 10, main_job
+    for words in main_job:
+        if "--help" not in words:
+            parse_args(words)  # exits with the parser's message on an unknown or malformed setting
+    ablation_commands = _documented_commands("scripts.ablation")
+    assert len(ablation_commands) >= 2, ablation_commands
+    for words in ablation_commands:
+        ablation.parse_args(words)
+    assert "error" not in capsys.readouterr().err
+
+
+def test_help_lists_the_settings_with_their_defaults_read_from_the_configs(capsys):
+    from scripts.main_job import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    synthetic = json.loads((REPO / "configs" / "synthetic.json").read_text())
+    saliency = json.loads((REPO / "configs" / "saliency.json").read_text())
+    assert f"--num_folds (default {synthetic['num_folds']}, from the stage configs)" in out
+    assert f"--target_data#n_train (synthetic.json: {synthetic['target_data']['n_train']})" in out
+    assert f"--saliency#method (saliency.json: {saliency['saliency']['method']!r})" in out
+    assert "--stage_intermediate#<id>, --stage_target#<id>" in out and "--intermediate (default True)" in out

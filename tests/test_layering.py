@@ -14,7 +14,7 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
-# package under scripts/ -> rank; top-level modules (scripts/main_job.py, scripts/ablation.py) rank above all
+# package under scripts/ -> rank; top-level modules (scripts/plan.py, main_job.py, ablation.py, finetune.py) rank above all
 LAYERS = {"engine": 0, "data": 1, "model": 2, "evaluation": 3, "saliency": 3}
 TOP = max(LAYERS.values()) + 1
 

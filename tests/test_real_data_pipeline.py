@@ -20,7 +20,7 @@ def test_pipeline_trains_and_evaluates_on_prepared_mini_mias(tmp_path):
     from scripts.data.prepare.mini_mias import prepare_mini_mias
 
     prepare_mini_mias(MIAS, tmp_path / "mias", num_folds=2)
-    s = tiny_settings(workdir=str(tmp_path / "run"), dataset_dir=str(tmp_path / "mias"), n_boot=50)
+    s = tiny_settings(bundle_root=str(tmp_path / "run"), dataset_dir=str(tmp_path / "mias"), n_boot=50)
     summary = json.loads(run_pipeline(s).read_text())
     assert summary["data"]["source"] != "synthetic"
     rows = read_cases_csv(tmp_path / "run" / "results" / "cases_test.csv")

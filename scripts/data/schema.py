@@ -164,6 +164,34 @@ def num_folds(path: str | os.PathLike) -> int:
     return n
 
 
+def find_datalist(dataset_dir: str | os.PathLike, task: str) -> str:
+    """The ``task`` datalist of a prepared dataset folder: ``<dir>/<task>/datalist.json`` (the synthetic layout) or
+    ``<dir>/datalist_<task>.json`` (``scripts.data.prepare``'s), as an absolute path.
+
+    Raises:
+        FileNotFoundError: neither file exists (the message says how to make one).
+    """
+    folder = Path(dataset_dir).resolve()
+    for candidate in (folder / task / "datalist.json", folder / f"datalist_{task}.json"):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"{folder}: no {task} datalist ({task}/datalist.json or datalist_{task}.json); "
+        "prepare one with `python -m scripts.data.prepare` or leave dataset_dir unset to use synthetic data"
+    )
+
+
+def has_datalist(dataset_dir: str | os.PathLike | None, task: str) -> bool:
+    """Whether :func:`find_datalist` finds a ``task`` datalist in ``dataset_dir`` (``None``: no folder, no)."""
+    if dataset_dir is None:
+        return False
+    try:
+        find_datalist(dataset_dir, task)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def default_reference_standard(source: Any) -> str:
     """The reference standard of a known ``source`` (``"synthetic"``, ``"cbis-ddsm"``, ``"mini-mias"``, any case;
     a source string that starts with one of them counts), else :data:`REFERENCE_NOT_STATED`."""

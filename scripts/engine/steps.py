@@ -4,12 +4,13 @@ fingerprint (config files, overrides less file locations, input files), run in-p
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
@@ -53,6 +54,19 @@ class Step:
     run_id: str = "run"
     always: bool = False  # steps with their own up-to-date check (the synthetic generator) run every time
 
+    def __post_init__(self) -> None:  # as a config declares them: lists and path strings
+        self.configs = tuple(self.configs)
+        self.output = Path(self.output)
+        self.inputs = {role: None if f is None else Path(f) for role, f in self.inputs.items()}
+
+    def with_settings(self, settings: Mapping[str, Any], overlays: Sequence[str] = ()) -> "Step":
+        """This step with the ``overlays`` (config file names) merged after its configs and, under its own
+        overrides, those of ``settings`` (config ids -> values) that its configs declare (:func:`declares`)."""
+        configs = self.configs + tuple(overlays)
+        ids = config_ids(configs)
+        given = {k: v for k, v in settings.items() if declares(ids, k)}
+        return replace(self, configs=configs, overrides={**given, **self.overrides})
+
     def fingerprint(self) -> fingerprint.Fingerprint:
         settings = {k: v for k, v in self.overrides.items() if k not in LOCATION_KEYS}
         return fingerprint.compute(
@@ -77,6 +91,76 @@ class Step:
                 continue
             words += [f"--{k}", v if isinstance(v, str) else repr(v)]
         return " ".join(_quote(w) for w in words)
+
+
+def step_configs() -> list[str]:
+    """The configs a step runs (``configs/*.json`` but the main job's plan and its overlays, the ablation's arms
+    and the metadata), by file name."""
+    plans = ("main_job", "ablation", "metadata", "multi_gpu")
+    return [p.name for p in sorted(CONFIGS.glob("*.json")) if not p.stem.startswith(plans)]
+
+
+def config_ids(configs: Sequence[str] | None = None) -> set[str]:
+    """Every id the ``configs`` (file names under ``configs/``; ``None``: :func:`step_configs`) declare, nested ones as
+    ``a#b``; a ``+key`` merge in an overlay names the key it extends, and an overlay's ``a#b`` key its id."""
+    ids: set[str] = set()
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                key = prefix + key.lstrip("+")
+                ids.update("#".join(key.split("#")[: n + 1]) for n in range(key.count("#") + 1))
+                walk(item, key + "#")
+
+    for name in step_configs() if configs is None else configs:
+        walk(json.loads((CONFIGS / name).read_text()), "")
+    return ids
+
+
+def config_defaults(configs: Sequence[str] | None = None) -> dict[str, list[tuple[str, Any]]]:
+    """The literal settings of the ``configs`` (``None``: :func:`step_configs`): id -> the
+    ``(file, value)`` pairs that set it, for a command's help. Expressions, references, lists and objects
+    (``_target_``) are left out."""
+    out: dict[str, list[tuple[str, Any]]] = {}
+
+    def walk(value: Any, prefix: str, file: str) -> None:
+        for key, item in value.items():
+            if isinstance(item, dict) and "_target_" not in item:
+                walk(item, prefix + key + "#", file)
+            elif (
+                item is None
+                or isinstance(item, (bool, int, float))
+                or (isinstance(item, str) and item[:1] not in ("$", "@", "%"))
+            ):
+                out.setdefault(prefix + key.lstrip("+"), []).append((file, item))
+
+    for name in configs or step_configs():
+        walk(json.loads((CONFIGS / name).read_text()), "", name)
+    return out
+
+
+def declares(ids: set[str], key: str) -> bool:
+    """Whether ``key`` (``a#b#0#c``) names one of ``ids`` or something inside an item of a list among them (past the
+    longest declared id, a list index)."""
+    parts = key.split("#")
+    n = next((n for n in range(len(parts), 0, -1) if "#".join(parts[:n]) in ids), 0)
+    return n > 0 and (n == len(parts) or parts[n].isdigit())
+
+
+def config_value(configs: Sequence[str], key: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """What ``key`` resolves to in the ``configs`` (merged in order) with ``overrides``: a default read from the
+    configs rather than repeated.
+
+    Args:
+        configs: file names under ``configs/``, later ones overriding earlier ones.
+        key: the config id (``a#b`` for nested).
+        overrides: config ids and values set before resolving (only those the configs declare).
+    """
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in configs])
+    ids = config_ids(configs)
+    parser.update({k: v for k, v in (overrides or {}).items() if declares(ids, k)})
+    return parser.get_parsed_content(key)
 
 
 def _relative(value: Any, root: Path | None) -> Any:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import monai
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
@@ -79,6 +81,25 @@ def precision_choice(arch: str, device: torch.device | str, image_size: int = 12
     if is_lite(arch) and int(image_size) < 224:
         return {"amp": False, "reason": f"float32: EfficientNet-Lite below 224 px trains faster in float32 ({why})"}
     return {"amp": True, "reason": f"bf16 autocast: {why}"}
+
+
+def environment() -> dict:
+    """What a run's figures depend on beyond code and data: library versions and the floating-point kernels in use.
+
+    Weights are reproducible bit for bit on the same CPU capability and thread count, not across them (AVX2 and
+    AVX-512 kernels round differently; docs/README.md gives the measured difference)."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        # variables that hold the kernels below what the CPU offers (e.g. AVX2 on an AVX-512 machine)
+        "kernel_limits": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "native_cpu_bf16": dict(zip(("native", "reason"), native_cpu_bf16())),
+    }
 
 
 def default_amp(arch: str, device: torch.device | str, image_size: int = 128) -> bool:
