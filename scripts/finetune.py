@@ -4,15 +4,15 @@ Member k of the ensemble in ``--from`` starts from its own weights and trains as
 (``configs/train.json`` + ``configs/stage_target.json`` + ``configs/resilience.json``, as the main job trains its
 folds); then the new ensemble, its members' out-of-fold validation predictions and its operating point (fitted
 calibration and threshold, by the rule the ``--from`` model was deployed with) are made by the main job's own steps.
-The new model is ``<workdir>/models/model.pt`` with ``operating_point.json`` beside it; the MONAI Label app's train
+The new model is ``<bundle_root>/models/model.pt`` with ``operating_point.json`` beside it; the MONAI Label app's train
 task publishes it.
 
-    python -m scripts.finetune --input-csv labels.csv --from models/model.pt --workdir runs/finetune
+    python -m scripts.finetune --input-csv labels.csv --from models/model.pt --bundle_root runs/finetune
 
 ``labels.csv`` has an inference input CSV's columns (``image``; optional ``spacing_mm``, ``x``, ``y``, ``unit``:
 ``scripts.data.inputs``) and ``label`` (``benign``/``malignant`` or 0/1). Each image is read as inference reads it
 (``configs/inference.json``'s preprocessing: a ROI PNG as it is, any other image cropped at the training pitch), and
-written as a ROI at the network input's size under ``<workdir>/data/``. Each image counts as its own patient; the
+written as a ROI at the network input's size under ``<bundle_root>/data/``. Each image counts as its own patient; the
 folds are stratified by label, so each class needs at least as many images as the ensemble has members.
 """
 
@@ -195,7 +195,7 @@ def plan(
 def finetune(
     input_csv: str | Path,
     base_model: str | Path,
-    workdir: str | Path,
+    bundle_root: str | Path,
     epochs: int | None = None,
     seed: int = 0,
     threshold_rule: str | None = None,
@@ -204,9 +204,9 @@ def finetune(
     image_size: int | None = None,
 ) -> Path:
     """Fine-tune the ensemble ``base_model`` on the labelled images of ``input_csv`` (module docstring); returns the
-    new ``<workdir>/models/model.pt``. The operating point's rule defaults to ``base_model``'s (else the summary
+    new ``<bundle_root>/models/model.pt``. The operating point's rule defaults to ``base_model``'s (else the summary
     config's); ``arch`` and ``image_size`` default to ``configs/inference.json``'s."""
-    root = Path(workdir).resolve()
+    root = Path(bundle_root).resolve()
     base = Path(base_model).resolve()
     network = inference_config(arch, image_size)
     num_members = count_members(base)
@@ -233,21 +233,36 @@ def finetune(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.finetune", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.finetune",
+        description=__doc__.splitlines()[0],
+        epilog="Settings of the bundle's configs keep their config ids, as in the main job.",
+        allow_abbrev=False,
+    )
     p.add_argument("--input-csv", required=True, help="labelled images: image, label[, spacing_mm, x, y, unit]")
     p.add_argument("--from", dest="base", default="models/model.pt", help="the ensemble to start from")
-    p.add_argument("--workdir", required=True, help="where the new model, its results and runs are written")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per member (default: stage_target.json's)")
+    p.add_argument("--bundle_root", required=True, help="where the new model, its results and runs are written")
+    p.add_argument(
+        "--train#trainer#max_epochs", dest="epochs", type=int, default=None, help="default: stage_target.json's"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold-rule", default=None, help="the operating point's rule (default: the --from model's)")
-    p.add_argument("--threshold-value", type=float, default=None)
+    p.add_argument("--threshold_rule", default=None, help="the operating point's rule (default: the --from model's)")
+    p.add_argument("--threshold_value", type=float, default=None)
     p.add_argument("--arch", default=None, help="the members' network (default: configs/inference.json's)")
-    p.add_argument("--image-size", type=int, default=None, help="the network input (default: inference.json's)")
+    p.add_argument("--image_size", type=int, default=None, help="the network input (default: inference.json's)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
     try:
         model = finetune(
-            a.input_csv, a.base, a.workdir, a.epochs, a.seed, a.threshold_rule, a.threshold_value, a.arch, a.image_size
+            a.input_csv,
+            a.base,
+            a.bundle_root,
+            a.epochs,
+            a.seed,
+            a.threshold_rule,
+            a.threshold_value,
+            a.arch,
+            a.image_size,
         )
     except (LabelError, schema.DatalistError, FileNotFoundError) as e:
         logger.error("%s", e)

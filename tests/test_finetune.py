@@ -45,7 +45,7 @@ def test_too_few_labels_of_a_class_is_a_clear_error_before_any_training(tmp_path
     torch.save(Ensemble(3, "resnet18").state_dict(), base)
     csv = labelled_csv(tmp_path, ["benign", "benign", "malignant", "malignant", "malignant", "malignant"])
     with caplog.at_level(logging.ERROR):
-        rc = finetune.main(["--input-csv", str(csv), "--from", str(base), "--workdir", str(tmp_path / "run")])
+        rc = finetune.main(["--input-csv", str(csv), "--from", str(base), "--bundle_root", str(tmp_path / "run")])
     assert rc == 2
     assert "at least 3 labelled images of each class" in caplog.text and "{'benign': 2, 'malignant': 4}" in caplog.text
     assert not (tmp_path / "run" / "models").exists()  # nothing trained

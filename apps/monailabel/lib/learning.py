@@ -193,8 +193,8 @@ class FineTuneTask(TrainTask):
                 writer.writeheader()
                 writer.writerows(rows)
             cmd = [sys.executable, "-m", "scripts.finetune", "--input-csv", str(labels_csv)]
-            cmd += ["--from", str(base_model), "--workdir", str(Path(work) / "run")]
-            cmd += ["--epochs", str(epochs), "--seed", str(seed)]
+            cmd += ["--from", str(base_model), "--bundle_root", str(Path(work) / "run")]
+            cmd += ["--train#trainer#max_epochs", str(epochs), "--seed", str(seed)]
             logger.info("fine-tuning %s on %d labelled images", base_version, len(rows))
             done = subprocess.run(cmd, cwd=self.bundle, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for line in done.stdout.splitlines()[-40:]:
