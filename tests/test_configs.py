@@ -225,3 +225,28 @@ def test_help_lists_the_settings_with_their_defaults_read_from_the_configs(capsy
     assert f"--target_data#n_train (synthetic.json: {synthetic['target_data']['n_train']})" in out
     assert f"--saliency#method (saliency.json: {saliency['saliency']['method']!r})" in out
     assert "--stage_intermediate#<id>, --stage_target#<id>" in out and "--intermediate (default True)" in out
+
+
+def test_the_fold_loop_the_arms_and_the_quick_overlay_come_from_the_plan_config():
+    """configs/main_job.json declares the steps: the fold loop follows num_folds, `intermediate false` drops stage 1
+    and starts the folds from `init`, `saliency false` drops the maps; configs/main_job_quick.json sets the sizes."""
+    from scripts.plan import load_plan, steps_of
+
+    steps = steps_of(load_plan({"num_folds": 5, "intermediate": False, "saliency": False, "init": "scratch"}), "steps")
+    names = [step.name for step in steps]
+    assert names[:5] == [f"target fold {k}/5" for k in range(1, 6)] and "intermediate" not in names
+    assert [n for n in names if n.startswith("validation")] == [f"validation predictions fold {k}" for k in range(1, 6)]
+    assert "saliency" not in names and names[-1] == "report"
+    assert all(step.overrides["init"] == "scratch" and step.overrides["init_weights"] is None for step in steps[:5])
+    default = {step.name: step for step in steps_of(load_plan(), "steps")}
+    assert default["target fold 1/3"].overrides["init_weights"] == default["intermediate"].output.as_posix()
+    quick = load_plan(quick=True)
+    quick_data = steps_of(quick, "data_steps")[0].overrides
+    quick_json = json.loads((REPO / "configs" / "main_job_quick.json").read_text())
+    assert {k: quick_data[k] for k in ("target_data#n_train", "intermediate_data#n_train")} == {
+        k: quick_json["overrides"][k] for k in ("target_data#n_train", "intermediate_data#n_train")
+    }
+    epochs = {step.name: step.overrides.get("train#trainer#max_epochs") for step in steps_of(quick, "steps")}
+    assert epochs["intermediate"] == quick_json["stage_intermediate"]["train#trainer#max_epochs"]
+    assert epochs["target fold 3/3"] == quick_json["stage_target"]["train#trainer#max_epochs"]
+    assert epochs["ensemble"] is None  # a stage's own setting goes to that stage's steps only
