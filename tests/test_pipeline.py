@@ -20,6 +20,7 @@ from scripts.main_job import parse_args, run_pipeline
 from scripts.model.calibration import Calibration
 from scripts.model.network import Ensemble
 from scripts.plan import load_plan, steps_of
+from scripts.saliency.cam import target_layer
 from tests.conftest import REPO, tiny_settings
 
 pytestmark = pytest.mark.slow  # trains networks, runs subprocesses or the real apps
@@ -218,6 +219,10 @@ def test_paper_resnext_overlay_sets_the_recipe_and_trains_from_a_local_weights_f
                 224,
                 0.001,
             ], step.name
+    saliency = ("inference.json", "saliency.json", "paper_resnext.json")
+    assert config_value(saliency, "saliency#layer") == "backbone.layer4"  # Grad-CAM's layer in the paper
+    member = Ensemble(1, "resnext50_32x4d").members[0]
+    assert target_layer(member, "backbone.layer4") is member.backbone.layer4
     s, _, _ = parse_args(["--config", "paper_resnext", "--image_size", "64"])
     assert all(step.overrides["image_size"] == 64 for step in steps_of(load_plan(s), "steps") if step.run_id == "run")
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import json
 import logging
 import shlex
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,6 +30,9 @@ class _SkipLoggingFileNotice(logging.Filter):
 
 
 logging.getLogger("monai.bundle.workflows").addFilter(_SkipLoggingFileNotice())
+# an overlay such as paper_resnext.json extends the saliency settings ("+saliency"); the configs of a step that has none
+# get an unused copy, which MONAI warns about on every such step
+warnings.filterwarnings("ignore", message=r"Can't merge entry \['\+saliency'\]", category=UserWarning)
 
 # overrides that only say where files are: their contents enter the fingerprint as input files, so a moved
 # bundle or dataset folder does not make finished steps stale
