@@ -98,8 +98,8 @@ class Step:
 
 
 def step_configs() -> list[str]:
-    """The configs a step runs (``configs/*.json`` but the main job's plan and its overlays, the ablation's arms
-    and the metadata), by file name."""
+    """The configs a main-job step runs, by file name: ``configs/*.json`` but the main job's plan and its overlays,
+    the ablation's arms, the metadata and the multi-GPU overlay (for ``torchrun`` runs by hand)."""
     plans = ("main_job", "ablation", "metadata", "multi_gpu")
     return [p.name for p in sorted(CONFIGS.glob("*.json")) if not p.stem.startswith(plans)]
 
